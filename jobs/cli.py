@@ -1,0 +1,294 @@
+"""The `clipforge` command: a thin layer that parses arguments and calls one job.
+
+Every command accepts `--config FILE` (TOML or YAML) whose keys mirror its flags (dashes or
+underscores); flags given on the command line win. Bad input exits non-zero with a one-line reason.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_synth(a):
+    from pipeline.synth import SynthConfig, write_synthetic_corpus
+
+    config = SynthConfig(videos=a.videos, seed=a.seed, max_seconds=a.max_seconds, dirty_captions=a.dirty,
+                         broken=a.broken)
+    path = write_synthetic_corpus(a.out, config)
+    print(json.dumps({"manifest": str(path), "videos": a.videos, "broken": a.broken}))
+
+
+def _cmd_clips(a):
+    from jobs.clips import plan_video
+
+    result = plan_video(a.video, out=a.out, size=a.size, frames=a.frames, mode=a.mode, trim=a.trim)
+    print(json.dumps(result, indent=2))
+    if result["failure"]:
+        sys.exit(1)
+
+
+def _cmd_captions_clean(a):
+    from pipeline.captions import clean_manifest
+
+    print(json.dumps(clean_manifest(a.input, a.output), indent=2, default=str))
+
+
+def _cmd_audit(a):
+    from pipeline.audit import audit
+
+    summary = audit(a.input, a.out, text_tokenizer_path=a.text_tokenizer, slot=a.text_slot)
+    print(json.dumps({"out": a.out, "captions": summary.get("captions", summary.get("rows"))}, default=str))
+
+
+def _cmd_train_text(a):
+    from jobs.tokenizers import train_text
+
+    train_text(a.input, a.out, vocab_size=a.vocab_size)
+
+
+def _cmd_train_image(a):
+    from jobs.tokenizers import train_image
+
+    result = train_image(a.input, a.out, preset=a.preset, steps=a.steps, batch_size=a.batch_size,
+                         max_frames=a.max_frames, seed=a.seed, device=a.device)
+    print(json.dumps(result, default=str))
+
+
+def _cmd_eval_image(a):
+    from jobs.tokenizers import eval_image
+
+    print(json.dumps(eval_image(a.checkpoint, a.input, a.out, max_frames=a.max_frames), default=str))
+
+
+def _cmd_build(a):
+    from jobs.build import BuildConfig, build, with_overrides
+
+    config = with_overrides(BuildConfig(), size=a.size, frames=a.frames, mode=a.mode, trim=a.trim,
+                            max_span=a.max_span, rates=_floats(a.rates), seed=a.seed,
+                            inputs_per_shard=a.inputs_per_shard, text_slot=a.text_slot,
+                            decode_timeout_s=a.decode_timeout, decode_workers=a.decode_workers,
+                            tokenize_batch=a.tokenize_batch, runner=a.runner)
+    info = build(a.manifest, a.out, a.image_tokenizer, a.text_tokenizer, config, address=a.address,
+                 resume=a.resume, retry_failed=a.retry_failed, progress=not a.quiet)
+    print(json.dumps({"out": a.out, "funnel": info["funnel"]}, indent=2))
+
+
+def _cmd_verify(a):
+    from pipeline.verify import verify_dataset
+
+    report = verify_dataset(a.dataset)
+    print(json.dumps(report, indent=2, default=str))
+    if report["problems"]:
+        sys.exit(1)
+
+
+def _cmd_train(a):
+    from model.train import TrainConfig, train
+
+    config = TrainConfig(stage=a.stage, steps=a.steps, max_minutes=a.max_minutes, batch_size=a.batch_size,
+                         seed=a.seed, device=a.device, init_from=a.init_from, **_model_overrides(a))
+    print(json.dumps(train(a.dataset, a.out, config), default=str))
+
+
+def _cmd_sample(a):
+    from model.sample import sample
+
+    print(json.dumps(sample(a.run, a.prompt, a.out, seed=a.seed, guidance=a.guidance), default=str))
+
+
+def _cmd_demo(a):
+    from jobs.demo import run_demo
+
+    run_demo(a.out, videos=a.videos, train_minutes=a.train_minutes)
+
+
+def _floats(text):
+    return tuple(float(x) for x in text.split(",")) if text else None
+
+
+def _model_overrides(a) -> dict:
+    return {k: v for k, v in {"n_layer": a.n_layer, "n_embd": a.n_embd, "n_head": a.n_head}.items() if v is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clipforge", description="Build tokenized text-to-video corpora "
+                                "(CogVideo method) from raw videos and captions, and train on them.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def cmd(name, fn, help_, parent=sub):
+        s = parent.add_parser(name, help=help_, description=help_)
+        s.add_argument("--config", help="TOML or YAML file whose keys mirror this command's flags")
+        s.set_defaults(fn=fn)
+        return s
+
+    s = cmd("synth", _cmd_synth, "write a synthetic corpus of real video files and OUT/manifest.parquet")
+    s.add_argument("out", metavar="OUT")
+    s.add_argument("--videos", type=int, default=24, help="number of good videos (default 24)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-seconds", type=float, default=20.0, help="longest video, seconds (default 20)")
+    s.add_argument("--dirty", type=float, default=0.0, help="fraction of captions made dirty (mojibake, HTML, URLs)")
+    s.add_argument("--broken", type=int, default=0, help="extra broken rows (empty, truncated, not a video, missing)")
+
+    s = cmd("clips", _cmd_clips, "print the clip plan of one video as JSON; with --out, write its frames")
+    s.add_argument("video", metavar="VIDEO")
+    s.add_argument("--out", help="write each clip's frames as .npy and a contact-sheet PNG here")
+    _add_clip_flags(s)
+
+    cap = sub.add_parser("captions", help="caption tools", description="caption tools")
+    capsub = cap.add_subparsers(dest="captions_command", metavar="ACTION", required=True)
+    s = cmd("clean", _cmd_captions_clean, "clean a manifest's captions (keeps caption_raw, adds flags)", capsub)
+    s.add_argument("input", metavar="IN")
+    s.add_argument("output", metavar="OUT")
+
+    s = cmd("audit", _cmd_audit, "caption-quality report of a manifest or a built dataset")
+    s.add_argument("input", metavar="IN", help="a manifest file or a dataset directory")
+    s.add_argument("--out", required=True, metavar="DIR")
+    s.add_argument("--text-tokenizer", help="sentencepiece .model for token lengths")
+    s.add_argument("--text-slot", type=int, default=64)
+
+    tok = sub.add_parser("tokenizer", help="train and evaluate the tokenizers", description="tokenizers")
+    toksub = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    s = cmd("train-text", _cmd_train_text, "train the sentencepiece text tokenizer on cleaned captions", toksub)
+    s.add_argument("input", metavar="IN", help="manifest")
+    s.add_argument("--out", required=True, help="output .model file")
+    s.add_argument("--vocab-size", type=int, default=8000)
+    s = cmd("train-image", _cmd_train_image, "train the VQ image tokenizer on frames sampled from a manifest", toksub)
+    s.add_argument("input", metavar="IN", help="manifest")
+    s.add_argument("--out", required=True, metavar="DIR")
+    s.add_argument("--preset", choices=["tiny", "cogview2"], default="tiny")
+    s.add_argument("--steps", type=int, default=300)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--max-frames", type=int, default=4000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    s = cmd("eval-image", _cmd_eval_image, "PSNR, codebook usage and a round-trip contact sheet", toksub)
+    s.add_argument("checkpoint", metavar="CKPT")
+    s.add_argument("input", metavar="IN", help="manifest")
+    s.add_argument("--out", required=True, metavar="DIR")
+    s.add_argument("--max-frames", type=int, default=512)
+
+    s = cmd("build", _cmd_build, "the main job: a Ray pipeline from a manifest to token shards")
+    s.add_argument("manifest", metavar="MANIFEST")
+    s.add_argument("--out", required=True, metavar="DATASET")
+    s.add_argument("--image-tokenizer", required=True, metavar="DIR")
+    s.add_argument("--text-tokenizer", required=True, metavar="FILE")
+    s.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    s.add_argument("--resume", action="store_true", help="keep committed shards, redo the rest")
+    s.add_argument("--retry-failed", action="store_true", help="redo shards whose ledger has transient failures")
+    s.add_argument("--inputs-per-shard", type=int)
+    s.add_argument("--text-slot", type=int)
+    s.add_argument("--decode-timeout", type=float, help="seconds per video before the decoder is killed")
+    s.add_argument("--decode-workers", type=int)
+    s.add_argument("--tokenize-batch", type=int)
+    s.add_argument("--runner", choices=["ray", "local"])
+    s.add_argument("--quiet", action="store_true")
+    _add_clip_flags(s, defaults=False)
+
+    s = cmd("verify", _cmd_verify, "check a dataset end to end")
+    s.add_argument("dataset", metavar="DATASET")
+
+    s = cmd("train", _cmd_train, "train the bundled CogVideo-style model on shards")
+    s.add_argument("dataset", metavar="DATASET")
+    s.add_argument("--out", required=True, metavar="RUN")
+    s.add_argument("--stage", choices=["image", "sequential", "interpolation"], default="sequential")
+    s.add_argument("--steps", type=int, default=1000)
+    s.add_argument("--max-minutes", type=float, default=None)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device")
+    s.add_argument("--init-from", metavar="RUN", help="start from another run (e.g. the image stage)")
+    s.add_argument("--n-layer", type=int)
+    s.add_argument("--n-embd", type=int)
+    s.add_argument("--n-head", type=int)
+
+    s = cmd("sample", _cmd_sample, "generate a video (mp4 or gif) from text")
+    s.add_argument("run", metavar="RUN")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--out", required=True, metavar="FILE")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--guidance", type=float, default=3.0)
+
+    s = cmd("demo", _cmd_demo, "the whole chain on a synthetic corpus, on this machine")
+    s.add_argument("--out", default="demo-out", metavar="DIR")
+    s.add_argument("--videos", type=int, default=24)
+    s.add_argument("--train-minutes", type=float, default=3.0)
+    return p
+
+
+def _add_clip_flags(s, defaults: bool = True):
+    d = (lambda v: v) if defaults else (lambda v: None)
+    s.add_argument("--size", type=int, default=d(160), help="output frame size (default 160)")
+    s.add_argument("--frames", type=int, default=d(5), help="frames per sample (default 5)")
+    s.add_argument("--mode", choices=["sequential", "interpolation", "both"], default=d("sequential"))
+    s.add_argument("--trim", type=float, default=d(0.0), help="seconds dropped at both ends")
+    if not defaults:
+        s.add_argument("--max-span", type=float, help="longest sample span, seconds (default 16)")
+        s.add_argument("--rates", help="comma-separated frame rates (default 0.25,0.5,1,2,4,8)")
+        s.add_argument("--seed", type=int)
+
+
+def _load_config(path: str) -> dict:
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+        data = yaml.safe_load(text) or {}
+    else:
+        import tomllib
+        data = tomllib.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a table of flag = value")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _leaf_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The subparser that will handle argv (to apply --config defaults to it)."""
+    for action in parser._actions:   # argparse has no public walk of subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            for i, token in enumerate(argv):
+                if token in action.choices:
+                    return _leaf_parser(action.choices[token], argv[i + 1:])
+    return parser
+
+
+def _config_path(argv: list[str]) -> str | None:
+    for i, token in enumerate(argv):
+        if token == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if token.startswith("--config="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    config_path = _config_path(argv)
+    if config_path:   # file values become the command's defaults, so command-line flags still win
+        leaf = _leaf_parser(parser, argv)
+        try:
+            values = _load_config(config_path)
+        except (OSError, ValueError) as err:
+            parser.exit(2, f"clipforge: error: --config {config_path}: {err}\n")
+        actions = {a.dest: a for a in leaf._actions}
+        unknown = sorted(set(values) - set(actions))
+        if unknown:
+            parser.exit(2, f"clipforge: error: --config {config_path}: unknown key(s) {', '.join(unknown)}\n")
+        for dest in values:
+            actions[dest].required = False
+            if not actions[dest].option_strings:   # a positional given by the file becomes optional
+                actions[dest].nargs = "?"
+        leaf.set_defaults(**values)
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except KeyboardInterrupt:
+        parser.exit(130, "clipforge: interrupted\n")
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, PermissionError, IsADirectoryError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        parser.exit(2, f"clipforge: error: {message}\n")
+
+
+if __name__ == "__main__":
+    main()

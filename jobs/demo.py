@@ -1,0 +1,79 @@
+"""`clipforge demo`: the embedded default, end to end on this machine.
+
+synth → text tokenizer → image tokenizer → build (local Ray) → verify → audit → train → sample. Sizes are
+chosen so that a 2-core CPU finishes in a few minutes: 64×64 frames, 8×8 codes per frame, a small
+transformer. Real corpora use the SPEC's defaults (160×160, 5 frames, 20×20 codes).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+def run_demo(out: str = "demo-out", videos: int = 24, train_minutes: float = 3.0, log=print) -> dict:
+    from jobs.build import BuildConfig, build, with_overrides
+    from jobs.tokenizers import train_image, train_text
+    from model.sample import sample
+    from model.train import TrainConfig, train
+    from pipeline.audit import audit
+    from pipeline.synth import SynthConfig, write_synthetic_corpus
+    from pipeline.verify import verify_dataset
+
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {k: root / v for k, v in {"corpus": "corpus", "text_tokenizer": "tokenizers/text.model",
+                                       "image_tokenizer": "tokenizers/image", "dataset": "dataset",
+                                       "audit": "audit", "run": "run", "video": "sample.mp4"}.items()}
+    timings = {}
+
+    def step(name):
+        log(f"\n== {name} ==")
+        timings[name] = time.time()
+
+    def done(name):
+        timings[name] = round(time.time() - timings[name], 1)
+
+    step("synth")
+    manifest = write_synthetic_corpus(paths["corpus"], SynthConfig(videos=videos, seed=0, max_seconds=8.0,
+                                                                    dirty_captions=0.25, broken=2))
+    done("synth")
+    step("text tokenizer")
+    train_text(str(manifest), str(paths["text_tokenizer"]), vocab_size=400, log=log)
+    done("text tokenizer")
+    step("image tokenizer")
+    train_image(str(manifest), str(paths["image_tokenizer"]), preset="tiny", steps=400, max_frames=3000, log=log)
+    done("image tokenizer")
+    step("build")
+    if paths["dataset"].exists():   # a rerun of the demo starts the dataset afresh
+        import shutil
+        shutil.rmtree(paths["dataset"])
+    config = with_overrides(BuildConfig(), size=64, mode="both", inputs_per_shard=8, text_slot=24, tokenize_batch=16)
+    info = build(str(manifest), str(paths["dataset"]), str(paths["image_tokenizer"]), str(paths["text_tokenizer"]),
+                 config, log=log)
+    log(json.dumps(info["funnel"], indent=1))
+    done("build")
+    step("verify")
+    report = verify_dataset(paths["dataset"])
+    log(f"verify: {'ok' if not report['problems'] else report['problems']}")
+    done("verify")
+    step("audit")
+    audit(str(paths["dataset"]), str(paths["audit"]), text_tokenizer_path=str(paths["text_tokenizer"]), slot=24)
+    done("audit")
+    step("train")
+    result = train(str(paths["dataset"]), str(paths["run"]),
+                   TrainConfig(stage="sequential", steps=2000, max_minutes=train_minutes, batch_size=8,
+                               n_layer=4, n_head=4, n_embd=128))
+    log(json.dumps(result, default=str))
+    done("train")
+    step("sample")
+    sampled = sample(str(paths["run"]), "a red circle moves to the right", str(paths["video"]), seed=0)
+    log(json.dumps(sampled, default=str))
+    done("sample")
+
+    log("\n== outputs ==")
+    for name in ("corpus", "text_tokenizer", "image_tokenizer", "dataset", "audit", "run", "video"):
+        log(f"{name:>16}: {paths[name]}")
+    log(f"{'report':>16}: {paths['audit'] / 'report.html'}")
+    log(f"{'seconds':>16}: {json.dumps(timings)}")
+    return {k: str(v) for k, v in paths.items()} | {"timings": timings}

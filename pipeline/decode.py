@@ -1,0 +1,243 @@
+"""Decoding: one reader per video serves all its clips, decord first, PyAV when decord cannot.
+
+`decode_video` is the worker-side function (probe → plan → read the planned frames → orient and crop);
+it raises `DecodeFailure(reason, message)` for bad input. `DecodeVideo` is the stage: it runs
+`decode_video` in an isolated child process (see `pipeline/isolate.py`), because a decord hang cannot be
+interrupted from Python, and turns every failure into an error row.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from pipeline.clips import (ClipConfig, crop_box, display_size, orient_and_crop, plan_clips,
+                            resize_for_short_side, sane_timestamps)
+from pipeline.isolate import IsolatedCall
+from pipeline.schema import is_ok, make_key, mark_error
+
+STAGE = "decode"
+
+
+class DecodeFailure(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def probe(path: str) -> dict:
+    """Container and stream facts from PyAV (decord exposes neither rotation nor the stream choice)."""
+    import av
+
+    if not os.path.exists(path):
+        raise DecodeFailure("missing", f"no such file: {path}")
+    if os.path.getsize(path) == 0:
+        raise DecodeFailure("empty", f"zero-byte file: {path}")
+    try:
+        container = av.open(path)
+    except av.error.FFmpegError as err:
+        raise DecodeFailure("not_a_video", f"cannot open: {err}") from None
+    with container:
+        streams = list(container.streams.video)
+        if not streams:
+            raise DecodeFailure("not_a_video", "no video stream")
+        # Deterministic choice among several video streams: the largest picture, then the lowest index.
+        stream = max(streams, key=lambda s: ((s.codec_context.width or 0) * (s.codec_context.height or 0), -s.index))
+        ctx = stream.codec_context
+        if not ctx.width or not ctx.height:
+            raise DecodeFailure("unsupported_codec", f"stream has no picture size (codec {ctx.name})")
+        rotation = 0
+        try:
+            first = next(container.decode(stream))
+            rotation = int(round(getattr(first, "rotation", 0) or 0))
+        except (StopIteration, av.error.FFmpegError):
+            pass  # the real decode reports the failure with its reason
+        sar = float(stream.sample_aspect_ratio) if stream.sample_aspect_ratio else 1.0
+        duration = float(container.duration) / 1e6 if container.duration else None
+        fps = float(stream.average_rate) if stream.average_rate else None
+        return {"width": ctx.width, "height": ctx.height, "sar": sar, "rotation": rotation,
+                "codec": ctx.name, "fps": fps, "duration": duration, "stream_index": stream.index,
+                "video_streams": len(streams), "frames": int(stream.frames or 0)}
+
+
+def decode_video(path: str, config: ClipConfig, key: str = "", start=None, end=None) -> dict:
+    """Probe, plan and read one video. Returns {"source": facts, "decoder", "clips": [plan + frames]}."""
+    facts = probe(path)
+    size = config.size
+    dec_w, dec_h = resize_for_short_side(facts["width"], facts["height"], facts["sar"], facts["rotation"], size)
+    readers = []
+    if facts["video_streams"] == 1:   # decord cannot choose among several streams; PyAV can
+        readers.append(lambda: _DecordReader.open(path, dec_w, dec_h))
+    readers.append(lambda: _PyAVReader(path, facts["stream_index"], dec_w, dec_h))
+    for attempt, make_reader in enumerate(readers):
+        reader = make_reader()
+        if reader is None:
+            continue
+        pts, frame_end = reader.timestamps(facts)
+        plans = plan_clips(pts, frame_end, config, key=key, start=start, end=end, source_fps=facts["fps"])
+        if not plans:
+            raise DecodeFailure("too_short", f"{frame_end - pts[0]:.2f} s and {len(pts)} frames: too short "
+                                             f"for {config.frames} frames at any configured rate")
+        wanted = sorted({i for p in plans for i in p.frame_indices})   # sorted: decord is much faster so,
+        try:                                                             # and PyAV needs one forward pass
+            frames = reader.read(wanted)
+            break
+        except DecodeFailure:
+            if attempt == len(readers) - 1:
+                raise   # decord failed mid-file: PyAV may still read the planned frames
+    lookup = {idx: n for n, idx in enumerate(wanted)}
+    disp_w, disp_h = display_size(facts["width"], facts["height"], facts["sar"], facts["rotation"])
+    box = crop_box(disp_w, disp_h, size)
+    clips = []
+    for plan in plans:
+        clip = orient_and_crop(frames[[lookup[i] for i in plan.frame_indices]], facts["rotation"], size)
+        clips.append({**plan.as_dict(), "crop": box, "frames": clip})
+    facts.update(frames=len(pts), duration=facts["duration"] or float(frame_end - pts[0]))
+    return {"source": facts, "decoder": reader.name, "clips": clips, "frames_decoded": reader.frames_decoded}
+
+
+class _DecordReader:
+    name = "decord"
+
+    def __init__(self, vr):
+        self.vr = vr
+        self.frames_decoded = 0
+
+    @classmethod
+    def open(cls, path: str, width: int, height: int):
+        import decord
+
+        try:
+            # width/height make the decoder resize (far cheaper than resizing afterwards); one thread,
+            # because many workers with many decode threads each oversubscribe a node.
+            vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1, width=width, height=height)
+            if len(vr) == 0:
+                return None
+            return cls(vr)
+        except Exception:   # decord raises its own untyped errors; PyAV gets a second chance
+            return None
+
+    def timestamps(self, facts: dict) -> tuple[np.ndarray, float]:
+        ts = np.asarray(self.vr.get_frame_timestamp(np.arange(len(self.vr))), dtype=np.float64)
+        pts, ends = ts[:, 0], ts[:, 1]
+        if sane_timestamps(pts, facts["duration"]):
+            return pts, float(max(ends[-1], pts[-1]))
+        fps = facts["fps"] or float(self.vr.get_avg_fps()) or 25.0   # garbage times: use a regular grid
+        grid = np.arange(len(self.vr)) / fps
+        return grid, float(len(self.vr) / fps)
+
+    def read(self, indices: list[int]) -> np.ndarray:
+        try:
+            out = self.vr.get_batch(indices).asnumpy()
+        except Exception as err:
+            raise DecodeFailure("decode_error", f"decord get_batch: {err}") from None
+        self.frames_decoded = len(indices)   # decord seeks to key frames; exact counts are not exposed
+        return out
+
+
+class _PyAVReader:
+    name = "pyav"
+
+    def __init__(self, path: str, stream_index: int, width: int, height: int):
+        self.path, self.stream_index, self.width, self.height = path, stream_index, width, height
+        self.frames_decoded = 0
+
+    def timestamps(self, facts: dict) -> tuple[np.ndarray, float]:
+        """Presentation times from a demux pass (no decoding): sorted packet pts."""
+        import av
+
+        try:
+            with av.open(self.path) as container:
+                stream = container.streams[self.stream_index]
+                tb = float(stream.time_base)
+                pts, durs = [], []
+                for packet in container.demux(stream):
+                    if packet.pts is not None:
+                        pts.append(packet.pts * tb)
+                        durs.append((packet.duration or 0) * tb)
+        except av.error.FFmpegError as err:
+            raise DecodeFailure("decode_error", f"demux: {err}") from None
+        if not pts:
+            raise DecodeFailure("unsupported_codec", "no timed packets in the video stream")
+        order = np.argsort(pts, kind="stable")
+        pts_arr = np.asarray(pts)[order]
+        last = float(np.asarray(durs)[order][-1]) or (1.0 / facts["fps"] if facts["fps"] else 0.04)
+        return pts_arr, float(pts_arr[-1] + last)
+
+    def read(self, indices: list[int]) -> np.ndarray:
+        import av
+
+        wanted = set(indices)
+        got: dict[int, np.ndarray] = {}
+        try:
+            with av.open(self.path) as container:
+                stream = container.streams[self.stream_index]
+                stream.thread_count = 1
+                for n, frame in enumerate(container.decode(stream)):
+                    self.frames_decoded += 1
+                    if n in wanted:
+                        got[n] = frame.to_ndarray(width=self.width, height=self.height, format="rgb24")
+                    if n >= indices[-1]:
+                        break
+        except av.error.FFmpegError as err:
+            if not got:
+                raise DecodeFailure("unsupported_codec" if self.frames_decoded == 0 else "decode_error",
+                                    f"pyav: {err}") from None
+        missing = [i for i in indices if i not in got]
+        if missing:
+            raise DecodeFailure("decode_error", f"pyav decoded {self.frames_decoded} frames; "
+                                                f"{len(missing)} planned frames missing (first {missing[0]})")
+        return np.stack([got[i] for i in indices])
+
+
+class DecodeVideo:
+    """Stage: one manifest row in, one row per clip out (or one error row).
+
+    Input keys: video_id, source, start?, end?. Output keys per clip: key, clip_index, clips_total, mode,
+    rate, span, frame_indices, timestamps, crop, decoder, source_info, frames (uint8 [T,S,S,3]).
+    Reasons: missing, empty, not_a_video, unsupported_codec, too_short, decode_error, timeout, worker_crash.
+    """
+
+    def __init__(self, config: ClipConfig = ClipConfig(), timeout_s: float = 120.0,
+                 memory_limit_mb: int | None = 8192, isolate: bool = True):
+        self.config = config
+        self.call = IsolatedCall(decode_video, timeout_s, memory_limit_mb) if isolate else None
+
+    def __call__(self, rows: Iterable[dict]) -> Iterator[dict]:
+        for row in rows:
+            if not is_ok(row):
+                yield row
+                continue
+            yield from self._decode(row)
+
+    def _decode(self, row: dict) -> Iterator[dict]:
+        args = (row["source"], self.config, row["video_id"], row.get("start"), row.get("end"))
+        if self.call is None:
+            try:
+                outcome = ("ok", decode_video(*args))
+            except DecodeFailure as err:
+                outcome = ("failure", err.reason, str(err))
+        else:
+            outcome = self.call(*args)
+        if outcome[0] != "ok":
+            reason, message = outcome[1], outcome[2]
+            yield mark_error(row, STAGE, reason, message)
+            return
+        result = outcome[1]
+        clips = result["clips"]
+        for n, clip in enumerate(clips):
+            out = dict(row)
+            out.update(clip)
+            out.update(key=make_key(row["video_id"], f"{clip['mode'][:3]}{n:02d}"), clip_index=n,
+                       clips_total=len(clips), decoder=result["decoder"], source_info=result["source"])
+            yield out
+
+    def close(self):
+        if self.call is not None:
+            self.call.close()
+
+
+def config_dict(config: ClipConfig) -> dict:
+    return asdict(config)

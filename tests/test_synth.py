@@ -1,0 +1,169 @@
+"""The synthetic corpus: real, decodable H.264 files whose pixels match the manifest's ground truth."""
+import hashlib
+import os
+import re
+
+import av
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.synth import (BROKEN_KINDS, COLORS, DIRECTIONS, SHAPES, SynthConfig, make_caption, make_dirty,
+                            plan_video, render_frame, write_synthetic_corpus)
+
+COLUMNS = ["id", "video", "caption", "color", "shape", "direction", "fps", "seconds", "width", "height", "broken"]
+CONFIG = SynthConfig(videos=6, seed=3, max_seconds=2.0, dirty_captions=0.5, broken=len(BROKEN_KINDS))
+# Measured over 80 frames: the median shape colour after yuv420p + x264 (crf 23) is within 16 of the palette
+# per channel, and the second-nearest palette colour is >= 79 away; 40 leaves margin on both sides.
+COLOR_TOL = 40
+# Measured centroid error <= 0.08 * radius (chroma blur and x264 ringing at the edges).
+CENTROID_TOL = 0.25
+CLEAN = re.compile(r"[A-Za-z]+(?:,? [A-Za-z]+)*")   # what make_caption produces, and nothing else
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    calls = []
+    path = write_synthetic_corpus(tmp_path_factory.mktemp("synth"), CONFIG, progress=lambda i, n: calls.append((i, n)))
+    return path, pd.read_parquet(path), calls
+
+
+def _decode(path):
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        info = (stream.codec_context.name, stream.width, stream.height, stream.average_rate, stream.format.name)
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    return info, frames
+
+
+def _shape_pixels(frame):
+    """Mask of the shape: pixels far from the background, which is the frame's median colour."""
+    f = frame.astype(np.float64)
+    background = np.median(f.reshape(-1, 3), axis=0)
+    return np.abs(f - background).sum(-1) > 90
+
+
+def _sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_manifest(corpus):
+    path, df, calls = corpus
+    n = CONFIG.videos + CONFIG.broken
+    assert path.name == "manifest.parquet"
+    assert list(df.columns) == COLUMNS
+    assert len(df) == n
+    assert df["id"].tolist() == [f"synth-{i:06d}" for i in range(n)]
+    assert df["broken"].tolist() == [False] * CONFIG.videos + [True] * CONFIG.broken
+    assert set(df["color"]) <= set(COLORS) and set(df["shape"]) <= set(SHAPES)
+    assert set(df["direction"]) <= set(DIRECTIONS)
+    assert set(df["fps"]) <= set(CONFIG.fps_choices)
+    assert df["seconds"].between(CONFIG.min_seconds - 0.05, CONFIG.max_seconds + 0.05).all()
+    assert all(p.startswith("/") and p.endswith(f"{i:06d}.mp4") for i, p in enumerate(df["video"]))
+    assert calls == [(i + 1, n) for i in range(n)]
+    # exactly round(0.5 * 6) good videos get a dirty caption; clean ones name their colour
+    good = df[~df["broken"]]
+    clean = [bool(CLEAN.fullmatch(c)) and not c.startswith("The video") for c in good["caption"]]
+    assert sum(not c for c in clean) == 3
+    for ok, caption, color in zip(clean, good["caption"], good["color"]):
+        if ok:
+            assert color in caption.lower()
+
+
+def test_videos_match_ground_truth(corpus):
+    _, df, _ = corpus
+    palette = np.array(list(COLORS.values()), np.float64)
+    for i, row in df[~df["broken"]].iterrows():
+        plan = plan_video(CONFIG, i)
+        (codec, width, height, rate, pix_fmt), frames = _decode(row["video"])
+        assert (codec, pix_fmt) == ("h264", "yuv420p")
+        assert (width, height) == (row["width"], row["height"]) and width % 2 == 0 and height % 2 == 0
+        assert rate == row["fps"]
+        assert abs(len(frames) - row["fps"] * row["seconds"]) <= 1
+        centroids = []
+        for k in (0, len(frames) - 1):
+            mask = _shape_pixels(frames[k])
+            color = np.median(frames[k][mask].astype(np.float64), axis=0)
+            assert np.abs(color - COLORS[row["color"]]).max() <= COLOR_TOL, (row["color"], color)
+            nearest = list(COLORS)[int(np.abs(palette - color).max(1).argmin())]
+            assert nearest == row["color"]
+            ys, xs = np.nonzero(mask)
+            cx, cy = plan.center(k)
+            if row["shape"] == "triangle":
+                cy += plan.radius / 3   # a triangle's centroid sits a third of the way up from its base
+            assert np.hypot(xs.mean() - cx, ys.mean() - cy) <= CENTROID_TOL * plan.radius + 1
+            centroids.append((xs.mean(), ys.mean()))
+        (x0, y0), (x1, y1) = centroids
+        dx, dy = x1 - x0, y1 - y0
+        moved = {"left": -dx, "right": dx, "up": -dy, "down": dy}[row["direction"]]
+        along = width if row["direction"] in ("left", "right") else height
+        assert moved > 0.3 * along and abs(dy if row["direction"] in ("left", "right") else dx) < 2
+
+
+def test_broken_rows_are_broken(corpus):
+    _, df, _ = corpus
+    for j, (_, row) in enumerate(df[df["broken"]].iterrows()):
+        kind = BROKEN_KINDS[j % len(BROKEN_KINDS)]
+        path = row["video"]
+        if kind == "missing":
+            assert not os.path.exists(path)
+            continue
+        if kind == "empty":
+            assert open(path, "rb").read() == b""
+        with pytest.raises(av.error.FFmpegError):
+            _decode(path)
+
+
+def test_decord_reads_good_videos(corpus):
+    decord = pytest.importorskip("decord")
+    _, df, _ = corpus
+    for _, row in df[~df["broken"]].iterrows():
+        vr = decord.VideoReader(row["video"])
+        n = len(vr)
+        assert abs(n - row["fps"] * row["seconds"]) <= 1
+        batch = vr.get_batch([0, n // 2, n - 1]).asnumpy()
+        assert batch.shape == (3, row["height"], row["width"], 3) and batch.dtype == np.uint8
+        assert not np.array_equal(batch[0], batch[-1])   # the shape moved
+
+
+def test_deterministic(tmp_path):
+    config = SynthConfig(videos=3, seed=11, max_seconds=1.5, dirty_captions=1.0, broken=2)
+
+    def run(out):
+        manifest = write_synthetic_corpus(out, config)
+        videos = sorted((out / "videos").glob("*.mp4"))
+        return manifest.read_bytes(), {p.name: _sha(p) for p in videos}
+
+    first = run(tmp_path / "a")
+    assert run(tmp_path / "a") == first   # same directory: the manifest is byte-identical
+    elsewhere = run(tmp_path / "b")       # another directory: same files, paths differ only
+    assert elsewhere[1] == first[1]
+    a, b = pd.read_parquet(tmp_path / "a" / "manifest.parquet"), pd.read_parquet(tmp_path / "b" / "manifest.parquet")
+    pd.testing.assert_frame_equal(a.drop(columns="video"), b.drop(columns="video"))
+    other = write_synthetic_corpus(tmp_path / "c", SynthConfig(videos=3, seed=12, max_seconds=1.5))
+    assert pd.read_parquet(other)["caption"].tolist() != a["caption"].tolist()
+
+
+def test_render_frame():
+    bg = (20, 22, 24)
+    for shape in SHAPES:
+        frame = render_frame(shape, COLORS["red"], (40, 30), 10, 80, 60, bg)
+        assert frame.shape == (60, 80, 3) and frame.dtype == np.uint8
+        assert tuple(frame[30, 40]) == COLORS["red"]      # centre is inside every shape
+        assert tuple(frame[0, 0]) == bg and tuple(frame[59, 79]) == bg
+    circle = render_frame("circle", COLORS["red"], (40, 30), 10, 80, 60, bg)
+    square = render_frame("square", COLORS["red"], (40, 30), 10, 80, 60, bg)
+    assert tuple(circle[21, 31]) == bg and tuple(square[21, 31]) == COLORS["red"]   # the corner tells them apart
+
+
+def test_captions_and_dirt():
+    ftfy = pytest.importorskip("ftfy")
+    rng = np.random.default_rng(0)
+    captions = {make_caption("orange", "triangle", "up", rng) for _ in range(50)}
+    assert len(captions) > 20                          # varied wording
+    assert all("orange" in c.lower() and "a orange" not in c.lower() for c in captions)
+    dirty = [make_dirty("red ball sliding left", np.random.default_rng(s)) for s in range(40)]
+    assert all(d != "red ball sliding left" for d in dirty)
+    assert any("\u00e2\u0080" in d for d in dirty)      # latin-1 mojibake of UTF-8 punctuation
+    # ftfy undoes the mojibake (it also straightens curly quotes, hence the loose check)
+    assert all("â" not in ftfy.fix_text(d) for d in dirty if "\u00e2\u0080" in d and "caf" not in d)

@@ -1,0 +1,487 @@
+"""VQ-VAE image tokenizer: frames -> discrete codes -> frames.
+
+CogVideo inherits CogView2's tokenizer (20,000 codes of dimension 256, 8x downsampling: a 160x160 frame
+is 20x20 = 400 tokens). We cannot ship those weights, so clipforge trains its own tokenizer with the same
+shape of API: `encode` takes uint8 frames [N, S, S, 3] and returns uint16 codes [N, S/8, S/8]; `decode`
+is its inverse. The `tiny` preset (64x64 frames -> 8x8 codes, 512 codes) trains on a CPU in about a
+minute; the `cogview2` preset has CogView2's geometry and needs a GPU and a real corpus.
+
+The quantiser is an EMA vector quantiser (van den Oord et al. 2017, appendix; Razavi et al. 2019) with
+a commitment loss and straight-through gradients. Codes whose EMA usage falls below a threshold are
+restarted from random encoder outputs of the current batch ("dead-code restarts"), which keeps codebook
+usage high on small, repetitive data such as synthetic clips.
+
+On disk a tokenizer is a directory with `config.json` (the VQConfig as JSON) and `weights.pt` (a torch
+state_dict, loaded with `weights_only=True`, so nothing is unpickled), plus `train_log.json` when it was
+trained here. Its id is `vq-<preset>-<first 12 hex digits of the sha256 of weights.pt>`.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.pt"
+TRAIN_LOG_FILE = "train_log.json"
+
+
+@dataclass(frozen=True)
+class VQConfig:
+    image_size: int                 # S: frames are S x S (the caller resizes and center-crops)
+    downsample: int = 8             # S / h; a power of two
+    codebook_size: int = 512        # number of codes K
+    code_dim: int = 64              # dimension of one code vector
+    channels: int = 64              # width of the first conv; doubled per downsampling, capped by max_channels
+    max_channels: int = 128
+    res_blocks: int = 1             # residual blocks at the lowest resolution, in encoder and decoder each
+    beta: float = 0.25              # commitment loss weight
+    ema_decay: float = 0.99         # EMA decay of the codebook statistics
+    name: str = "custom"            # preset name, part of the tokenizer id
+
+    @property
+    def tokens_hw(self) -> tuple[int, int]:
+        side = self.image_size // self.downsample
+        return side, side
+
+    def validate(self) -> None:
+        n = int(round(math.log2(self.downsample)))
+        if self.downsample < 1 or 2 ** n != self.downsample:
+            raise ValueError(f"downsample must be a power of two, got {self.downsample}")
+        if self.image_size % self.downsample:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of downsample {self.downsample}")
+        if not 2 <= self.codebook_size <= 65536:
+            raise ValueError(f"codebook_size must be in [2, 65536] (codes are uint16), got {self.codebook_size}")
+
+
+PRESETS: dict[str, VQConfig] = {
+    # 64x64 -> 8x8 codes; ~0.6M parameters; trains on a CPU in about a minute
+    "tiny": VQConfig(image_size=64, downsample=8, codebook_size=512, code_dim=32, channels=32,
+                     max_channels=96, res_blocks=1, name="tiny"),
+    # CogView2's geometry: 160x160 -> 20x20 codes of a 20,000-entry codebook of dimension 256
+    "cogview2": VQConfig(image_size=160, downsample=8, codebook_size=20000, code_dim=256, channels=128,
+                         max_channels=256, res_blocks=2, name="cogview2"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# network
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        return x + self.conv2(F.silu(self.conv1(F.silu(x))))
+
+
+def _widths(cfg: VQConfig) -> list[int]:
+    n_down = int(round(math.log2(cfg.downsample)))
+    return [min(cfg.channels * 2 ** i, cfg.max_channels) for i in range(n_down + 1)]
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        w = _widths(cfg)
+        layers: list[nn.Module] = [nn.Conv2d(3, w[0], 3, padding=1)]
+        for c_in, c_out in zip(w[:-1], w[1:]):  # each step halves H and W
+            layers += [nn.SiLU(), nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)]
+        layers += [ResBlock(w[-1]) for _ in range(cfg.res_blocks)]
+        layers += [nn.SiLU(), nn.Conv2d(w[-1], cfg.code_dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):  # (N, 3, S, S) -> (N, D, h, w)
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        w = _widths(cfg)[::-1]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.code_dim, w[0], 3, padding=1)]
+        layers += [ResBlock(w[0]) for _ in range(cfg.res_blocks)]
+        for c_in, c_out in zip(w[:-1], w[1:]):  # each step doubles H and W
+            layers += [nn.SiLU(), nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)]
+        layers += [nn.SiLU(), nn.Conv2d(w[-1], 3, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):  # (N, D, h, w) -> (N, 3, S, S)
+        return self.net(z)
+
+
+class EMAQuantizer(nn.Module):
+    """Nearest-code quantiser with an EMA-updated codebook (no codebook gradient)."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.decay = cfg.ema_decay
+        self.beta = cfg.beta
+        self.register_buffer("codebook", torch.randn(cfg.codebook_size, cfg.code_dim) * 0.1)  # (K, D)
+        self.register_buffer("ema_count", torch.ones(cfg.codebook_size))                      # (K,)
+        self.register_buffer("ema_sum", self.codebook.clone())                                # (K, D)
+
+    def indices(self, z: torch.Tensor) -> torch.Tensor:
+        """(M, D) vectors -> (M,) nearest code ids."""
+        e = self.codebook
+        d = z.pow(2).sum(1, keepdim=True) - 2 * z @ e.t() + e.pow(2).sum(1)[None, :]  # (M, K)
+        return d.argmin(1)
+
+    def lookup(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.codebook)
+
+    def forward(self, z: torch.Tensor):
+        """z (N, D, h, w) -> quantised z (straight-through), ids (N, h, w), commitment loss."""
+        n, d, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)  # (M, D)
+        idx = self.indices(flat.detach())
+        q = self.lookup(idx)
+        if self.training:
+            with torch.no_grad():
+                onehot = F.one_hot(idx, self.codebook.shape[0]).type_as(flat)  # (M, K)
+                self.ema_count.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
+                self.ema_sum.mul_(self.decay).add_(onehot.t() @ flat.detach(), alpha=1 - self.decay)
+                total = self.ema_count.sum()
+                count = (self.ema_count + 1e-5) / (total + 1e-5 * len(self.ema_count)) * total  # Laplace smoothing
+                self.codebook.copy_(self.ema_sum / count[:, None])
+        commit = F.mse_loss(flat, q.detach())
+        q = flat + (q - flat).detach()  # straight-through estimator
+        q = q.view(n, h, w, d).permute(0, 3, 1, 2)
+        return q, idx.view(n, h, w), self.beta * commit
+
+    @torch.no_grad()
+    def restart_dead(self, z_flat: torch.Tensor, threshold: float) -> int:
+        """Move codes whose EMA count fell below `threshold` onto random encoder outputs of this batch."""
+        dead = (self.ema_count < threshold).nonzero().flatten()
+        if len(dead) == 0:
+            return 0
+        pick = torch.randint(0, z_flat.shape[0], (len(dead),), device=z_flat.device)
+        fresh = z_flat[pick] + 0.01 * z_flat.std() * torch.randn_like(z_flat[pick])
+        self.codebook[dead] = fresh
+        self.ema_sum[dead] = fresh
+        self.ema_count[dead] = 1.0
+        return int(len(dead))
+
+    @torch.no_grad()
+    def init_from(self, z_flat: torch.Tensor) -> None:
+        """Start the codebook on random encoder outputs (a cheap k-means++ stand-in)."""
+        k = self.codebook.shape[0]
+        pick = torch.randint(0, z_flat.shape[0], (k,), device=z_flat.device)
+        fresh = z_flat[pick] + 0.01 * z_flat.std() * torch.randn(k, z_flat.shape[1], device=z_flat.device)
+        self.codebook.copy_(fresh)
+        self.ema_sum.copy_(fresh)
+        self.ema_count.fill_(1.0)
+
+
+class VQVAE(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.encoder = Encoder(cfg)
+        self.quantizer = EMAQuantizer(cfg)
+        self.decoder = Decoder(cfg)
+
+    def forward(self, x):  # x (N, 3, S, S) in [-1, 1] -> reconstruction, ids (N, h, w), commitment loss
+        z = self.encoder(x)
+        q, idx, commit = self.quantizer(z)
+        return self.decoder(q), idx, commit
+
+
+def _to_tensor(frames: np.ndarray, device) -> torch.Tensor:
+    """uint8 (N, S, S, 3) -> float (N, 3, S, S) in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
+    return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float (N, 3, S, S) in [-1, 1] -> uint8 (N, S, S, 3)."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _check_frames(frames: np.ndarray, cfg: VQConfig) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 [N, H, W, 3], got {frames.dtype} {frames.shape}")
+    if frames.shape[1] % cfg.downsample or frames.shape[2] % cfg.downsample:
+        raise ValueError(f"frame size {frames.shape[1:3]} is not a multiple of the downsampling {cfg.downsample}")
+    return frames
+
+
+# ----------------------------------------------------------------------------------------------------
+# the tokenizer
+
+
+class ImageTokenizer:
+    """Symmetric frames <-> codes API over a trained VQ-VAE.
+
+    encode: uint8 [N, S, S, 3] -> uint16 [N, h, w];  decode: ints [N, h, w] -> uint8 [N, S, S, 3].
+    The network is fully convolutional, so any frame size that is a multiple of `downsample` encodes, but
+    the tokenizer was trained at `image_size` and is meant to be used there.
+    """
+
+    def __init__(self, config: VQConfig, model: VQVAE | None = None, device: str | torch.device = "cpu",
+                 sha256: str | None = None, batch_size: int = 256):
+        config.validate()
+        self.config = config
+        self.device = torch.device(device)
+        self.model = (model or VQVAE(config)).to(self.device).eval()
+        self.batch_size = batch_size
+        self._sha256 = sha256
+
+    # --- identity -----------------------------------------------------------------------------------
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def downsample(self) -> int:
+        return self.config.downsample
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def tokens_hw(self) -> tuple[int, int]:
+        return self.config.tokens_hw
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of weights.pt as saved (computed from the serialised state_dict if never saved)."""
+        if self._sha256 is None:
+            self._sha256 = hashlib.sha256(self._weights_bytes()).hexdigest()
+        return self._sha256
+
+    @property
+    def tokenizer_id(self) -> str:
+        return f"vq-{self.config.name}-{self.sha256[:12]}"
+
+    def _weights_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, buf)
+        return buf.getvalue()
+
+    # --- persistence --------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        blob = self._weights_bytes()
+        _atomic_write(directory / WEIGHTS_FILE, blob)
+        _atomic_write(directory / CONFIG_FILE, json.dumps(asdict(self.config), indent=2).encode("utf-8"))
+        self._sha256 = hashlib.sha256(blob).hexdigest()
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "ImageTokenizer":
+        directory = Path(directory)
+        raw = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+        known = {f.name for f in fields(VQConfig)}
+        config = VQConfig(**{k: v for k, v in raw.items() if k in known})
+        blob = (directory / WEIGHTS_FILE).read_bytes()
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        model = VQVAE(config)
+        model.load_state_dict(state)
+        return cls(config, model, device=device, sha256=hashlib.sha256(blob).hexdigest())
+
+    # --- encode / decode ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 [N, S, S, 3] -> uint16 codes [N, S/8, S/8] (a single [S, S, 3] frame gives [1, h, w])."""
+        frames = _check_frames(frames, self.config)
+        self.model.eval()
+        out = []
+        for i in range(0, len(frames), self.batch_size):
+            z = self.model.encoder(_to_tensor(frames[i:i + self.batch_size], self.device))  # (n, D, h, w)
+            n, d, h, w = z.shape
+            idx = self.model.quantizer.indices(z.permute(0, 2, 3, 1).reshape(-1, d))
+            out.append(idx.view(n, h, w).cpu().numpy().astype(np.uint16))
+        if not out:
+            h, w = frames.shape[1] // self.downsample, frames.shape[2] // self.downsample
+            return np.zeros((0, h, w), dtype=np.uint16)
+        return np.concatenate(out)
+
+    @torch.no_grad()
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """integer codes [N, h, w] (or [h, w]) -> uint8 frames [N, 8h, 8w, 3]."""
+        codes = np.asarray(codes)
+        if codes.ndim == 2:
+            codes = codes[None]
+        if codes.ndim != 3 or not np.issubdtype(codes.dtype, np.integer):
+            raise ValueError(f"codes must be integers [N, h, w], got {codes.dtype} {codes.shape}")
+        if codes.size and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise ValueError(f"codes outside [0, {self.codebook_size})")
+        self.model.eval()
+        n, h, w = codes.shape
+        out = []
+        for i in range(0, n, self.batch_size):
+            idx = torch.from_numpy(codes[i:i + self.batch_size].astype(np.int64)).to(self.device)
+            q = self.model.quantizer.lookup(idx).permute(0, 3, 1, 2)  # (n, D, h, w)
+            out.append(_to_uint8(self.model.decoder(q)))
+        if not out:
+            return np.zeros((0, h * self.downsample, w * self.downsample, 3), dtype=np.uint8)
+        return np.concatenate(out)
+
+    def reconstruct(self, frames: np.ndarray) -> np.ndarray:
+        return self.decode(self.encode(frames))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# training and evaluation
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def train_image_tokenizer(frames: np.ndarray, out_dir: str | os.PathLike, preset: str | VQConfig = "tiny",
+                          steps: int = 300, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
+                          device: str | None = None, log: Callable[[str], None] | None = print,
+                          restart_every: int = 10, restart_threshold: float = 0.03) -> ImageTokenizer:
+    """Train a VQ-VAE on uint8 frames [N, S, S, 3] (already at the preset's image_size) and save it.
+
+    Writes out_dir/config.json, out_dir/weights.pt and out_dir/train_log.json (loss curve, codebook
+    usage, restarts, seconds). Loss: MSE reconstruction in [-1, 1] + beta * commitment; the codebook
+    follows an EMA of its assigned encoder outputs; every `restart_every` steps, codes whose EMA count is
+    below `restart_threshold` are moved onto random encoder outputs of the current batch.
+    """
+    cfg = PRESETS[preset] if isinstance(preset, str) else preset
+    cfg.validate()
+    frames = _check_frames(frames, cfg)
+    if frames.shape[1] != cfg.image_size or frames.shape[2] != cfg.image_size:
+        raise ValueError(f"frames are {frames.shape[1]}x{frames.shape[2]}, the preset wants "
+                         f"{cfg.image_size}x{cfg.image_size} (resize and center-crop first)")
+    if len(frames) == 0:
+        raise ValueError("no frames to train on")
+    device = torch.device(device or default_device())
+    log = log or (lambda msg: None)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = VQVAE(cfg).to(device).train()
+    opt = torch.optim.Adam(list(model.encoder.parameters()) + list(model.decoder.parameters()), lr=lr)
+    warmup = max(1, min(20, steps // 10))
+
+    def lr_at(step):  # short linear warmup, then cosine to 10%
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    history = []
+    restarts_total = 0
+    t0 = time.time()
+    for step in range(steps):
+        batch = frames[rng.integers(0, len(frames), size=min(batch_size, len(frames)))]
+        x = _to_tensor(batch, device)
+        if step == 0:
+            with torch.no_grad():
+                z = model.encoder(x)
+                model.quantizer.init_from(z.permute(0, 2, 3, 1).reshape(-1, cfg.code_dim))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        z = model.encoder(x)
+        q, idx, commit = model.quantizer(z)
+        recon = model.decoder(q)
+        rec_loss = F.mse_loss(recon, x)
+        loss = rec_loss + commit
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        restarted = 0
+        if restart_every and (step + 1) % restart_every == 0 and step + 1 < steps * 0.9:
+            restarted = model.quantizer.restart_dead(z.detach().permute(0, 2, 3, 1).reshape(-1, cfg.code_dim),
+                                                     restart_threshold)
+            restarts_total += restarted
+        if step % 25 == 0 or step == steps - 1:
+            psnr = 10 * math.log10(4.0 / max(rec_loss.item(), 1e-10))  # range [-1, 1] has peak-to-peak 2
+            used = int(torch.unique(idx).numel())
+            history.append({"step": step, "loss": round(loss.item(), 6), "recon_mse": round(rec_loss.item(), 6),
+                            "psnr": round(psnr, 2), "batch_codes_used": used, "restarted": restarted,
+                            "seconds": round(time.time() - t0, 2)})
+            log(f"vq step {step:5d}/{steps} loss {loss.item():.4f} psnr {psnr:5.2f} dB "
+                f"codes in batch {used}/{cfg.codebook_size} ({time.time() - t0:.1f}s)")
+    seconds = time.time() - t0
+    tok = ImageTokenizer(cfg, model.eval(), device=device)
+    out_dir = Path(out_dir)
+    tok.save(out_dir)
+    train_log = {"config": asdict(cfg), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+                 "device": str(device), "frames": int(len(frames)), "seconds": round(seconds, 2),
+                 "restarts": restarts_total, "tokenizer_id": tok.tokenizer_id, "history": history}
+    _atomic_write(out_dir / TRAIN_LOG_FILE, json.dumps(train_log, indent=2).encode("utf-8"))
+    return tok
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB between two uint8 arrays of the same shape (over all pixels together)."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def codebook_stats(codes: np.ndarray, codebook_size: int) -> dict:
+    """Fraction of the codebook used and perplexity (exp of the code-distribution entropy)."""
+    counts = np.bincount(np.asarray(codes).ravel().astype(np.int64), minlength=codebook_size)
+    p = counts / max(1, counts.sum())
+    nz = p[p > 0]
+    return {"codes_used": int((counts > 0).sum()), "usage": float((counts > 0).mean()),
+            "perplexity": float(np.exp(-(nz * np.log(nz)).sum())) if len(nz) else 0.0}
+
+
+def contact_sheet(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
+    """Stack equally long rows of uint8 frames [n, H, W, 3] into one image, `pad` px apart."""
+    n, h, w, _ = rows[0].shape
+    sheet = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            y, x = pad + r * (h + pad), pad + c * (w + pad)
+            sheet[y:y + h, x:x + w] = img
+    return sheet
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    from PIL import Image  # Pillow comes with matplotlib, a dependency
+    Image.fromarray(image).save(path)
+
+
+def evaluate_image_tokenizer(tok: ImageTokenizer, frames: np.ndarray, out_dir: str | os.PathLike,
+                             sheet_frames: int = 8) -> dict:
+    """PSNR, codebook usage and a round-trip contact sheet (originals above reconstructions).
+
+    Writes out_dir/metrics.json and out_dir/roundtrip.png; returns the metrics.
+    """
+    frames = _check_frames(frames, tok.config)
+    t0 = time.time()
+    codes = tok.encode(frames)
+    recon = tok.decode(codes)
+    per_frame = [psnr(a, b) for a, b in zip(frames, recon)]
+    finite = [p for p in per_frame if math.isfinite(p)]
+    metrics = {"tokenizer_id": tok.tokenizer_id, "frames": int(len(frames)), "psnr": psnr(frames, recon),
+               "psnr_mean_per_frame": float(np.mean(finite)) if finite else float("inf"),
+               "psnr_min_frame": float(np.min(per_frame)) if per_frame else float("nan"),
+               **codebook_stats(codes, tok.codebook_size), "codebook_size": tok.codebook_size,
+               "tokens_hw": list(codes.shape[1:]), "seconds": round(time.time() - t0, 3)}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    idx = np.linspace(0, len(frames) - 1, num=min(sheet_frames, len(frames))).round().astype(int)
+    write_png(out_dir / "roundtrip.png", contact_sheet([frames[idx], recon[idx]]))
+    _atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2).encode("utf-8"))
+    return metrics

@@ -138,8 +138,8 @@ def _run_ray(rows: list[dict], specs: list[StageSpec]) -> Iterator[dict]:
     ds = ray.data.from_arrow(blocks)
     for spec in specs:
         ds = ds.map_batches(RayStage, fn_constructor_args=(spec,), batch_size=spec.batch_size,
-                            concurrency=spec.concurrency, num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
-                            batch_format="pyarrow", zero_copy_batch=True)
+                            compute=ray.data.ActorPoolStrategy(size=spec.concurrency), num_cpus=spec.num_cpus,
+                            num_gpus=spec.num_gpus, batch_format="pyarrow", zero_copy_batch=True)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield from batch_to_rows(batch)
 

@@ -138,11 +138,16 @@ class _DecordReader:
 
 
 class _PyAVReader:
+    """PyAV decoding for what decord cannot open. A demux pass gives every frame's pts and the key
+    frames; reading then seeks to the key frame before each planned frame and decodes forward, so the
+    frames decoded stay close to the minimum the GOP structure allows (`frames_decoded` counts them)."""
     name = "pyav"
 
     def __init__(self, path: str, stream_index: int, width: int, height: int):
         self.path, self.stream_index, self.width, self.height = path, stream_index, width, height
         self.frames_decoded = 0
+        self.raw_pts: list[int] = []     # stream time-base pts of frame i (display order)
+        self.key_index: list[int] = []   # display indices of key frames
 
     def timestamps(self, facts: dict) -> tuple[np.ndarray, float]:
         """Presentation times from a demux pass (no decoding): sorted packet pts."""
@@ -152,35 +157,32 @@ class _PyAVReader:
             with av.open(self.path) as container:
                 stream = container.streams[self.stream_index]
                 tb = float(stream.time_base)
-                pts, durs = [], []
-                for packet in container.demux(stream):
-                    if packet.pts is not None:
-                        pts.append(packet.pts * tb)
-                        durs.append((packet.duration or 0) * tb)
+                packets = [(p.pts, p.duration or 0, p.is_keyframe) for p in container.demux(stream) if p.pts is not None]
         except av.error.FFmpegError as err:
             raise DecodeFailure("decode_error", f"demux: {err}") from None
-        if not pts:
+        if not packets:
             raise DecodeFailure("unsupported_codec", "no timed packets in the video stream")
-        order = np.argsort(pts, kind="stable")
-        pts_arr = np.asarray(pts)[order]
-        last = float(np.asarray(durs)[order][-1]) or (1.0 / facts["fps"] if facts["fps"] else 0.04)
+        packets.sort(key=lambda p: p[0])
+        self.raw_pts = [p[0] for p in packets]
+        self.key_index = [i for i, p in enumerate(packets) if p[2]]
+        pts_arr = np.asarray(self.raw_pts, dtype=np.float64) * tb
+        last = packets[-1][1] * tb or (1.0 / facts["fps"] if facts["fps"] else 0.04)
         return pts_arr, float(pts_arr[-1] + last)
 
     def read(self, indices: list[int]) -> np.ndarray:
         import av
 
-        wanted = set(indices)
         got: dict[int, np.ndarray] = {}
         try:
             with av.open(self.path) as container:
                 stream = container.streams[self.stream_index]
                 stream.thread_count = 1
-                for n, frame in enumerate(container.decode(stream)):
-                    self.frames_decoded += 1
-                    if n in wanted:
-                        got[n] = frame.to_ndarray(width=self.width, height=self.height, format="rgb24")
-                    if n >= indices[-1]:
-                        break
+                if len(set(self.raw_pts)) == len(self.raw_pts) and self.key_index:
+                    self._read_seeking(container, stream, indices, got)
+                missing = [i for i in indices if i not in got]
+                if missing:   # seeking is unreliable in some containers: one forward pass from the start
+                    container.seek(0, stream=stream, backward=True)
+                    self._read_forward(container, stream, set(missing), max(missing), got)
         except av.error.FFmpegError as err:
             if not got:
                 raise DecodeFailure("unsupported_codec" if self.frames_decoded == 0 else "decode_error",
@@ -190,6 +192,52 @@ class _PyAVReader:
             raise DecodeFailure("decode_error", f"pyav decoded {self.frames_decoded} frames; "
                                                 f"{len(missing)} planned frames missing (first {missing[0]})")
         return np.stack([got[i] for i in indices])
+
+    def _convert(self, frame) -> np.ndarray:
+        return frame.to_ndarray(width=self.width, height=self.height, format="rgb24")
+
+    def _read_seeking(self, container, stream, indices, got) -> None:
+        index_of = {pts: i for i, pts in enumerate(self.raw_pts)}
+        position = -1   # display index of the last frame decoded
+        frames = None
+        for target in indices:
+            if target in got:
+                continue
+            key = self.key_index[max(0, np.searchsorted(self.key_index, target, side="right") - 1)]
+            if frames is None or key > position + 1 or target <= position:
+                container.seek(self.raw_pts[key], stream=stream, backward=True)
+                frames = self._frames(container, stream)
+            for frame in frames:
+                self.frames_decoded += 1
+                position = index_of.get(frame.pts, position)
+                if position in indices and position not in got:
+                    got[position] = self._convert(frame)
+                if position >= target:
+                    break
+            else:
+                return
+
+    def _frames(self, container, stream):
+        """Decoded frames, packet by packet, skipping packets the decoder rejects (as ffmpeg does:
+        a corrupt NAL unit costs a frame, not the rest of the video)."""
+        import av
+
+        self.bad_packets = getattr(self, "bad_packets", 0)
+        for packet in container.demux(stream):
+            try:
+                yield from packet.decode()
+            except av.error.InvalidDataError:
+                self.bad_packets += 1
+                if self.bad_packets > 50:
+                    raise
+
+    def _read_forward(self, container, stream, wanted: set, last: int, got) -> None:
+        for n, frame in enumerate(self._frames(container, stream)):
+            self.frames_decoded += 1
+            if n in wanted and n not in got:
+                got[n] = self._convert(frame)
+            if n >= last:
+                break
 
 
 class DecodeVideo:

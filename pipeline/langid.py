@@ -49,7 +49,7 @@ _STOPWORDS = {
           "sous pendant",
     "es": "el la los las y es son un una con en del por para que se al sobre unos unas está entre",
     "it": "il lo la gli le e è sono un una con di del della che per sul nel dei delle alla sulla",
-    "pt": "o a os as e é são um uma com de do da dos das em no na para que ao pela pelo sobre",
+    "pt": "o os as e é são um uma com de do da dos das em no na para que ao pela pelo sobre",
     "nl": "de het een en is zijn van met op in die dat niet voor naar bij door",
 }
 _VOTES: dict[str, dict[str, float]] = {}
@@ -67,7 +67,7 @@ _HINTS = (
     ("Latin", re.compile("[ßäöü]", re.I), "de"),
     ("Latin", re.compile("[ñ¿¡]", re.I), "es"),
     ("Latin", re.compile("[ãõ]", re.I), "pt"),
-    ("Latin", re.compile("[œæç]|[àèù](?!\\w)", re.I), "fr"),
+    ("Latin", re.compile("œ", re.I), "fr"),
 )
 
 

@@ -90,17 +90,23 @@ class ResBlock(nn.Module):
 
 
 def _widths(cfg: VQConfig) -> list[int]:
+    """Channel widths after each of the log2(downsample) downsamplings."""
     n_down = int(round(math.log2(cfg.downsample)))
-    return [min(cfg.channels * 2 ** i, cfg.max_channels) for i in range(n_down + 1)]
+    return [min(cfg.channels * 2 ** i, cfg.max_channels) for i in range(n_down)]
 
 
 class Encoder(nn.Module):
+    """Each downsampling is space-to-depth (PixelUnshuffle) + 3x3 conv: all convs run at the lower
+    resolution, which is several times cheaper on a CPU than strided or transposed convs at full size."""
+
     def __init__(self, cfg: VQConfig):
         super().__init__()
-        w = _widths(cfg)
-        layers: list[nn.Module] = [nn.Conv2d(3, w[0], 3, padding=1)]
-        for c_in, c_out in zip(w[:-1], w[1:]):  # each step halves H and W
-            layers += [nn.SiLU(), nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)]
+        w = [3] + _widths(cfg)
+        layers: list[nn.Module] = []
+        for i, (c_in, c_out) in enumerate(zip(w[:-1], w[1:])):  # each step halves H and W
+            layers += [nn.PixelUnshuffle(2), nn.Conv2d(4 * c_in, c_out, 3, padding=1)]
+            if i < len(w) - 2:
+                layers += [nn.SiLU()]
         layers += [ResBlock(w[-1]) for _ in range(cfg.res_blocks)]
         layers += [nn.SiLU(), nn.Conv2d(w[-1], cfg.code_dim, 1)]
         self.net = nn.Sequential(*layers)
@@ -110,14 +116,15 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """The mirror image: 3x3 conv to 4x the channels + depth-to-space (PixelShuffle) per upsampling."""
+
     def __init__(self, cfg: VQConfig):
         super().__init__()
-        w = _widths(cfg)[::-1]
+        w = _widths(cfg)[::-1] + [3]
         layers: list[nn.Module] = [nn.Conv2d(cfg.code_dim, w[0], 3, padding=1)]
         layers += [ResBlock(w[0]) for _ in range(cfg.res_blocks)]
         for c_in, c_out in zip(w[:-1], w[1:]):  # each step doubles H and W
-            layers += [nn.SiLU(), nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1)]
-        layers += [nn.SiLU(), nn.Conv2d(w[-1], 3, 3, padding=1)]
+            layers += [nn.SiLU(), nn.Conv2d(c_in, 4 * c_out, 3, padding=1), nn.PixelShuffle(2)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):  # (N, D, h, w) -> (N, 3, S, S)
@@ -134,6 +141,8 @@ class EMAQuantizer(nn.Module):
         self.register_buffer("codebook", torch.randn(cfg.codebook_size, cfg.code_dim) * 0.1)  # (K, D)
         self.register_buffer("ema_count", torch.ones(cfg.codebook_size))                      # (K,)
         self.register_buffer("ema_sum", self.codebook.clone())                                # (K, D)
+        # assignments since the last dead-code check (training bookkeeping, not saved)
+        self.register_buffer("usage", torch.zeros(cfg.codebook_size), persistent=False)       # (K,)
 
     def indices(self, z: torch.Tensor) -> torch.Tensor:
         """(M, D) vectors -> (M,) nearest code ids."""
@@ -153,7 +162,9 @@ class EMAQuantizer(nn.Module):
         if self.training:
             with torch.no_grad():
                 onehot = F.one_hot(idx, self.codebook.shape[0]).type_as(flat)  # (M, K)
-                self.ema_count.mul_(self.decay).add_(onehot.sum(0), alpha=1 - self.decay)
+                counts = onehot.sum(0)
+                self.usage.add_(counts)
+                self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
                 self.ema_sum.mul_(self.decay).add_(onehot.t() @ flat.detach(), alpha=1 - self.decay)
                 total = self.ema_count.sum()
                 count = (self.ema_count + 1e-5) / (total + 1e-5 * len(self.ema_count)) * total  # Laplace smoothing
@@ -164,16 +175,18 @@ class EMAQuantizer(nn.Module):
         return q, idx.view(n, h, w), self.beta * commit
 
     @torch.no_grad()
-    def restart_dead(self, z_flat: torch.Tensor, threshold: float) -> int:
-        """Move codes whose EMA count fell below `threshold` onto random encoder outputs of this batch."""
-        dead = (self.ema_count < threshold).nonzero().flatten()
+    def restart_dead(self, z_flat: torch.Tensor, min_usage: float = 1.0) -> int:
+        """Move codes assigned fewer than `min_usage` times since the last call onto random encoder
+        outputs of this batch (plus a little noise); returns how many were moved."""
+        dead = (self.usage < min_usage).nonzero().flatten()
+        self.usage.zero_()
         if len(dead) == 0:
             return 0
         pick = torch.randint(0, z_flat.shape[0], (len(dead),), device=z_flat.device)
         fresh = z_flat[pick] + 0.01 * z_flat.std() * torch.randn_like(z_flat[pick])
         self.codebook[dead] = fresh
-        self.ema_sum[dead] = fresh
-        self.ema_count[dead] = 1.0
+        self.ema_count[dead] = self.ema_count.mean()
+        self.ema_sum[dead] = fresh * self.ema_count[dead, None]
         return int(len(dead))
 
     @torch.no_grad()
@@ -183,8 +196,9 @@ class EMAQuantizer(nn.Module):
         pick = torch.randint(0, z_flat.shape[0], (k,), device=z_flat.device)
         fresh = z_flat[pick] + 0.01 * z_flat.std() * torch.randn(k, z_flat.shape[1], device=z_flat.device)
         self.codebook.copy_(fresh)
-        self.ema_sum.copy_(fresh)
-        self.ema_count.fill_(1.0)
+        self.ema_count.fill_(z_flat.shape[0] / k)
+        self.ema_sum.copy_(fresh * self.ema_count[:, None])
+        self.usage.zero_()
 
 
 class VQVAE(nn.Module):
@@ -357,13 +371,14 @@ def default_device() -> str:
 def train_image_tokenizer(frames: np.ndarray, out_dir: str | os.PathLike, preset: str | VQConfig = "tiny",
                           steps: int = 300, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
                           device: str | None = None, log: Callable[[str], None] | None = print,
-                          restart_every: int = 10, restart_threshold: float = 0.03) -> ImageTokenizer:
+                          restart_every: int = 10, restart_min_usage: float = 1.0) -> ImageTokenizer:
     """Train a VQ-VAE on uint8 frames [N, S, S, 3] (already at the preset's image_size) and save it.
 
     Writes out_dir/config.json, out_dir/weights.pt and out_dir/train_log.json (loss curve, codebook
     usage, restarts, seconds). Loss: MSE reconstruction in [-1, 1] + beta * commitment; the codebook
-    follows an EMA of its assigned encoder outputs; every `restart_every` steps, codes whose EMA count is
-    below `restart_threshold` are moved onto random encoder outputs of the current batch.
+    follows an EMA of its assigned encoder outputs; every `restart_every` steps, codes assigned fewer than
+    `restart_min_usage` times since the previous check are moved onto random encoder outputs of the
+    current batch (not in the last 10% of steps, so the final codebook is settled).
     """
     cfg = PRESETS[preset] if isinstance(preset, str) else preset
     cfg.validate()
@@ -410,7 +425,7 @@ def train_image_tokenizer(frames: np.ndarray, out_dir: str | os.PathLike, preset
         restarted = 0
         if restart_every and (step + 1) % restart_every == 0 and step + 1 < steps * 0.9:
             restarted = model.quantizer.restart_dead(z.detach().permute(0, 2, 3, 1).reshape(-1, cfg.code_dim),
-                                                     restart_threshold)
+                                                     restart_min_usage)
             restarts_total += restarted
         if step % 25 == 0 or step == steps - 1:
             psnr = 10 * math.log10(4.0 / max(rec_loss.item(), 1e-10))  # range [-1, 1] has peak-to-peak 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -103,10 +104,17 @@ def train_text_tokenizer(captions: Iterable[str], out_path: str | os.PathLike, v
                     minloglevel=2, num_threads=1, input_sentence_size=2_000_000, shuffle_input_sentence=True,
                     byte_fallback=True)
                 break
-            except RuntimeError as err:  # "Vocabulary size is too high" on small corpora: shrink and retry
-                if "too high" not in str(err) or size <= 300:
+            except RuntimeError as err:
+                # small corpora: the vocabulary must hold every required character plus the 256
+                # byte-fallback pieces, and may not exceed what the corpus supports
+                message = str(err)
+                needed = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+                if needed and size < int(needed.group(2)) + 8:
+                    size = int(needed.group(2)) + 8
+                elif "too high" in message and size > 300:
+                    size = max(300, size * 3 // 4)
+                else:
                     raise
-                size = max(300, size // 2)
                 model = io.BytesIO()
     tmp_out = out_path.with_suffix(out_path.suffix + ".tmp")
     tmp_out.write_bytes(model.getvalue())

@@ -1,0 +1,613 @@
+"""Caption cleaning: deterministic, idempotent, never raises, and says what it changed.
+
+`clean_caption(text)` runs the steps below in order, every one on by default and switchable in
+`CleanConfig`, and repeats the whole pass until nothing changes (at most `MAX_PASSES` times), so that
+`clean_caption(clean_caption(x)[0])[0] == clean_caption(x)[0]` even when one step exposes work for an
+earlier one (an HTML entity hiding mojibake, a prefix uncovered by removing boilerplate). Each step that
+changed something adds its flag:
+
+  html         HTML entities (`&amp;`, `&#39;`, nested `&amp;amp;`) and tags of known HTML elements
+  ftfy         ftfy repair: mojibake, curly quotes, ligatures, NFC (fullwidth forms are kept: CJK
+               punctuation such as "，" is correct text); "mojibake" is added when ftfy fixed an encoding
+  url / email / handle   web addresses, e-mail addresses and @handles, removed
+  control      control characters, zero-width and bidi formatting characters, lone surrogates
+               (ZWJ/ZWNJ are kept between two visible characters: emoji sequences, Persian, Indic)
+  whitespace   any Unicode whitespace run becomes one space; leading/trailing space is dropped
+  boilerplate  stock-site phrases ("stock footage", "royalty free", "Shutterstock") and trailing
+               resolution tags ("4K", "UHD", "1080p")
+  prefix       caption openers such as "The video shows", "In this video,", "Footage of", "视频中展示了"
+  truncated    text cut to `max_chars` (at the last space in the final 20%, else hard)
+Two flags describe the result instead of a change: "empty" (nothing left) and "too_short" (fewer than
+`min_chars` characters); `CleanCaption` turns both into `empty_caption` errors.
+"""
+from __future__ import annotations
+
+import functools
+import html as _html
+import json
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import ftfy as _ftfy
+import pandas as pd
+
+from pipeline.langid import detect_language, detect_script
+from pipeline.schema import is_ok, mark_error
+
+STAGE = "captions"
+MAX_PASSES = 6
+FLAGS = ("html", "ftfy", "mojibake", "url", "email", "handle", "control", "whitespace", "boilerplate",
+         "prefix", "truncated", "empty", "too_short")
+
+
+@dataclass(frozen=True)
+class CleanConfig:
+    """Which cleaning steps run (all by default) and the length limits (`max_chars=0`: no limit)."""
+    html: bool = True
+    ftfy: bool = True
+    url: bool = True
+    email: bool = True
+    handle: bool = True
+    control: bool = True
+    whitespace: bool = True
+    boilerplate: bool = True
+    prefix: bool = True
+    max_chars: int = 1000
+    min_chars: int = 1
+
+
+# ---------------------------------------------------------------------------------------------- steps
+# Every pattern is linear-time on 100 kB inputs: quantifiers are bounded or anchored by a lookbehind, so
+# the regex engine cannot backtrack quadratically.
+_ENTITY_RE = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
+_TAG_NAMES = ("a|abbr|b|big|blockquote|body|br|center|cite|code|del|div|em|font|h[1-6]|head|hr|html|i|"
+              "iframe|img|ins|li|link|mark|meta|ol|p|pre|q|s|script|small|source|span|strike|strong|"
+              "style|sub|sup|table|tbody|td|th|title|tr|tt|u|ul|video")
+_TAG_RE = re.compile(rf"</?(?:{_TAG_NAMES})\b[^<>]{{0,500}}>", re.I)
+
+_CJK = "\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef"
+_URL_RE = re.compile(
+    rf"(?:\b(?:https?|ftp)://|(?<![\w@.-])www\.)[^\s<>\"'{_CJK}]{{1,2000}}"
+    rf"|(?<![\w@./-])(?:[a-z0-9](?:[a-z0-9-]{{0,61}}[a-z0-9])?\.){{1,8}}"
+    rf"(?:com|net|org|edu|gov|info|biz|io|tv|ly)(?:\.[a-z]{{2}})?(?![\w-])(?:/[^\s<>\"'{_CJK}]{{0,2000}})?",
+    re.I)
+_URL_TAIL = ".,;:!?)]}'\"»"
+_URL_HINT_RE = re.compile(r"://|www\.|\.(?:com|net|org|edu|gov|info|biz|io|tv|ly)(?![a-z0-9-])")
+_EMAIL_RE = re.compile(r"(?<![\w.+-])[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,8}")
+_HANDLE_RE = re.compile(r"(?<![\w@])@\w{1,30}(?![\w@])")
+
+# Invisible format characters (Unicode category Cf, minus the visible Arabic number signs) and control
+# characters other than whitespace. \x1c-\x1f count as whitespace for str.split but are separators.
+_CONTROL_RE = re.compile(
+    "[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\u00ad\u061c\u070f\u180e\u200b\u200e\u200f\u202a-\u202e"
+    "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]+")
+_LOOSE_JOINER_RE = re.compile(r"(?<!\S)[\u200c\u200d]+|[\u200c\u200d]+(?!\S)")
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+_STOCK_SITES = (r"shutterstock|pond5|getty\s?images|istock(?:photo)?|adobe\s?stock|storyblocks|"
+                r"videoblocks|videohive|dreamstime|depositphotos|alamy|123rf|vecteezy")
+_BOILER_RE = re.compile(
+    r"\b(?:stock\s+(?:footage|video\s+clip|videos?|clip|photo)"
+    r"|royalty[\s-]?free(?:\s+(?:stock\s+)?(?:footage|video))?"
+    rf"|(?:footage|video|clip)\s+(?:by|from|via|on)\s+(?:{_STOCK_SITES}|pexels|pixabay|artgrid)"
+    rf"|(?:{_STOCK_SITES})(?:\.com)?"
+    r"|all\s+rights\s+reserved|editorial\s+use\s+only|no\s+(?:model|property)\s+release)\b", re.I)
+_RES_TAGS = (r"4k(?:\s+uhd)?|8k|uhd|ultra\s?hd|full\s?hd|fhd|hd|hdr|1080p|720p|2160p|4320p|\d{2,3}\s?fps"
+             r"|(?:shot|filmed)\s+(?:in|on)\s+4k|in\s+4k")
+_TAIL_TAG_RE = re.compile(rf"[\s,;:|/(\[\u2013\u2014-]{{1,10}}(?:{_RES_TAGS})[\s)\]]{{0,3}}[.!]?\s*$", re.I)
+_ONLY_TAG_RE = re.compile(rf"(?:{_RES_TAGS})[\s)\]]{{0,3}}[.!]?", re.I)
+_TAIL_ENDS = ("4k", "8k", "hd", "hdr", "1080p", "720p", "2160p", "4320p", "fps")
+_BOILER_KEYS = ("stock", "royalty", "rights", "editorial", "release", "pond5", "getty", "adobe", "storyblocks",
+                "videoblocks", "videohive", "dreamstime", "depositphotos", "alamy", "123rf", "vecteezy")
+_HEAD_TAG_RE = re.compile(rf"^(?:{_RES_TAGS})\s*[:|\u2013\u2014-]\s*", re.I)
+_SEP_CHARS = " ,;:|/\u2013\u2014-"
+
+_PREFIX_RE = re.compile(
+    r"^(?:(?:(?:the|this|that|our|a|an)\s+)?(?:short\s+)?"
+    r"(?:video|clip|footage|scene|image|picture|gif|animation|film|movie|shot|sequence)\s+"
+    r"(?:shows|showcases|depicts|features|captures|presents|displays|illustrates|portrays|highlights|"
+    r"contains|is\s+showing|is\s+about|begins\s+with|starts\s+with)(?:\s+(?:that|how))?"
+    r"|(?:in|within|throughout)\s+(?:the|this)\s+(?:video|clip|footage|scene|image)"
+    r"|(?:this|it)\s+is\s+(?:a|an)\s+(?:video|clip|footage)\s+(?:of|showing)"
+    r"|(?:(?:a|an|the)\s+)?(?:video|clip|footage|close-?up\s+(?:video|shot))\s+(?:of|showing|featuring|depicting)"
+    r"|(?:we|you)\s+(?:can\s+)?see)\s*[:,\u2013\u2014-]?\s+"
+    r"|^(?:这段|这个|该|此|本)?(?:视频|影片|画面|镜头|短片)(?:中|里)?(?:展示|显示|描绘|呈现|记录)(?:了|的是|着)?[：:，,]?\s*"
+    r"|^在?(?:这段|这个|该|此|本)(?:视频|影片|画面)(?:中|里)[，,]\s*", re.I)
+
+_MOJIBAKE_FIXES = {"restore_byte_a0", "replace_lossy_sequences", "decode_inconsistent_utf8",
+                   "fix_c1_controls", "fix_surrogates"}
+_FTFY_CONFIG = _ftfy.TextFixerConfig(unescape_html=False, fix_character_width=False, explain=True)
+# Text made only of these characters is left unchanged by ftfy (with the config above); skipping the
+# call makes clean ASCII and CJK captions ~10x cheaper. tests/test_captions.py checks the claim.
+_FTFY_SAFE_RE = re.compile("[\t\n\x20-\x7e\u3001-\u303f\u3041-\u3096\u30a1-\u30fa\u4e00-\u9fff"
+                           "\uac00-\ud7a3\uff01-\uff5e]*")
+
+
+def _html_step(text: str, flags: set) -> str:
+    out = text
+    if "&" in out:
+        for _ in range(4):  # "&amp;amp;lt;" needs one round per level of escaping
+            new = _ENTITY_RE.sub(lambda m: _html.unescape(m.group()), out)
+            if new == out:
+                break
+            out = new
+    if "<" in out:
+        if "<!--" in out:
+            out = _strip_comments(out)
+        out = _TAG_RE.sub(" ", out)
+    if out != text:
+        flags.add("html")
+    return out
+
+
+def _strip_comments(text: str) -> str:
+    parts, i = [], 0
+    while True:  # str.find keeps this linear where a lazy regex would not be
+        start = text.find("<!--", i)
+        end = text.find("-->", start + 4) if start >= 0 else -1
+        if end < 0:
+            break
+        parts += [text[i:start], " "]
+        i = end + 3
+    return "".join(parts) + text[i:]
+
+
+def _ftfy_step(text: str, flags: set) -> str:
+    if _FTFY_SAFE_RE.fullmatch(text):
+        return text
+    fixed, steps = _ftfy.fix_and_explain(text, config=_FTFY_CONFIG)
+    if fixed == text:
+        return text
+    for action, name in steps or ():
+        if action in ("encode", "decode", "transcode") or name in _MOJIBAKE_FIXES:
+            flags.update(("ftfy", "mojibake"))
+        elif name in ("remove_control_chars", "remove_terminal_escapes"):
+            flags.add("control")
+        elif name == "fix_line_breaks":
+            flags.add("whitespace")
+        else:
+            flags.add("ftfy")
+    return fixed
+
+
+def _strip_url(m: re.Match) -> str:
+    url = m.group()
+    kept = url.rstrip(_URL_TAIL)
+    return url[len(kept):]  # sentence punctuation after a URL stays
+
+
+def _url_guard(text: str) -> bool:
+    return "." in text and _URL_HINT_RE.search(text.lower()) is not None
+
+
+def _sub_step(pattern: re.Pattern, repl, flag: str, guard=None):
+    def step(text: str, flags: set) -> str:
+        if guard is not None and not (guard(text) if callable(guard) else guard in text):
+            return text
+        new = pattern.sub(repl, text)
+        if new != text:
+            flags.add(flag)
+            new = _tidy(new)
+        return new
+    return step
+
+
+def _control_step(text: str, flags: set) -> str:
+    if text.isascii() and text.isprintable():
+        return text
+    new = _CONTROL_RE.sub("", text)
+    if "\u200c" in new or "\u200d" in new:
+        new = _LOOSE_JOINER_RE.sub("", new)
+    if new != text:
+        flags.add("control")
+    return new
+
+
+def _whitespace_step(text: str, flags: set) -> str:
+    new = " ".join(text.split())
+    if new != text:
+        flags.add("whitespace")
+    return new
+
+
+def _tidy(text: str) -> str:
+    """Close the gaps a removal leaves: doubled spaces, space before punctuation, dangling separators."""
+    text = re.sub(r"\s+([.,;:!?])", r"\1", " ".join(text.split()))
+    text = re.sub(r"[(\[]\s*[)\]]", "", text)
+    return " ".join(text.split()).strip(_SEP_CHARS)
+
+
+def _boilerplate_step(text: str, flags: set) -> str:
+    # Cheap substring guards first: the case-insensitive alternations cost ~10 us per caption.
+    low = text.lower()
+    new = text
+    for key in _BOILER_KEYS:
+        if key in low:
+            new = _BOILER_RE.sub(" ", new)
+            break
+    if low.rstrip(" .!)]").endswith(_TAIL_ENDS) or not new.strip():
+        for _ in range(4):
+            tail = new[-80:]
+            m = _TAIL_TAG_RE.search(tail)
+            if m is None:
+                break
+            new = new[:len(new) - len(tail) + m.start()]
+        if _ONLY_TAG_RE.fullmatch(new.strip()):
+            new = ""
+    if new[:1] in "48uUfF1273" and new:
+        new = _HEAD_TAG_RE.sub("", new, count=1)
+    if new != text:
+        flags.add("boilerplate")
+        new = _tidy(new)
+    return new
+
+
+def _prefix_step(text: str, flags: set) -> str:
+    m = _PREFIX_RE.match(text)
+    if not m or m.end() >= len(text):
+        return text
+    rest = text[m.end():].lstrip(_SEP_CHARS)
+    if rest and text[0].isupper() and rest[0].islower():
+        rest = rest[0].upper() + rest[1:]
+    if rest != text:
+        flags.add("prefix")
+    return rest
+
+
+def _length_step(text: str, flags: set, max_chars: int) -> str:
+    if not max_chars or len(text) <= max_chars:
+        return text
+    cut = text[:max_chars]
+    space = cut.rfind(" ")
+    if space >= 0.8 * max_chars:
+        cut = cut[:space]
+    flags.add("truncated")
+    return cut.rstrip()
+
+
+_STEPS = (
+    ("html", _html_step),
+    ("ftfy", _ftfy_step),
+    ("url", _sub_step(_URL_RE, _strip_url, "url", guard=_url_guard)),
+    ("email", _sub_step(_EMAIL_RE, "", "email", guard="@")),
+    ("handle", _sub_step(_HANDLE_RE, "", "handle", guard="@")),
+    ("control", _control_step),
+    ("whitespace", _whitespace_step),
+    ("boilerplate", _boilerplate_step),
+    ("prefix", _prefix_step),
+)
+
+
+def _as_text(value) -> str:
+    """Captions arrive as str, bytes, None, NaN or pd.NA from Arrow/pandas/JSON; missing means ""."""
+    if isinstance(value, str):
+        return value
+    if value is None or value is pd.NA:
+        return ""
+    if isinstance(value, float) and math.isnan(value):
+        return ""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", errors="replace")
+    try:
+        if pd.isna(value) is True:
+            return ""
+    except (TypeError, ValueError):
+        pass
+    return str(value)
+
+
+@functools.lru_cache(maxsize=64)
+def _steps_for(config: CleanConfig) -> tuple:
+    return tuple(fn for name, fn in _STEPS if getattr(config, name))
+
+
+def clean_caption(text, config: CleanConfig = CleanConfig()) -> tuple[str, list[str]]:
+    """(clean text, sorted flags). Deterministic and idempotent; never raises on any input."""
+    text = _as_text(text)
+    flags: set = set()
+    if _SURROGATE_RE.search(text):  # join surrogate pairs, drop lone halves (they cannot be UTF-8)
+        text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "ignore")
+        flags.add("control")
+    steps = _steps_for(config)
+    for _ in range(MAX_PASSES):
+        before = text
+        for fn in steps:
+            text = fn(text, flags)
+        text = _length_step(text, flags, config.max_chars)
+        if text == before:
+            break
+    if not text:
+        flags.add("empty")
+    elif len(text) < config.min_chars:
+        flags.add("too_short")
+    return text, sorted(flags)
+
+
+class CleanCaption:
+    """Stage: clean each ok row's caption.
+
+    Input keys: `caption` (any type; None/NaN count as empty) and, when the row was cleaned before,
+    `caption_raw`, which is then the text that gets cleaned (so re-running is a no-op).
+    Output keys: `caption_raw` (original), `caption` (clean), `caption_flags` (list[str]),
+    `caption_script` (see pipeline.langid.SCRIPTS), `caption_language` (ISO 639-1 or "und").
+    Reasons: `empty_caption` (nothing, or fewer than `min_chars` characters, left after cleaning);
+    `internal_error` (a bug, caught so the job survives). Error rows pass through unchanged.
+    `stats` counts total, kept, dropped by reason, and rows per flag.
+    """
+
+    def __init__(self, config: CleanConfig = CleanConfig()):
+        self.config = config
+        self.stats: Counter = Counter()
+
+    def __call__(self, rows: Iterable[dict]) -> Iterator[dict]:
+        for row in rows:
+            if not is_ok(row):
+                yield row
+                continue
+            self.stats["total"] += 1
+            try:
+                out = self._clean(row)
+            except Exception as err:  # never let one caption kill a Ray block
+                out = mark_error(row, STAGE, "internal_error", f"{type(err).__name__}: {err}")
+            self.stats["kept" if is_ok(out) else f"dropped_{out['reason']}"] += 1
+            yield out
+
+    def _clean(self, row: dict) -> dict:
+        raw = row["caption_raw"] if isinstance(row.get("caption_raw"), str) else row.get("caption")
+        clean, flags = clean_caption(raw, self.config)
+        self.stats.update(f"flag_{f}" for f in flags)
+        out = dict(row)
+        out.update(caption_raw=raw if isinstance(raw, str) else _as_text(raw), caption=clean,
+                   caption_flags=flags, caption_script=detect_script(clean),
+                   caption_language=detect_language(clean))
+        if "empty" in flags:
+            changed = [f for f in flags if f != "empty"]
+            why = f" (removed by: {', '.join(changed)})" if changed else ""
+            return mark_error(out, STAGE, "empty_caption", f"caption is empty after cleaning{why}")
+        if "too_short" in flags:
+            return mark_error(out, STAGE, "empty_caption",
+                              f"caption has {len(clean)} characters after cleaning, fewer than "
+                              f"min_chars={self.config.min_chars}")
+        return out
+
+
+# ------------------------------------------------------------------------------------- table files
+CAPTION_COLUMNS = ("caption", "text", "sentence", "prompt", "prompt_en", "name", "title", "description",
+                   "caption_raw")
+_TEXT_COLUMNS = set(CAPTION_COLUMNS) | {"id", "key", "video", "video_id", "videoid", "vid_key", "url"}
+_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv",
+            ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".txt": "txt"}
+
+
+def table_format(path) -> str:
+    path = Path(path)
+    if path.is_dir():
+        return "dataset"
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unsupported extension {path.suffix!r} "
+                         f"(use one of {', '.join(sorted(_FORMATS))}, or a dataset directory)")
+    return fmt
+
+
+def caption_column(columns) -> str:
+    """The caption column of a table: `caption`, else the first known alias (WebVid's `name`, ...)."""
+    for name in CAPTION_COLUMNS:
+        if name in columns:
+            return name
+    raise ValueError(f"no caption column (looked for {', '.join(CAPTION_COLUMNS)}; have {list(columns)})")
+
+
+def _sniff_sep(path: Path) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        header = f.readline()
+    counts = {sep: header.count(sep) for sep in (",", ";", "\t", "|")}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else ","
+
+
+def _dataset_files(path: Path) -> list[Path]:
+    files = sorted((path / "index").glob("*.parquet")) or sorted(path.glob("*.parquet"))
+    if not files:
+        raise ValueError(f"{path}: a directory without index/*.parquet (not a built dataset)")
+    return files
+
+
+def iter_table(path, chunk_rows: int = 200_000, all_text: bool = False) -> Iterator[pd.DataFrame]:
+    """Read a table in chunks of at most `chunk_rows` rows (bounded memory on any size).
+
+    parquet (or a dataset directory: its index/*.parquet), csv (delimiter sniffed from the header:
+    ``,`` ``;`` tab ``|``), tsv, jsonl, json (a list of records; a dict of record lists such as
+    MSR-VTT's "sentences"; or mmaction2's {video: [captions]}), txt (one caption per non-blank line).
+    Caption-like columns are read as text, so "NaN", "null" or "1.00" stay captions. With `all_text`,
+    every csv/tsv column is read as text, unchanged (for rewriting a manifest faithfully).
+    """
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    fmt = table_format(path)
+    if fmt in ("parquet", "dataset"):
+        for file in ([path] if fmt == "parquet" else _dataset_files(path)):
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=chunk_rows):
+                yield batch.to_pandas()
+    elif fmt in ("csv", "tsv"):
+        sep = "\t" if fmt == "tsv" else _sniff_sep(path)
+        if all_text:
+            kw = dict(dtype=str, keep_default_na=False, na_filter=False)
+        else:
+            header = pd.read_csv(path, sep=sep, nrows=0).columns
+            kw = dict(dtype={c: str for c in header if c in _TEXT_COLUMNS}, keep_default_na=False,
+                      na_values=[""])
+        yield from pd.read_csv(path, sep=sep, chunksize=chunk_rows, **kw)
+    elif fmt == "jsonl":
+        records: list = []
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
+                if len(records) >= chunk_rows:
+                    yield pd.DataFrame.from_records(records)
+                    records = []
+        if records:
+            yield pd.DataFrame.from_records(records)
+    elif fmt == "json":
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        records = _json_records(data, path)
+        for start in range(0, len(records), chunk_rows):
+            yield pd.DataFrame.from_records(records[start:start + chunk_rows])
+    else:  # txt
+        lines: list = []
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    lines.append(line)
+                if len(lines) >= chunk_rows:
+                    yield pd.DataFrame({"caption": lines})
+                    lines = []
+        if lines:
+            yield pd.DataFrame({"caption": lines})
+
+
+def _json_records(data, path) -> list:
+    if isinstance(data, list):
+        return [r if isinstance(r, dict) else {"caption": r} for r in data]
+    if isinstance(data, dict):
+        for value in data.values():  # {"videos": [...], "sentences": [{"caption": ...}]}
+            if isinstance(value, list) and value and isinstance(value[0], dict) and \
+                    any(c in value[0] for c in CAPTION_COLUMNS):
+                return value
+        if all(isinstance(v, list) for v in data.values()):  # {video: [caption, ...]}
+            return [{"video": k, "caption": c} for k, v in data.items() for c in v]
+    raise ValueError(f"{path}: JSON must be a list of records or a dict of caption lists")
+
+
+def read_table(path) -> pd.DataFrame:
+    """A whole table (parquet/csv/tsv/jsonl/json/txt, or a dataset's index) as one DataFrame."""
+    chunks = list(iter_table(path, chunk_rows=1_000_000))
+    return pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame({"caption": []})
+
+
+# ---------------------------------------------------------------------------------- clean_manifest
+def clean_manifest(in_path, out_path, config: CleanConfig = CleanConfig(), chunk_rows: int = 200_000) -> dict:
+    """Clean a manifest's captions: `caption_raw` keeps the original, `caption` gets the clean text and
+    `caption_flags` the flags (a list in parquet/jsonl/json, ';'-joined in csv/tsv). The output format
+    follows `out_path`'s extension. When `caption_raw` already exists it is what gets cleaned, so a
+    second run writes the same file. Other columns are carried unchanged. Returns a small summary.
+    """
+    out_path = Path(out_path)
+    out_fmt = table_format(out_path)
+    if out_fmt in ("txt", "dataset"):
+        raise ValueError(f"{out_path}: write the cleaned manifest as parquet, csv, tsv, jsonl or json")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    summary = {"rows": 0, "changed": 0, "empty": 0, "flags": Counter(), "out": str(out_path)}
+    writer = _Writer(tmp, out_fmt)
+    try:
+        for df in iter_table(in_path, chunk_rows, all_text=True):
+            col = caption_column(df.columns)
+            raw = df["caption_raw"] if "caption_raw" in df.columns else df[col]
+            raw = [_as_text(x) for x in raw]
+            results = [clean_caption(x, config) for x in raw]
+            clean = [c for c, _ in results]
+            df = df.copy()
+            df["caption"] = clean
+            df["caption_raw"] = raw
+            joined = out_fmt in ("csv", "tsv")
+            df["caption_flags"] = [";".join(f) if joined else f for _, f in results]
+            summary["caption_column"] = col
+            summary["rows"] += len(df)
+            summary["changed"] += sum(c != r for c, r in zip(clean, raw))
+            summary["empty"] += sum(("empty" in f or "too_short" in f) for _, f in results)
+            summary["flags"].update(f for _, fl in results for f in fl)
+            writer.write(df)
+        writer.close()
+        os.replace(tmp, out_path)
+    finally:
+        writer.close()
+        if tmp.exists():
+            tmp.unlink()
+    summary["flags"] = dict(sorted(summary["flags"].items()))
+    return summary
+
+
+class _Writer:
+    """Appends DataFrame chunks to one parquet/csv/tsv/jsonl/json file."""
+
+    def __init__(self, path: Path, fmt: str):
+        self.path, self.fmt = path, fmt
+        self.file = None
+        self.pq_writer = None
+        self.schema = None
+        self.rows = 0
+        self.closed = False
+
+    def write(self, df: pd.DataFrame) -> None:
+        if self.fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            if self.schema is None:
+                table = pa.Table.from_pandas(df, preserve_index=False)
+                # a column that is all-null in the first chunk would fix a null type for the file
+                self.schema = pa.schema([f.with_type(pa.string()) if pa.types.is_null(f.type) else f
+                                         for f in table.schema]).remove_metadata()
+                self.pq_writer = pq.ParquetWriter(self.path, self.schema)
+            self.pq_writer.write_table(pa.Table.from_pandas(df, schema=self.schema, preserve_index=False))
+        elif self.fmt in ("csv", "tsv"):
+            mode = "a" if self.rows else "w"
+            df.to_csv(self.path, sep="\t" if self.fmt == "tsv" else ",", index=False, header=not self.rows,
+                      mode=mode, encoding="utf-8")
+        else:
+            if self.file is None:
+                self.file = open(self.path, "w", encoding="utf-8")
+                if self.fmt == "json":
+                    self.file.write("[")
+            for i, rec in enumerate(df.to_dict("records")):
+                line = json.dumps({k: _json_value(v) for k, v in rec.items()}, ensure_ascii=False)
+                if self.fmt == "json":
+                    line = ("\n" if self.rows + i == 0 else ",\n") + line
+                else:
+                    line += "\n"
+                self.file.write(line)
+        self.rows += len(df)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.pq_writer is not None:
+            self.pq_writer.close()
+            self.pq_writer = None
+        if self.fmt == "parquet" and self.rows == 0 and self.schema is None and not self.path.exists():
+            pd.DataFrame({"caption": [], "caption_raw": [], "caption_flags": []}).to_parquet(self.path)
+        if self.fmt in ("csv", "tsv") and self.rows == 0 and not self.path.exists():
+            self.path.write_text("caption\n", encoding="utf-8")
+        if self.fmt in ("json", "jsonl") and self.file is None and not self.path.exists():
+            self.file = open(self.path, "w", encoding="utf-8")
+            self.file.write("[" if self.fmt == "json" else "")
+        if self.file is not None:
+            if self.fmt == "json":
+                self.file.write("\n]\n")
+            self.file.close()
+            self.file = None
+
+
+def _json_value(v):
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if v is pd.NA or v is None:
+        return None
+    if hasattr(v, "tolist"):  # numpy scalars and arrays
+        return v.tolist()
+    return v

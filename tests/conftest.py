@@ -1,0 +1,52 @@
+"""Session fixtures: a small real corpus (H.264 files written with PyAV) and tokenizers trained on it.
+
+Everything is built once per session in a temporary directory; the tokenizers are deliberately
+under-trained (a few steps), since the tests check the plumbing, not the picture quality.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """6 good videos (1-3 s) + 2 dirty captions + 4 broken rows; returns the manifest path."""
+    from pipeline.synth import SynthConfig, write_synthetic_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    return write_synthetic_corpus(out, SynthConfig(videos=6, seed=1, max_seconds=3.0, dirty_captions=0.34, broken=4))
+
+
+@pytest.fixture(scope="session")
+def text_tokenizer(tmp_path_factory) -> Path:
+    from pipeline.synth import SynthConfig, make_caption, COLORS, SHAPES, DIRECTIONS
+    from tokenizer.text import train_text_tokenizer
+
+    rng = np.random.default_rng(0)
+    captions = [make_caption(c, s, d, rng) for c in COLORS for s in SHAPES for d in DIRECTIONS]
+    path = tmp_path_factory.mktemp("tok") / "text.model"
+    train_text_tokenizer(captions, path, vocab_size=300)
+    return path
+
+
+@pytest.fixture(scope="session")
+def image_tokenizer(tmp_path_factory) -> Path:
+    from tokenizer.image import train_image_tokenizer
+    from pipeline.synth import render_frame, COLORS
+
+    rng = np.random.default_rng(0)
+    frames = np.stack([render_frame("circle", rgb, (rng.integers(10, 54), rng.integers(10, 54)), 10, 64, 64, (20, 20, 30))
+                       for rgb in list(COLORS.values()) * 4])
+    out = tmp_path_factory.mktemp("vq")
+    train_image_tokenizer(frames, out, preset="tiny", steps=5, batch_size=8, log=None)
+    return out
+
+
+def shared_videos() -> list[Path]:
+    videos = SHARED_DATA / "videos"
+    return sorted(p for p in videos.rglob("*") if p.is_file()) if videos.exists() else []

@@ -58,7 +58,7 @@ def build(manifest: str, out: str, image_tokenizer: str, text_tokenizer: str,
             _start_ray(address)
         specs = _stage_specs(config, image_tokenizer, text_tokenizer)   # sized by the cluster's resources
         stream = _run_ray(rows, specs) if config.runner == "ray" else _run_local(rows, specs)
-        _assemble_and_commit(stream, todo, committer, progress)
+        _assemble_and_commit(stream, todo, committer, progress, _previous_attempts(committer, todo))
     return write_dataset_info(out_dir, manifest=manifest, config=asdict(config), layout=committer.layout,
                               image_tokenizer=image_tokenizer, text_tokenizer=text_tokenizer,
                               inputs=len(df), split=config.split)
@@ -72,6 +72,19 @@ def _done(committer: ShardCommitter, shard: int, retry_failed: bool) -> bool:
         stats = json.loads(committer.paths(shard)["stats"].read_text())
         return stats.get("transient_errors", 0) == 0
     return True
+
+
+def _previous_attempts(committer: ShardCommitter, shards) -> dict[int, int]:
+    """row_index -> attempts so far, for inputs that failed in an earlier run of a shard being redone."""
+    import pandas as pd
+
+    attempts: dict[int, int] = {}
+    for shard in shards:
+        path = committer.paths(shard)["ledger"]
+        if path.exists():
+            for row_index, n in pd.read_parquet(path, columns=["row_index", "attempts"]).itertuples(index=False):
+                attempts[int(row_index)] = int(n) + 1
+    return attempts
 
 
 def _layout(config: BuildConfig, image_tokenizer: str) -> dict:
@@ -145,7 +158,7 @@ def _run_ray(rows: list[dict], specs: list[StageSpec]) -> Iterator[dict]:
 
 
 def _assemble_and_commit(stream: Iterator[dict], groups: dict[int, list[dict]], committer: ShardCommitter,
-                         progress: bool) -> None:
+                         progress: bool, attempts: dict[int, int]) -> None:
     """Collect rows per shard; commit a shard once each of its inputs has failed or delivered all its clips."""
     from tqdm import tqdm
 
@@ -166,13 +179,13 @@ def _assemble_and_commit(stream: Iterator[dict], groups: dict[int, list[dict]], 
                 pending[shard].discard(idx)
                 bar.update(1)
             if not pending[shard]:
-                committer.write(shard, got.pop(shard), inputs=len(groups[shard]))
+                committer.write(shard, got.pop(shard), inputs=len(groups[shard]), attempts=attempts)
     bar.close()
     for shard, missing in pending.items():   # nothing may vanish silently: account for lost inputs
         if missing:
             lost = [mark_error(r, "build", "internal_error", "the input's rows never came back from the pipeline")
                     for r in groups[shard] if r["row_index"] in missing]
-            committer.write(shard, got.pop(shard, []) + lost, inputs=len(groups[shard]))
+            committer.write(shard, got.pop(shard, []) + lost, inputs=len(groups[shard]), attempts=attempts)
 
 
 def with_overrides(config: BuildConfig, **changes) -> BuildConfig:

@@ -75,6 +75,26 @@ def _cmd_build(a):
     print(json.dumps({"out": a.out, "funnel": info["funnel"]}, indent=2))
 
 
+def _cmd_reshard(a):
+    from pipeline.reshard import ReshardConfig, reshard
+
+    config = ReshardConfig(samples_per_shard=a.samples_per_shard, bytes_per_shard=a.bytes_per_shard,
+                           shuffle_seed=a.shuffle_seed, filter=a.filter, val_fraction=a.val_fraction,
+                           val_seed=a.val_seed)
+    print(json.dumps(reshard(a.inputs, a.output, config, progress=not a.quiet), indent=2))
+
+
+def _cmd_estimate(a):
+    from jobs.estimate import estimate
+    from pipeline.clips import ClipConfig
+
+    clips = ClipConfig(size=a.size, frames=a.frames, mode=a.mode, trim=a.trim)
+    print(json.dumps(estimate(a.manifest, sample=a.sample, seed=a.seed, clips=clips,
+                              image_tokenizer=a.image_tokenizer, text_tokenizer=a.text_tokenizer,
+                              workers=a.workers, gpus=a.gpus, cost_per_core_hour=a.cost_per_core_hour,
+                              cost_per_gpu_hour=a.cost_per_gpu_hour), indent=2))
+
+
 def _cmd_verify(a):
     from pipeline.verify import verify_dataset
 
@@ -185,6 +205,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runner", choices=["ray", "local"])
     s.add_argument("--quiet", action="store_true")
     _add_clip_flags(s, defaults=False)
+
+    s = cmd("reshard", _cmd_reshard, "merge/split/shuffle/filter datasets and split off a validation set")
+    s.add_argument("inputs", nargs="+", metavar="IN", help="one or more datasets")
+    s.add_argument("output", metavar="OUT")
+    s.add_argument("--samples-per-shard", type=int, default=1000)
+    s.add_argument("--bytes-per-shard", type=int, help="close shards at this size instead")
+    s.add_argument("--shuffle-seed", type=int, help="shuffle with this seed (default: keep the order)")
+    s.add_argument("--filter", help='pandas query over the index, e.g. "rate >= 1 and caption_tokens <= 64"')
+    s.add_argument("--val-fraction", type=float, default=0.0, help="share of source videos held out")
+    s.add_argument("--val-seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+
+    s = cmd("estimate", _cmd_estimate, "pilot run on a sample, then time and cost for the full corpus")
+    s.add_argument("manifest", metavar="MANIFEST")
+    s.add_argument("--sample", type=int, default=50, help="pilot inputs (default 50)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-tokenizer", metavar="DIR", help="also time tokenization")
+    s.add_argument("--text-tokenizer", metavar="FILE")
+    s.add_argument("--workers", type=int, default=64, help="decode workers (CPU cores) to plan for")
+    s.add_argument("--gpus", type=int, default=0)
+    s.add_argument("--cost-per-core-hour", type=float, default=0.04)
+    s.add_argument("--cost-per-gpu-hour", type=float, default=2.0)
+    _add_clip_flags(s)
 
     s = cmd("verify", _cmd_verify, "check a dataset end to end")
     s.add_argument("dataset", metavar="DATASET")

@@ -7,8 +7,8 @@ earlier one (an HTML entity hiding mojibake, a prefix uncovered by removing boil
 changed something adds its flag:
 
   html         HTML entities (`&amp;`, `&#39;`, nested `&amp;amp;`) and tags of known HTML elements
-  ftfy         ftfy repair: mojibake, curly quotes, ligatures, NFC (fullwidth forms are kept: CJK
-               punctuation such as "，" is correct text); "mojibake" is added when ftfy fixed an encoding
+  ftfy         ftfy repair: mojibake, curly quotes, ligatures, NFC, fullwidth forms narrowed except in
+               CJK text (where "，" is correct); "mojibake" is added when ftfy fixed an encoding
   url / email / handle   web addresses, e-mail addresses and @handles, removed
   control      control characters, zero-width and bidi formatting characters, lone surrogates
                (ZWJ/ZWNJ are kept between two visible characters: emoji sequences, Persian, Indic)
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import ftfy as _ftfy
+from ftfy.fixes import fix_character_width as _fix_character_width
 import pandas as pd
 
 from pipeline.langid import detect_language, detect_script
@@ -125,6 +126,7 @@ _MOJIBAKE_FIXES = {"restore_byte_a0", "replace_lossy_sequences", "decode_inconsi
 _FTFY_CONFIG = _ftfy.TextFixerConfig(unescape_html=False, fix_character_width=False, explain=True)
 # Text made only of these characters is left unchanged by ftfy (with the config above); skipping the
 # call makes clean ASCII and CJK captions ~10x cheaper. tests/test_captions.py checks the claim.
+_FULLWIDTH_RE = re.compile("[\uff01-\uff5e]")
 _FTFY_SAFE_RE = re.compile("[\t\n\x20-\x7e\u3001-\u303f\u3041-\u3096\u30a1-\u30fa\u4e00-\u9fff"
                            "\uac00-\ud7a3\uff01-\uff5e]*")
 
@@ -159,20 +161,24 @@ def _strip_comments(text: str) -> str:
 
 
 def _ftfy_step(text: str, flags: set) -> str:
-    if _FTFY_SAFE_RE.fullmatch(text):
-        return text
-    fixed, steps = _ftfy.fix_and_explain(text, config=_FTFY_CONFIG)
-    if fixed == text:
-        return text
-    for action, name in steps or ():
-        if action in ("encode", "decode", "transcode") or name in _MOJIBAKE_FIXES:
-            flags.update(("ftfy", "mojibake"))
-        elif name in ("remove_control_chars", "remove_terminal_escapes"):
-            flags.add("control")
-        elif name == "fix_line_breaks":
-            flags.add("whitespace")
-        else:
+    fixed = text
+    if not _FTFY_SAFE_RE.fullmatch(text):
+        fixed, steps = _ftfy.fix_and_explain(text, config=_FTFY_CONFIG)
+        for action, name in (steps or ()) if fixed != text else ():
+            if action in ("encode", "decode", "transcode") or name in _MOJIBAKE_FIXES:
+                flags.update(("ftfy", "mojibake"))
+            elif name in ("remove_control_chars", "remove_terminal_escapes"):
+                flags.add("control")
+            elif name == "fix_line_breaks":
+                flags.add("whitespace")
+            else:
+                flags.add("ftfy")
+    # ftfy narrows fullwidth forms ("，" -> ","); right in Latin text, wrong in Chinese or Japanese.
+    if _FULLWIDTH_RE.search(fixed) and detect_script(fixed) not in ("Han", "Kana", "Hangul"):
+        narrowed = _fix_character_width(fixed)
+        if narrowed != fixed:
             flags.add("ftfy")
+            fixed = narrowed
     return fixed
 
 
@@ -183,7 +189,7 @@ def _strip_url(m: re.Match) -> str:
 
 
 def _url_guard(text: str) -> bool:
-    return "." in text and _URL_HINT_RE.search(text.lower()) is not None
+    return "://" in text or ("." in text and _URL_HINT_RE.search(text.lower()) is not None)
 
 
 def _sub_step(pattern: re.Pattern, repl, flag: str, guard=None):
@@ -419,22 +425,31 @@ def _dataset_files(path: Path) -> list[Path]:
     return files
 
 
-def iter_table(path, chunk_rows: int = 200_000, all_text: bool = False) -> Iterator[pd.DataFrame]:
+def iter_table(path, chunk_rows: int = 200_000, all_text: bool = False,
+               columns: Iterable[str] | None = None) -> Iterator[pd.DataFrame]:
     """Read a table in chunks of at most `chunk_rows` rows (bounded memory on any size).
 
     parquet (or a dataset directory: its index/*.parquet), csv (delimiter sniffed from the header:
     ``,`` ``;`` tab ``|``), tsv, jsonl, json (a list of records; a dict of record lists such as
     MSR-VTT's "sentences"; or mmaction2's {video: [captions]}), txt (one caption per non-blank line).
     Caption-like columns are read as text, so "NaN", "null" or "1.00" stay captions. With `all_text`,
-    every csv/tsv column is read as text, unchanged (for rewriting a manifest faithfully).
+    every csv/tsv column is read as text, unchanged (for rewriting a manifest faithfully). With
+    `columns`, only those of the named columns that exist are returned (parquet and csv skip the rest).
     """
     import pyarrow.parquet as pq
 
     path = Path(path)
     fmt = table_format(path)
+    wanted = None if columns is None else list(columns)
+    if wanted is not None and fmt not in ("parquet", "dataset", "csv", "tsv"):
+        for df in iter_table(path, chunk_rows, all_text):
+            yield df[[c for c in df.columns if c in wanted]]
+        return
     if fmt in ("parquet", "dataset"):
         for file in ([path] if fmt == "parquet" else _dataset_files(path)):
-            for batch in pq.ParquetFile(file).iter_batches(batch_size=chunk_rows):
+            pf = pq.ParquetFile(file)
+            names = None if wanted is None else [c for c in pf.schema_arrow.names if c in wanted]
+            for batch in pf.iter_batches(batch_size=chunk_rows, columns=names):
                 yield batch.to_pandas()
     elif fmt in ("csv", "tsv"):
         sep = "\t" if fmt == "tsv" else _sniff_sep(path)
@@ -444,6 +459,8 @@ def iter_table(path, chunk_rows: int = 200_000, all_text: bool = False) -> Itera
             header = pd.read_csv(path, sep=sep, nrows=0).columns
             kw = dict(dtype={c: str for c in header if c in _TEXT_COLUMNS}, keep_default_na=False,
                       na_values=[""])
+        if wanted is not None:
+            kw["usecols"] = lambda c: c in wanted
         yield from pd.read_csv(path, sep=sep, chunksize=chunk_rows, **kw)
     elif fmt == "jsonl":
         records: list = []

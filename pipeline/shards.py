@@ -104,8 +104,8 @@ class ShardCommitter:
             writer.close()
             stream.flush()
             os.fsync(stream.fileno())
-        _write_parquet(index_rows, INDEX_COLUMNS, tmp["index"])
-        _write_parquet(ledger_rows, LEDGER_COLUMNS, tmp["ledger"])
+        write_parquet(index_rows, INDEX_COLUMNS, tmp["index"])
+        write_parquet(ledger_rows, LEDGER_COLUMNS, tmp["ledger"])
         failed_inputs = {r["row_index"] for r in ledger_rows} - ok_inputs
         stats = {
             "shard": name, "samples": len(index_rows), "bytes": tmp["tar"].stat().st_size,
@@ -139,7 +139,7 @@ def _ledger_row(row: dict, shard: str, attempts: int) -> dict:
             "message": row.get("error"), "attempts": attempts, "transient": row.get("reason") in TRANSIENT}
 
 
-def _write_parquet(rows: list[dict], columns: dict, path: Path) -> None:
+def write_parquet(rows: list[dict], columns: dict, path: Path) -> None:
     schema = pa.schema(list(columns.items()))
     table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows], schema=schema)
     pq.write_table(table, path)
@@ -159,8 +159,10 @@ def read_ledger(dataset: str | os.PathLike) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 
 
-def read_stats(dataset: str | os.PathLike, split: str = "train") -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((Path(dataset) / "shards").glob(f"{split}-*.json"))]
+def read_stats(dataset: str | os.PathLike, split: str | None = "train") -> list[dict]:
+    """Per-shard stats of one split, or of every split when `split` is None."""
+    pattern = f"{split}-*.json" if split else "*-*.json"
+    return [json.loads(p.read_text()) for p in sorted((Path(dataset) / "shards").glob(pattern))]
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

@@ -44,7 +44,7 @@ def iter_tar_samples(path: Path):
         yield current
 
 
-def verify_dataset(dataset: str | Path, split: str = "train", max_problems: int = 50) -> dict:
+def verify_dataset(dataset: str | Path, split: str | None = None, max_problems: int = 50) -> dict:
     root = Path(dataset)
     problems: list[str] = []
 
@@ -100,6 +100,16 @@ def verify_dataset(dataset: str | Path, split: str = "train", max_problems: int 
     if dupes:
         problem(f"{len(dupes)} duplicate keys across shards, e.g. {dupes[:3]}")
     funnel = info.get("funnel", {})
+    for wids_file in sorted((root / "wids").glob("*.json")):
+        listed = json.loads(wids_file.read_text())["shardlist"]
+        for entry in listed:
+            name = Path(entry["url"]).stem
+            st = next((s for s in stats if s["shard"] == name), None)
+            if st is None or st["samples"] != entry["nsamples"]:
+                problem(f"{wids_file.name}: {name} lists {entry['nsamples']} samples, its stats disagree")
+    if "inputs" not in funnel:   # a resharded dataset: no manifest to account for
+        return {"dataset": str(root), "shards": len(stats), "samples": samples, "ledger_rows": len(ledger),
+                "inputs": None, "problems": problems}
     accounted = (index["row_index"].nunique() if len(index) else 0) + len(set(ledger["row_index"]) - set(index["row_index"]))
     if funnel.get("inputs") is not None and accounted != funnel["inputs"]:
         problem(f"{funnel['inputs']} inputs but {accounted} accounted for by samples and ledger rows")

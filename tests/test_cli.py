@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-COMMANDS = [["synth"], ["clips"], ["captions", "clean"], ["audit"], ["tokenizer", "train-text"],
+COMMANDS = [["synth"], ["clips"], ["reshard"], ["estimate"], ["captions", "clean"], ["audit"], ["tokenizer", "train-text"],
             ["tokenizer", "train-image"], ["tokenizer", "eval-image"], ["build"], ["verify"], ["train"],
             ["sample"], ["demo"]]
 

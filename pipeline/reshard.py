@@ -1,0 +1,179 @@
+"""`clipforge reshard IN... OUT`: merge, filter, shuffle, re-cut and split off a validation set.
+
+Samples are copied byte for byte (no decode, no re-encode): the source tars are scanned once for each
+member's data offset, and each output shard is assembled by positioned reads in its new order, so
+memory holds offsets and the index, never sample data. The validation split is drawn per source video
+(hash of seed and video id), so no video lands on both sides. Counts are checked before returning.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.dataset import package_versions, write_wids_index
+from pipeline.shards import INDEX_COLUMNS, write_parquet, read_index, read_ledger, sha256_file, shard_name, write_json_atomic
+from pipeline.verify import safe_member
+
+
+@dataclass(frozen=True)
+class ReshardConfig:
+    samples_per_shard: int | None = 1000
+    bytes_per_shard: int | None = None       # when set, shards close at this size instead
+    shuffle_seed: int | None = None          # None keeps the input order
+    filter: str | None = None                # a pandas query over the index, e.g. "rate >= 1 and caption_tokens <= 64"
+    val_fraction: float = 0.0                # share of source videos held out for validation
+    val_seed: int = 0
+
+
+def _member_offsets(tar_path: Path) -> dict[str, list[tuple[str, int, int]]]:
+    """key -> [(member suffix, data offset, size)] in tar order; unsafe members are refused."""
+    out: dict[str, list[tuple[str, int, int]]] = {}
+    with tarfile.open(tar_path, "r:") as tar:
+        for m in tar:
+            problem = safe_member(m)
+            if problem:
+                raise ValueError(f"{tar_path.name}: {problem}")
+            key, _, suffix = m.name.rpartition("/")[2].partition(".")
+            out.setdefault(key, []).append((suffix, m.offset_data, m.size))
+    return out
+
+
+def _in_validation(video_id: str, fraction: float, seed: int) -> bool:
+    h = int.from_bytes(hashlib.sha256(f"{seed}:{video_id}".encode()).digest()[:8], "little")
+    return h / 2**64 < fraction
+
+
+def _check_compatible(infos: list[dict]) -> None:
+    first = infos[0]
+    for other in infos[1:]:
+        for field in ("layout", "tokenizers"):
+            a = {k: v for k, v in first[field].items() if k != "path"} if field == "layout" else \
+                {k: v["sha256"] for k, v in first[field].items()}
+            b = {k: v for k, v in other[field].items() if k != "path"} if field == "layout" else \
+                {k: v["sha256"] for k, v in other[field].items()}
+            if a != b:
+                raise ValueError(f"cannot merge datasets with different {field}: {a} vs {b}")
+
+
+def reshard(inputs: list[str], out: str, config: ReshardConfig = ReshardConfig(), progress: bool = True) -> dict:
+    from tqdm import tqdm
+    import webdataset as wds
+
+    out_dir = Path(out)
+    if (out_dir / "dataset.json").exists():
+        raise FileExistsError(f"{out} already holds a dataset")
+    infos = []
+    frames = []
+    for n, path in enumerate(inputs):
+        info_path = Path(path) / "dataset.json"
+        if not info_path.exists():
+            raise FileNotFoundError(f"{path}: not a clipforge dataset (no dataset.json)")
+        infos.append(json.loads(info_path.read_text()))
+        idx = read_index(path)
+        idx["src_dataset"] = n
+        frames.append(idx)
+    _check_compatible(infos)
+    index = pd.concat(frames, ignore_index=True)
+    total_in = len(index)
+    if index["key"].duplicated().any():
+        dup = index.loc[index["key"].duplicated(), "key"].iloc[0]
+        raise ValueError(f"key {dup!r} appears in more than one input sample: merging would duplicate it")
+    if config.filter:
+        try:
+            index = index.query(config.filter, engine="python")
+        except Exception as err:   # noqa: BLE001 — pandas raises many types for a bad expression
+            raise ValueError(f"bad --filter {config.filter!r}: {err}") from None
+    kept = len(index)
+    if config.shuffle_seed is not None:
+        index = index.iloc[np.random.default_rng(config.shuffle_seed).permutation(len(index))]
+    is_val = index["video_id"].map(lambda v: _in_validation(str(v), config.val_fraction, config.val_seed))
+    splits = {"train": index[~is_val.values], "val": index[is_val.values]}
+
+    for sub in ("shards", "index", "ledger"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    offsets: dict[tuple[int, str], dict] = {}
+    keymap, written = [], {}
+    bar = tqdm(total=kept, desc="reshard", unit="sample", disable=not progress)
+    for split, part in splits.items():
+        stats = []
+        for shard_no, chunk in enumerate(_chunks(part, config)):
+            name = shard_name(split, shard_no)
+            tar_path = out_dir / "shards" / f"{name}.tar"
+            tmp = tar_path.with_name(tar_path.name + ".tmp")
+            sizes = []
+            with open(tmp, "wb") as stream:
+                writer = wds.TarWriter(stream, encoder=False, mtime=0.0, user="clipforge", group="clipforge")
+                handles: dict[Path, object] = {}
+                for rec in chunk.itertuples(index=False):
+                    src = Path(inputs[rec.src_dataset]) / "shards" / f"{rec.shard}.tar"
+                    table = offsets.get((rec.src_dataset, rec.shard))
+                    if table is None:
+                        table = offsets[(rec.src_dataset, rec.shard)] = _member_offsets(src)
+                    fh = handles.get(src) or handles.setdefault(src, open(src, "rb"))
+                    sample = {"__key__": rec.key}
+                    for suffix, offset, size in table[rec.key]:
+                        sample[suffix] = os.pread(fh.fileno(), size, offset)
+                    sizes.append(writer.write(sample))
+                    keymap.append({"key": rec.key, "old_dataset": str(inputs[rec.src_dataset]), "old_shard": rec.shard,
+                                   "split": split, "shard": name})
+                    bar.update(1)
+                writer.close()
+                for fh in handles.values():
+                    fh.close()
+            rows = chunk.drop(columns=["src_dataset"]).assign(shard=name, bytes=sizes).to_dict("records")
+            write_parquet(rows, INDEX_COLUMNS, out_dir / "index" / f"{name}.parquet")
+            os.replace(tmp, tar_path)
+            st = {"shard": name, "samples": len(chunk), "bytes": tar_path.stat().st_size,
+                  "sha256": sha256_file(tar_path), "errors_by_reason": {}}
+            write_json_atomic(out_dir / "shards" / f"{name}.json", st)
+            stats.append(st)
+        write_wids_index(out_dir, stats, split)
+        written[split] = stats
+    bar.close()
+    ledgers = [read_ledger(p) for p in inputs]   # failures of the builds stay on record
+    ledger = pd.concat(ledgers, ignore_index=True) if ledgers else pd.DataFrame()
+    if len(ledger):
+        ledger.to_parquet(out_dir / "ledger" / "inherited.parquet", index=False)
+    pd.DataFrame(keymap, columns=["key", "old_dataset", "old_shard", "split", "shard"]).to_parquet(
+        out_dir / "keymap.parquet", index=False)
+
+    counts = {s: sum(x["samples"] for x in st) for s, st in written.items()}
+    if sum(counts.values()) != kept:
+        raise RuntimeError(f"reshard wrote {sum(counts.values())} samples but {kept} were selected")
+    info = dict(infos[0])
+    info.update(
+        reshard={"inputs": [str(p) for p in inputs], "config": asdict(config), "samples_in": total_in,
+                 "samples_selected": kept, "samples_filtered_out": total_in - kept, "splits": counts},
+        packages=package_versions(),
+        shards=[{"name": s["shard"], "samples": s["samples"], "bytes": s["bytes"], "sha256": s["sha256"]}
+                for st in written.values() for s in st],
+        funnel={"samples": kept, "splits": counts},
+    )
+    write_json_atomic(out_dir / "dataset.json", info)
+    return {"out": str(out_dir), "samples_in": total_in, "samples_out": kept, "splits": counts,
+            "shards": {s: len(st) for s, st in written.items()}}
+
+
+def _chunks(part: pd.DataFrame, config: ReshardConfig):
+    if not len(part):
+        return
+    if config.bytes_per_shard:
+        sizes = part["bytes"].fillna(0).to_numpy()
+        start, acc = 0, 0
+        for i, size in enumerate(sizes):
+            if acc and acc + size > config.bytes_per_shard:
+                yield part.iloc[start:i]
+                start, acc = i, 0
+            acc += size
+        yield part.iloc[start:]
+        return
+    step = max(1, config.samples_per_shard or 1000)
+    for i in range(0, len(part), step):
+        yield part.iloc[i:i + step]

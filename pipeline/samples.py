@@ -15,10 +15,22 @@ import numpy as np
 REQUIRED_MEMBERS = ("json", "txt", "vtok.npy", "ttok.npy")
 
 
+_NPY_HEADERS: dict[tuple, bytes] = {}
+
+
 def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
+    """`np.save` bytes (format 1.0, no pickle); the header is cached per dtype and shape, since
+    building it costs more than the data for a sample's few KB of tokens."""
+    array = np.ascontiguousarray(array)
+    if array.dtype.hasobject:
+        raise ValueError("object arrays are not stored (they would need pickle)")
+    key = (array.dtype.str, array.shape)
+    header = _NPY_HEADERS.get(key)
+    if header is None:
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(array))
+        header = _NPY_HEADERS[key] = buf.getvalue()
+    return header + array.tobytes()
 
 
 def npy_load(data: bytes) -> np.ndarray:
@@ -29,7 +41,7 @@ def encode_sample(key: str, meta: dict, caption: str, vtok: np.ndarray, ttok: np
     """A webdataset sample dict whose values are already bytes (the writer does no encoding)."""
     return {
         "__key__": key,
-        "json": json.dumps(meta, sort_keys=True, ensure_ascii=False, default=_json_default).encode("utf-8"),
+        "json": json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=_json_default).encode("utf-8"),
         "txt": caption.encode("utf-8"),
         "vtok.npy": npy_bytes(vtok.astype(np.uint16, copy=False)),
         "ttok.npy": npy_bytes(ttok.astype(np.int32, copy=False)),

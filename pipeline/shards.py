@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.samples import encode_sample
+from pipeline.tarwriter import FastTarWriter
 from pipeline.schema import TRANSIENT, is_ok
 
 INDEX_COLUMNS = {
@@ -83,15 +84,13 @@ class ShardCommitter:
 
     def write(self, index: int, rows: Iterable[dict], inputs: int, attempts: dict | None = None) -> dict:
         """Commit shard `index` from `rows` (ok and error rows of its `inputs` manifest rows)."""
-        import webdataset as wds
-
         name = shard_name(self.split, index)
         p = self.paths(index)
         rows = sorted(rows, key=lambda r: (r.get("row_index", -1), r.get("clip_index", -1), r.get("key", "")))
         tmp = {k: v.with_name(v.name + ".tmp") for k, v in p.items()}
         index_rows, ledger_rows, ok_inputs = [], [], set()
         with open(tmp["tar"], "wb") as stream:
-            writer = wds.TarWriter(stream, encoder=False, mtime=0.0, user="clipforge", group="clipforge")
+            writer = FastTarWriter(stream)
             for row in rows:
                 if not is_ok(row):
                     ledger_rows.append(_ledger_row(row, name, (attempts or {}).get(row.get("row_index"), 1)))
@@ -109,7 +108,7 @@ class ShardCommitter:
         failed_inputs = {r["row_index"] for r in ledger_rows} - ok_inputs
         stats = {
             "shard": name, "samples": len(index_rows), "bytes": tmp["tar"].stat().st_size,
-            "sha256": sha256_file(tmp["tar"]), "inputs": inputs, "inputs_with_samples": len(ok_inputs),
+            "sha256": writer.sha256, "inputs": inputs, "inputs_with_samples": len(ok_inputs),
             "inputs_failed": len(failed_inputs), "clip_failures": len(ledger_rows) - len(failed_inputs),
             "errors_by_reason": dict(sorted(Counter(r["reason"] for r in ledger_rows).items())),
             "errors_by_stage": dict(sorted(Counter(r["stage"] for r in ledger_rows).items())),
@@ -140,9 +139,8 @@ def _ledger_row(row: dict, shard: str, attempts: int) -> dict:
 
 
 def write_parquet(rows: list[dict], columns: dict, path: Path) -> None:
-    schema = pa.schema(list(columns.items()))
-    table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows], schema=schema)
-    pq.write_table(table, path)
+    arrays = [pa.array([r.get(name) for r in rows], type=kind) for name, kind in columns.items()]
+    pq.write_table(pa.Table.from_arrays(arrays, schema=pa.schema(list(columns.items()))), path)
 
 
 def read_index(dataset: str | os.PathLike) -> pd.DataFrame:

@@ -1,0 +1,108 @@
+"""Shard writing and resharding speed, against plain tar copies of the same bytes in the same run.
+
+    python bench/shards.py [--samples 20000] [--per-shard 1000]
+
+Writing: `ShardCommitter.write` (tar + index + ledger + stats, fsync and atomic renames) on token
+samples of the SPEC's size (5×20×20 uint16 codes, a ~20-token caption, full metadata), one process.
+Resharding: `reshard` with a shuffle into new shard sizes, against (a) a member-by-member `tarfile`
+copy of the same tars and (b) a raw byte copy (`shutil.copyfile`), both in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.dataset import write_wids_index  # noqa: E402
+from pipeline.reshard import ReshardConfig, reshard  # noqa: E402
+from pipeline.shards import ShardCommitter, read_stats, write_json_atomic  # noqa: E402
+
+LAYOUT = {"frames": 5, "frame_size": 160, "tokens_h": 20, "tokens_w": 20, "text_slot": 64, "image_vocab": 20000}
+
+
+def make_rows(n: int, start: int, rng) -> list[dict]:
+    rows = []
+    for i in range(start, start + n):
+        rows.append({
+            "key": f"video{i:08d}_seq00", "status": "ok", "row_index": i, "clip_index": 0, "clips_total": 1,
+            "video_id": f"video{i:08d}", "source": f"s3://bucket/videos/{i:08d}.mp4",
+            "caption": "a red circle moves to the left across a dark background",
+            "caption_raw": "a red circle moves to the left across a dark background", "caption_flags": [],
+            "mode": "sequential", "rate": 1.0, "span": 4.0, "frame_indices": [12, 37, 62, 87, 112],
+            "timestamps": [0.5, 1.5, 2.5, 3.5, 4.5], "crop": [280.0, 0.0, 720.0, 720.0], "decoder": "decord",
+            "source_info": {"width": 1280, "height": 720, "fps": 25.0, "frames": 150, "duration": 6.0, "rotation": 0},
+            "tokenizers": {"image": {"id": "vq", "sha256": "0" * 64}, "text": {"id": "spm", "sha256": "1" * 64}},
+            "caption_tokens": 14, "caption_cut": False,
+            "vtok": rng.integers(0, 20000, size=(5, 20, 20), dtype=np.uint16),
+            "ttok": rng.integers(0, 8000, size=14, dtype=np.int32),
+        })
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--samples", type=int, default=20000)
+    ap.add_argument("--per-shard", type=int, default=1000)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    tmp = Path(tempfile.mkdtemp(prefix="clipforge-bench-"))
+    try:
+        ds = tmp / "ds"
+        committer = ShardCommitter(ds, LAYOUT)
+        shards = [make_rows(args.per_shard, s * args.per_shard, rng) for s in range(args.samples // args.per_shard)]
+        t = time.perf_counter()
+        for s, rows in enumerate(shards):
+            committer.write(s, rows, inputs=len(rows))
+        write_s = time.perf_counter() - t
+        stats = read_stats(ds)
+        total_bytes = sum(s["bytes"] for s in stats)
+        write_json_atomic(ds / "dataset.json", {"layout": LAYOUT, "tokenizers": shards[0][0]["tokenizers"],
+                                                "funnel": {"samples": args.samples}})
+        write_wids_index(ds, stats)
+
+        t = time.perf_counter()
+        report = reshard([str(ds)], str(tmp / "re"), ReshardConfig(samples_per_shard=args.per_shard * 2, shuffle_seed=1,
+                                                                   val_fraction=0.05), progress=False)
+        reshard_s = time.perf_counter() - t
+
+        tars = sorted((ds / "shards").glob("*.tar"))
+        (tmp / "tarcopy").mkdir()
+        t = time.perf_counter()
+        for tar in tars:   # member-by-member copy: read each member, write it to a new tar
+            with tarfile.open(tar) as src, tarfile.open(tmp / "tarcopy" / tar.name, "w") as dst:
+                for m in src:
+                    dst.addfile(m, src.extractfile(m))
+        tarcopy_s = time.perf_counter() - t
+        (tmp / "bytecopy").mkdir()
+        t = time.perf_counter()
+        for tar in tars:
+            shutil.copyfile(tar, tmp / "bytecopy" / tar.name)
+        bytecopy_s = time.perf_counter() - t
+
+        mb = total_bytes / 1e6
+        print(json.dumps({
+            "samples": args.samples, "bytes": total_bytes, "bytes_per_sample": round(total_bytes / args.samples),
+            "write": {"seconds": round(write_s, 3), "samples_per_s": round(args.samples / write_s),
+                      "mb_per_s": round(mb / write_s, 1)},
+            "reshard": {"seconds": round(reshard_s, 3), "samples_per_s": round(args.samples / reshard_s),
+                        "mb_per_s": round(mb / reshard_s, 1), "splits": report["splits"]},
+            "tarfile_member_copy": {"seconds": round(tarcopy_s, 3), "mb_per_s": round(mb / tarcopy_s, 1)},
+            "raw_byte_copy": {"seconds": round(bytecopy_s, 3), "mb_per_s": round(mb / bytecopy_s, 1)},
+            "reshard_vs_tarfile_copy": round(tarcopy_s / reshard_s, 3),
+            "reshard_vs_raw_copy": round(bytecopy_s / reshard_s, 3),
+        }, indent=2))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

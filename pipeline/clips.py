@@ -168,12 +168,22 @@ def crop_box(disp_w: int, disp_h: int, size: int) -> list[float]:
     return [round((disp_w - side) / 2.0, 3), round((disp_h - side) / 2.0, 3), float(side), float(side)]
 
 
-def orient_and_crop(frames: np.ndarray, rotation: int, size: int) -> np.ndarray:
-    """Rotate stored frames [T,H,W,3] for display, then centre-crop to [T,size,size,3]."""
-    # rotation is the counter-clockwise angle needed for display (PyAV/ffmpeg convention)
+def orient_for_display(frames: np.ndarray, rotation: int) -> np.ndarray:
+    """Rotate stored frames [T,H,W,3] as a viewer sees them.
+
+    `rotation` is the display matrix angle as PyAV/ffmpeg report it (counter-clockwise degrees):
+    -90 means turn the picture 90° clockwise.
+    """
     k = (rotation // 90) % 4
-    if k:
-        frames = np.rot90(frames, k=k, axes=(1, 2))
+    return np.rot90(frames, k=k, axes=(1, 2)) if k else frames
+
+
+def center_crop(frames: np.ndarray, size: int) -> np.ndarray:
     _, h, w, _ = frames.shape
     y, x = max(0, (h - size) // 2), max(0, (w - size) // 2)
     return np.ascontiguousarray(frames[:, y:y + size, x:x + size])
+
+
+def orient_and_crop(frames: np.ndarray, rotation: int, size: int) -> np.ndarray:
+    """Rotate stored frames [T,H,W,3] for display, then centre-crop to [T,size,size,3]."""
+    return center_crop(orient_for_display(frames, rotation), size)

@@ -8,12 +8,12 @@ interrupted from Python, and turns every failure into an error row.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from pipeline.clips import (ClipConfig, crop_box, display_size, orient_and_crop, plan_clips,
+from pipeline.clips import (ClipConfig, center_crop, crop_box, display_size, orient_for_display, plan_clips,
                             resize_for_short_side, sane_timestamps)
 from pipeline.isolate import IsolatedCall
 from pipeline.schema import is_ok, make_key, mark_error
@@ -62,39 +62,73 @@ def probe(path: str) -> dict:
                 "video_streams": len(streams), "frames": int(stream.frames or 0)}
 
 
+@dataclass
+class Timeline:
+    """Every frame's presentation time, from a demux pass (packets only, nothing decoded).
+
+    PyAV's pts × time base is the one clock for every decoder: decord's own timestamps are garbage on
+    some AVI/MPEG-PS files and drop the start offset on others, so they are never used.
+    """
+    raw_pts: list            # stream time-base pts of frame i, display order
+    key_index: list          # display indices of key frames
+    pts: np.ndarray          # seconds
+    frame_end: float         # when the last frame stops being shown
+
+
+def demux_timeline(path: str, stream_index: int, fps: float | None, duration: float | None) -> Timeline:
+    import av
+
+    try:
+        with av.open(path) as container:
+            stream = container.streams[stream_index]
+            tb = float(stream.time_base)
+            packets = [(p.pts, p.duration or 0, p.is_keyframe) for p in container.demux(stream) if p.pts is not None]
+    except av.error.FFmpegError as err:
+        raise DecodeFailure("decode_error", f"demux: {err}") from None
+    if not packets:
+        raise DecodeFailure("unsupported_codec", "no timed packets in the video stream")
+    packets.sort(key=lambda p: p[0])
+    raw = [p[0] for p in packets]
+    pts = np.asarray(raw, dtype=np.float64) * tb
+    last = packets[-1][1] * tb or (1.0 / fps if fps else 0.04)
+    if not sane_timestamps(pts, duration):   # no usable clock: a regular grid at the average rate
+        pts = np.arange(len(raw)) / (fps or 25.0)
+    return Timeline(raw, [i for i, p in enumerate(packets) if p[2]], pts, float(pts[-1] + last))
+
+
 def decode_video(path: str, config: ClipConfig, key: str = "", start=None, end=None) -> dict:
     """Probe, plan and read one video. Returns {"source": facts, "decoder", "clips": [plan + frames]}."""
     facts = probe(path)
     size = config.size
-    dec_w, dec_h = resize_for_short_side(facts["width"], facts["height"], facts["sar"], facts["rotation"], size)
-    readers = []
+    timeline = demux_timeline(path, facts["stream_index"], facts["fps"], facts["duration"])
+    pts = timeline.pts
+    plans = plan_clips(pts, timeline.frame_end, config, key=key, start=start, end=end, source_fps=facts["fps"])
+    if not plans:
+        raise DecodeFailure("too_short", f"{timeline.frame_end - pts[0]:.2f} s and {len(pts)} frames: too short "
+                                         f"for {config.frames} frames at any configured rate")
+    wanted = sorted({i for p in plans for i in p.frame_indices})   # sorted: decord is much faster so
+    stored_w, stored_h = resize_for_short_side(facts["width"], facts["height"], facts["sar"], facts["rotation"], size)
+    frames, reader = None, None
     if facts["video_streams"] == 1:   # decord cannot choose among several streams; PyAV can
-        readers.append(lambda: _DecordReader.open(path, dec_w, dec_h))
-    readers.append(lambda: _PyAVReader(path, facts["stream_index"], dec_w, dec_h))
-    for attempt, make_reader in enumerate(readers):
-        reader = make_reader()
-        if reader is None:
-            continue
-        pts, frame_end = reader.timestamps(facts)
-        plans = plan_clips(pts, frame_end, config, key=key, start=start, end=end, source_fps=facts["fps"])
-        if not plans:
-            raise DecodeFailure("too_short", f"{frame_end - pts[0]:.2f} s and {len(pts)} frames: too short "
-                                             f"for {config.frames} frames at any configured rate")
-        wanted = sorted({i for p in plans for i in p.frame_indices})   # sorted: decord is much faster so,
-        try:                                                             # and PyAV needs one forward pass
-            frames = reader.read(wanted)
-            break
-        except DecodeFailure:
-            if attempt == len(readers) - 1:
-                raise   # decord failed mid-file: PyAV may still read the planned frames
+        # decord applies the display rotation itself, so it is asked for the displayed size
+        quarter = facts["rotation"] % 180 != 0
+        reader = _DecordReader.open(path, *((stored_h, stored_w) if quarter else (stored_w, stored_h)))
+        if reader is not None and reader.agrees_with(pts):   # same frames, same order as the demux pass
+            try:
+                frames = reader.read(wanted)
+            except DecodeFailure:
+                frames = None   # decord failed mid-file: PyAV may still read the planned frames
+    if frames is None:
+        reader = _PyAVReader(path, facts["stream_index"], stored_w, stored_h, timeline)
+        frames = orient_for_display(reader.read(wanted), facts["rotation"])
     lookup = {idx: n for n, idx in enumerate(wanted)}
     disp_w, disp_h = display_size(facts["width"], facts["height"], facts["sar"], facts["rotation"])
     box = crop_box(disp_w, disp_h, size)
     clips = []
     for plan in plans:
-        clip = orient_and_crop(frames[[lookup[i] for i in plan.frame_indices]], facts["rotation"], size)
+        clip = center_crop(frames[[lookup[i] for i in plan.frame_indices]], size)
         clips.append({**plan.as_dict(), "crop": box, "frames": clip})
-    facts.update(frames=len(pts), duration=facts["duration"] or float(frame_end - pts[0]))
+    facts.update(frames=len(pts), duration=facts["duration"] or float(timeline.frame_end - pts[0]))
     return {"source": facts, "decoder": reader.name, "clips": clips, "frames_decoded": reader.frames_decoded}
 
 
@@ -119,14 +153,17 @@ class _DecordReader:
         except Exception:   # decord raises its own untyped errors; PyAV gets a second chance
             return None
 
-    def timestamps(self, facts: dict) -> tuple[np.ndarray, float]:
-        ts = np.asarray(self.vr.get_frame_timestamp(np.arange(len(self.vr))), dtype=np.float64)
-        pts, ends = ts[:, 0], ts[:, 1]
-        if sane_timestamps(pts, facts["duration"]):
-            return pts, float(max(ends[-1], pts[-1]))
-        fps = facts["fps"] or float(self.vr.get_avg_fps()) or 25.0   # garbage times: use a regular grid
-        grid = np.arange(len(self.vr)) / fps
-        return grid, float(len(self.vr) / fps)
+    def agrees_with(self, pts: np.ndarray) -> bool:
+        """decord indexes frames its own way; on some files (MPEG-PS with B-frames) its order is not the
+        presentation order, and its timestamps are garbage there. Trust its indices only when its
+        timestamps match the demux pass frame for frame (up to the start offset it drops)."""
+        if len(self.vr) != len(pts):
+            return False
+        ts = np.asarray(self.vr.get_frame_timestamp(np.arange(len(self.vr))), dtype=np.float64)[:, 0]
+        if not np.all(np.isfinite(ts)):
+            return False
+        step = np.median(np.diff(pts)) if len(pts) > 1 else 0.04
+        return bool(np.max(np.abs((ts - ts[0]) - (pts - pts[0]))) <= max(0.25 * step, 2e-3))
 
     def read(self, indices: list[int]) -> np.ndarray:
         try:
@@ -138,36 +175,15 @@ class _DecordReader:
 
 
 class _PyAVReader:
-    """PyAV decoding for what decord cannot open. A demux pass gives every frame's pts and the key
-    frames; reading then seeks to the key frame before each planned frame and decodes forward, so the
-    frames decoded stay close to the minimum the GOP structure allows (`frames_decoded` counts them)."""
+    """PyAV decoding for what decord cannot open. Reading seeks to the key frame before each planned
+    frame and decodes forward, so the frames decoded stay close to the minimum the GOP structure
+    allows (`frames_decoded` counts them)."""
     name = "pyav"
 
-    def __init__(self, path: str, stream_index: int, width: int, height: int):
+    def __init__(self, path: str, stream_index: int, width: int, height: int, timeline: Timeline):
         self.path, self.stream_index, self.width, self.height = path, stream_index, width, height
         self.frames_decoded = 0
-        self.raw_pts: list[int] = []     # stream time-base pts of frame i (display order)
-        self.key_index: list[int] = []   # display indices of key frames
-
-    def timestamps(self, facts: dict) -> tuple[np.ndarray, float]:
-        """Presentation times from a demux pass (no decoding): sorted packet pts."""
-        import av
-
-        try:
-            with av.open(self.path) as container:
-                stream = container.streams[self.stream_index]
-                tb = float(stream.time_base)
-                packets = [(p.pts, p.duration or 0, p.is_keyframe) for p in container.demux(stream) if p.pts is not None]
-        except av.error.FFmpegError as err:
-            raise DecodeFailure("decode_error", f"demux: {err}") from None
-        if not packets:
-            raise DecodeFailure("unsupported_codec", "no timed packets in the video stream")
-        packets.sort(key=lambda p: p[0])
-        self.raw_pts = [p[0] for p in packets]
-        self.key_index = [i for i, p in enumerate(packets) if p[2]]
-        pts_arr = np.asarray(self.raw_pts, dtype=np.float64) * tb
-        last = packets[-1][1] * tb or (1.0 / facts["fps"] if facts["fps"] else 0.04)
-        return pts_arr, float(pts_arr[-1] + last)
+        self.raw_pts, self.key_index = timeline.raw_pts, timeline.key_index
 
     def read(self, indices: list[int]) -> np.ndarray:
         import av

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.clips import ClipConfig  # noqa: E402
-from pipeline.decode import DecodeFailure, _PyAVReader, decode_video, probe  # noqa: E402
+from pipeline.decode import DecodeFailure, _PyAVReader, decode_video, demux_timeline, probe  # noqa: E402
 
 VIDEO_EXT = {".mp4", ".mkv", ".mov", ".webm", ".avi", ".ogg", ".mpg", ".mpeg", ".flv"}
 
@@ -65,9 +65,9 @@ def amplification(files, config):
         try:
             facts = probe(str(f))
             w, h = resize_for_short_side(facts["width"], facts["height"], facts["sar"], facts["rotation"], config.size)
-            reader = _PyAVReader(str(f), facts["stream_index"], w, h)
-            pts, end = reader.timestamps(facts)
-            plans = plan_clips(pts, end, config, key=f.stem, source_fps=facts["fps"])
+            timeline = demux_timeline(str(f), facts["stream_index"], facts["fps"], facts["duration"])
+            reader = _PyAVReader(str(f), facts["stream_index"], w, h, timeline)
+            plans = plan_clips(timeline.pts, timeline.frame_end, config, key=f.stem, source_fps=facts["fps"])
             wanted = sorted({i for p in plans for i in p.frame_indices})
             if not wanted:
                 continue

@@ -53,3 +53,12 @@ def test_config_file_supplies_flags(tmp_path, corpus):
     yaml_cfg.write_text("no_such_flag: 1\n")
     res = run("clips", video, "--config", str(yaml_cfg))
     assert res.returncode == 2 and "no_such_flag" in res.stderr
+
+
+def test_estimate_runs_a_pilot(corpus, image_tokenizer, text_tokenizer):
+    res = run("estimate", str(corpus), "--sample", "4", "--size", "64", "--image-tokenizer", str(image_tokenizer),
+              "--text-tokenizer", str(text_tokenizer), "--workers", "8")
+    assert res.returncode == 0, res.stderr
+    est = json.loads(res.stdout)
+    assert est["inputs"] == 10 and est["pilot_inputs"] == 4
+    assert est["wall_hours"] > 0 and est["expected_samples"] >= 0 and est["expected_bytes"] is not None

@@ -137,8 +137,25 @@ def test_bad_filter_is_a_clear_error(reference, tmp_path):
         reshard([str(reference)], str(tmp_path / "f"), ReshardConfig(filter="no_such_column >"), progress=False)
 
 
-def test_readers_wids_and_plain_tar(reference):
+@pytest.fixture(scope="module")
+def resharded(reference, tmp_path_factory):
+    out = tmp_path_factory.mktemp("resharded") / "ds"
+    reshard([str(reference)], str(out), ReshardConfig(samples_per_shard=4, shuffle_seed=3), progress=False)
+    return out
+
+
+@pytest.fixture(params=["built", "resharded"])
+def dataset(request, reference, resharded):
+    return reference if request.param == "built" else resharded
+
+
+def test_readers_webdataset_wids_and_plain_tar(dataset):
     import wids
+    reference = dataset
+    tars = sorted(map(str, (reference / "shards").glob("*.tar")))
+    samples = [decode_sample(s) for s in wds.WebDataset(tars, shardshuffle=False, empty_check=False)]
+    assert sorted(s["key"] for s in samples) == sorted(read_index(reference).key)
+    assert all(s["vtok"].shape == (5, 8, 8) for s in samples)
     listing = json.loads((reference / "wids" / "train.json").read_text())
     shards = [{"url": str((reference / "wids" / e["url"]).resolve()), "nsamples": e["nsamples"]}
               for e in listing["shardlist"]]
@@ -157,12 +174,12 @@ def test_readers_wids_and_plain_tar(reference):
 
 
 @pytest.mark.ray
-def test_ray_data_reads_the_shards(reference):
+def test_ray_data_reads_the_shards(dataset):
     import ray
     ray.init(ignore_reinit_error=True, include_dashboard=False, num_cpus=2)
     # shards/ also holds the per-shard stats JSON: read the tars only
-    ds = ray.data.read_webdataset(str(reference / "shards"), decoder=None, file_extensions=["tar"])
-    assert ds.count() == len(read_index(reference))
+    ds = ray.data.read_webdataset(str(dataset / "shards"), decoder=None, file_extensions=["tar"])
+    assert ds.count() == len(read_index(dataset))
 
 
 def _tar_with(members):

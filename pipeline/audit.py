@@ -18,12 +18,12 @@ connected components; a cluster's id is its first-seen member's row number.
 from __future__ import annotations
 
 import hashlib
-import heapq
 import itertools
 import json
 import os
 import re
 import struct
+import sys
 import tempfile
 import time
 import unicodedata
@@ -36,7 +36,7 @@ import pandas as pd
 
 from pipeline.captions import (CAPTION_COLUMNS, FLAGS, CleanConfig, _as_text, caption_column, clean_caption,
                                iter_table, table_format)
-from pipeline.langid import _STOPWORDS, detect_language, detect_script
+from pipeline.langid import _STOPWORDS, script_and_language
 
 ID_COLUMNS = ("key", "id", "video_id", "videoid", "vid_key", "video")
 SPAN_FOR_ROOM = 16.0   # the longest span prefix ("16.0 s") bounds the room left for the caption
@@ -47,6 +47,7 @@ EXAMPLES = 3
 _CJK_CHARS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
 _DEDUP_TOKEN_RE = re.compile(rf"[{_CJK_CHARS}]|[^\W_{_CJK_CHARS}]+")
 _PROXY_TOKEN_RE = re.compile(rf"[{_CJK_CHARS}]|[^\W_{_CJK_CHARS}]+|[^\w\s]")
+_ASCII_WORD_SPACE = bytes(c for c in range(128) if chr(c).isalnum() or chr(c).isspace() or c == 95)
 _STOP = frozenset(w for words in _STOPWORDS.values() for w in words.split())
 _M32, _M64 = np.uint32(0xFFFFFFFF), np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -105,21 +106,20 @@ class MinHasher:
         self.bands, self.rows = _optimal_param(config.threshold, config.num_perm, 0.5, 0.5)
         self._cache: dict[str, int] = {}
 
-    def _token_hash(self, token: str) -> int:
-        h = self._cache.get(token)
-        if h is None:
-            if len(self._cache) > 2_000_000:
-                self._cache.clear()
-            h = struct.unpack("<I", hashlib.sha1(token.encode("utf-8")).digest()[:4])[0]
-            self._cache[token] = h
-        return h
+    def _token_hashes(self, tokens: list[str]) -> np.ndarray:
+        """datasketch's sha1_hash32 of each token, memoized (a corpus has far fewer words than tokens)."""
+        cache = self._cache
+        if len(cache) > 2_000_000:
+            cache.clear()
+        for w in {w for w in set(tokens) if w not in cache}:
+            cache[w] = struct.unpack("<I", hashlib.sha1(w.encode("utf-8")).digest()[:4])[0]
+        return np.fromiter(map(cache.__getitem__, tokens), dtype=np.uint32, count=len(tokens))
 
     def shingles(self, tokens_list: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
         """(shingle hashes uint32, owner index per shingle, sorted) for a list of token lists."""
         n = self.config.ngram
         lens = np.fromiter((len(t) for t in tokens_list), dtype=np.int64, count=len(tokens_list))
-        flat = np.fromiter((self._token_hash(w) for t in tokens_list for w in t), dtype=np.uint32,
-                           count=int(lens.sum()))
+        flat = self._token_hashes([w for t in tokens_list for w in t])
         owner = np.repeat(np.arange(len(tokens_list)), lens)
         pos = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)
         # captions with >= n tokens: every n-gram; shorter ones: one shingle of all their tokens
@@ -138,13 +138,17 @@ class MinHasher:
         sig = np.full((m, p), _M32, dtype=np.uint32)
         h, owner = self.shingles(tokens_list)
         h = _fmix32(h)
-        step = max(1, (1 << 22) // p)  # bound the [shingles, num_perm] temporary to ~16 MB
+        step = max(1, (1 << 16) // p)  # [step, num_perm] uint32 = 256 kB: stays in cache
+        buf = np.empty((step, p), dtype=np.uint32)
         i = 0
         while i < len(h):
             j = min(len(h), i + step)
-            while j < len(h) and owner[j] == owner[j - 1]:
-                j += 1  # never split one caption's shingles
-            phv = h[i:j, None] * self.a[None, :] + self.b[None, :]  # (S, P), uint32 wrap-around
+            if j < len(h) and owner[j] == owner[j - 1]:  # never split one caption's shingles
+                start = int(np.searchsorted(owner, owner[j], side="left"))
+                j = start if start > i else int(np.searchsorted(owner, owner[j], side="right"))
+            phv = buf[:j - i] if j - i <= step else np.empty((j - i, p), dtype=np.uint32)
+            np.multiply(h[i:j, None], self.a[None, :], out=phv)  # uint32 wrap-around, as datasketch
+            np.add(phv, self.b[None, :], out=phv)
             first = np.flatnonzero(np.r_[True, owner[i + 1:j] != owner[i:j - 1]])
             sig[owner[i:j][first]] = np.minimum.reduceat(phv, first, axis=0)
             i = j
@@ -165,6 +169,8 @@ class MinHasher:
 
 def _run_edges(values: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Edges (member, first member) within runs of equal `values`, first = lowest index."""
+    if not len(values):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     order = np.lexsort((index, values))
     v, idx = values[order], index[order]
     new_run = np.r_[True, v[1:] != v[:-1]]
@@ -173,12 +179,13 @@ def _run_edges(values: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.nd
     return idx[keep], first[keep]
 
 
-def candidate_pairs(bands: np.ndarray, has: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """LSH candidates: (u, v) with v < u sharing at least one band (MinHashLSH's rule), deduplicated."""
+def candidate_pairs(bands, has: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """LSH candidates: (u, v) with v < u sharing at least one band (MinHashLSH's rule), deduplicated.
+    `bands` is an [n, b] array or a `_SigStore` (one band column in memory at a time)."""
     index = np.flatnonzero(has)
     us, vs = [], []
     for k in range(bands.shape[1]):
-        u, v = _run_edges(np.asarray(bands[index, k]), index)
+        u, v = _run_edges(bands.column(k)[index] if isinstance(bands, _SigStore) else bands[index, k], index)
         us.append(u)
         vs.append(v)
     u = np.concatenate(us) if us else np.zeros(0, np.int64)
@@ -206,16 +213,53 @@ def components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return labels
 
 
+class _SigStore:
+    """Signatures and band hashes on disk: row-major signatures, one file per band column. Read with
+    plain file I/O, never mmap, so that only what is being used counts against memory."""
+
+    def __init__(self, folder: Path, num_perm: int, bands: int):
+        self.folder, self.p, self.shape = folder, num_perm, (0, bands)
+        self.sig = open(folder / "sig.u32", "wb")
+        self.band = [open(folder / f"band-{k}.u64", "wb") for k in range(bands)]
+
+    def append(self, sig: np.ndarray, bands: np.ndarray) -> None:
+        self.sig.write(sig.tobytes())
+        for k, f in enumerate(self.band):
+            f.write(np.ascontiguousarray(bands[:, k]).tobytes())
+        self.shape = (self.shape[0] + len(sig), self.shape[1])
+
+    def close(self) -> None:
+        for f in [self.sig, *self.band]:
+            f.close()
+
+    def column(self, k: int) -> np.ndarray:
+        return np.fromfile(self.folder / f"band-{k}.u64", dtype=np.uint64)
+
+    def take(self, rows: np.ndarray, block: int = 1 << 16) -> np.ndarray:
+        """Signatures of the sorted unique `rows`, reading the file in sequential blocks."""
+        out = np.empty((len(rows), self.p), dtype=np.uint32)
+        with open(self.folder / "sig.u32", "rb") as f:
+            for start in range(0, self.shape[0], block):
+                lo, hi = np.searchsorted(rows, [start, start + block])
+                if lo < hi:
+                    f.seek(start * self.p * 4)
+                    chunk = np.fromfile(f, dtype=np.uint32, count=min(block, self.shape[0] - start) * self.p)
+                    out[lo:hi] = chunk.reshape(-1, self.p)[rows[lo:hi] - start]
+        return out
+
+
 def find_duplicates(sig, bands, has, exact, config: DedupConfig) -> dict[str, np.ndarray]:
-    """Per-row duplicate columns from signatures [n, P], bands [n, b], has [n] and exact hashes [n]."""
+    """Per-row duplicate columns from signatures [n, P] and bands [n, b] (arrays, or one `_SigStore`
+    for both), has [n] and exact hashes [n]."""
     n = len(has)
     u, v = candidate_pairs(bands, has)
     if config.verify and len(u):
-        same = np.empty(len(u), dtype=np.float64)
-        for i in range(0, len(u), 65536):  # gather in blocks: the signatures may be a disk memmap
-            a, b = np.asarray(sig[u[i:i + 65536]]), np.asarray(sig[v[i:i + 65536]])
-            same[i:i + 65536] = (a == b).mean(axis=1)
-        ok = same >= config.threshold
+        check = exact[u] != exact[v]  # exact duplicates need no verification
+        rows = np.unique(np.r_[u[check], v[check]])
+        sigs = sig.take(rows) if isinstance(sig, _SigStore) else sig[rows]
+        same = (sigs[np.searchsorted(rows, u[check])] == sigs[np.searchsorted(rows, v[check])]).mean(axis=1)
+        ok = np.ones(len(u), dtype=bool)
+        ok[check] = same >= config.threshold
         u, v = u[ok], v[ok]
     eu, ev = _run_edges(exact[has], np.flatnonzero(has))  # exact duplicates always join
     labels = components(n, np.r_[u, eu], np.r_[v, ev])
@@ -242,25 +286,21 @@ class _Lengths:
     def __init__(self):
         self.counts = np.zeros(HIST_CAP, dtype=np.int64)
         self.over: list[int] = []
-        self.n = 0
-        self.total = 0
+        self.n = self.total = 0
 
     def add(self, values: np.ndarray) -> None:
         values = np.asarray(values, dtype=np.int64)
-        small = values[values < HIST_CAP]
-        self.counts += np.bincount(small, minlength=HIST_CAP)
+        self.counts += np.bincount(values[values < HIST_CAP], minlength=HIST_CAP)
         self.over.extend(values[values >= HIST_CAP].tolist())
         self.n += len(values)
         self.total += int(values.sum())
 
     def _order_stat(self, k: int) -> int:
         cum = np.cumsum(self.counts)
-        if k < cum[-1]:
-            return int(np.searchsorted(cum, k, side="right"))
-        return sorted(self.over)[k - int(cum[-1])]
+        return int(np.searchsorted(cum, k, side="right")) if k < cum[-1] else sorted(self.over)[k - int(cum[-1])]
 
     def quantile(self, q: float) -> float:
-        """Same as numpy/pandas' default (linear interpolation between order statistics)."""
+        """As numpy's and pandas' default: linear interpolation between order statistics."""
         pos = (self.n - 1) * q
         lo, hi = int(np.floor(pos)), int(np.ceil(pos))
         a, b = self._order_stat(lo), self._order_stat(hi)
@@ -269,62 +309,134 @@ class _Lengths:
     def stats(self) -> dict:
         if not self.n:
             return {"mean": 0.0, "min": 0, "p50": 0.0, "p90": 0.0, "p95": 0.0, "p99": 0.0, "max": 0}
-        out = {"mean": self.total / self.n, "min": int(self._order_stat(0))}
+        out = {"mean": self.total / self.n, "min": self._order_stat(0)}
         out.update({f"p{int(q * 100)}": self.quantile(q) for q in (0.5, 0.9, 0.95, 0.99)})
-        out["max"] = int(self._order_stat(self.n - 1))
-        return out
+        return {**out, "max": self._order_stat(self.n - 1)}
 
     def histogram(self, bins: int = 60) -> dict:
-        top = int(self._order_stat(self.n - 1)) if self.n else 0
-        width = max(1, int(np.ceil((top + 1) / bins)))
-        counts = np.bincount(np.arange(HIST_CAP) // width, weights=self.counts).astype(np.int64)
-        over = Counter(v // width for v in self.over)
+        top = self._order_stat(self.n - 1) if self.n else 0
+        width = max(1, -(-(top + 1) // bins))
         full = np.zeros(top // width + 1, dtype=np.int64)
-        k = min(len(full), len(counts))
-        full[:k] = counts[:k]
-        for b_, c in over.items():
-            full[b_] += c
+        small = np.bincount(np.arange(HIST_CAP) // width, weights=self.counts).astype(np.int64)
+        k = min(len(full), len(small))
+        full[:k] = small[:k]
+        for v in self.over:
+            full[v // width] += 1
         return {"width": width, "counts": full.tolist()}
 
 
+def _count_ngrams(tokens_list: list[list[str]], prune: bool = False) -> tuple[dict[int, Counter], bool]:
+    """Counts in C; stopwords are dropped when reporting. With `prune`, a slice with a big vocabulary
+    keeps only n-grams seen twice: merging counters is a Python loop, and a gram seen once in 25,000
+    captions is not a corpus-wide top gram."""
+    chain = itertools.chain.from_iterable
+    out = {1: Counter(chain(zip(t) for t in tokens_list)), 2: Counter(chain(zip(t, t[1:]) for t in tokens_list)),
+           3: Counter(chain(zip(t, t[1:], t[2:]) for t in tokens_list))}
+    pruned = False
+    for n, c in out.items():
+        if prune and len(c) > NGRAM_PRUNE:
+            out[n], pruned = Counter({g: k for g, k in c.items() if k > 1}), True
+    return out, pruned
+
+
 class _Ngrams:
-    """Top word (or CJK character) n-grams; exact until the vocabulary outgrows `limit` entries."""
+    """Top word n-grams (CJK: character n-grams) of the first NGRAM_ALL_ROWS captions and every
+    NGRAM_STRIDE-th after; exact unless a slice was pruned or a vocabulary outgrew `limit` (then cut
+    to its heaviest half)."""
 
-    def __init__(self, limit: int = 400_000):
-        self.counters = {1: Counter(), 2: Counter(), 3: Counter()}
-        self.limit = limit
-        self.exact = True
+    def __init__(self, limit: int = 100_000):
+        self.counters: dict[int, Counter] = {1: Counter(), 2: Counter(), 3: Counter()}
+        self.limit, self.exact, self.rows = limit, True, 0
 
-    def add(self, tokens_list: list[list[str]]) -> None:
-        chain = itertools.chain.from_iterable
-        self.counters[1].update(chain(((w,) for w in t if w not in _STOP and (len(w) > 1 or not w.isascii()))
-                                      for t in tokens_list))
-        self.counters[2].update(chain(zip(t, t[1:]) for t in tokens_list))
-        self.counters[3].update(chain(zip(t, t[1:], t[2:]) for t in tokens_list))
-        for n, c in self.counters.items():
-            if len(c) > self.limit:  # keep the heaviest half: an approximate top-k from here on
-                self.counters[n] = Counter(dict(heapq.nlargest(self.limit // 2, c.items(), key=lambda kv: kv[1])))
+    def add(self, counters: dict[int, Counter], pruned: bool, rows: int) -> None:
+        self.rows += rows
+        self.exact &= not pruned
+        for n, c in counters.items():
+            self.counters[n].update(c)
+            if len(self.counters[n]) > self.limit:
+                self.counters[n] = Counter(dict(self.counters[n].most_common(self.limit // 2)))
                 self.exact = False
 
     def top(self, k: int = 25) -> dict:
         def text(gram):
-            return "".join(w if (i == 0 or _is_cjk(w) and _is_cjk(gram[i - 1])) else " " + w
+            return "".join(w if i == 0 or (_is_cjk(w) and _is_cjk(gram[i - 1])) else " " + w
                            for i, w in enumerate(gram))
-        return {str(n): [[text(g), c] for g, c in sorted(cnt.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
-                for n, cnt in self.counters.items()}
+        def keep(gram):  # unigrams: no stopwords, no single Latin letters
+            return len(gram) > 1 or gram[0] not in _STOP and (len(gram[0]) > 1 or not gram[0].isascii())
+        out = {}
+        for n, cnt in self.counters.items():
+            best = [(g, c) for g, c in cnt.most_common(k + (len(_STOP) + 40 if n == 1 else 0)) if keep(g)]
+            out[str(n)] = [[text(g), c] for g, c in sorted(best, key=lambda kv: (-kv[1], kv[0]))[:k]]
+        return out
 
 
 def _is_cjk(token: str) -> bool:
     return len(token) == 1 and re.match(rf"[{_CJK_CHARS}]", token) is not None
 
 
-def _stats_table(values: dict) -> dict:
-    return dict(sorted(values.items(), key=lambda kv: (-kv[1], kv[0])))
+def _by_count(counter: Counter) -> dict:
+    return dict(sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+# ---------------------------------------------------------------------------------------- one slice
+SLICE_ROWS = 25_000          # rows per unit of work (and per temporary part file)
+NGRAM_ALL_ROWS, NGRAM_STRIDE, NGRAM_PRUNE = 100_000, 10, 20_000
+_STATE: dict = {}
+
+
+def _audit_slice(task: dict) -> dict:
+    """Clean and measure one slice of captions; return its part of captions.parquet, arrays and counters.
+    Runs in the calling process or in a forked worker (pure Python and numpy: Arrow stays in the parent)."""
+    key = (task["dedup"], task["tokenizer"])
+    if key not in _STATE:
+        from tokenizer.text import TextTokenizer
+        _STATE.clear()
+        _STATE[key] = (MinHasher(task["dedup"]), TextTokenizer(task["tokenizer"]) if task["tokenizer"] else None)
+    hasher, tok = _STATE[key]
+    raw, row0, room = task["raw"], task["row0"], task["room"]
+    m = len(raw)
+    results = [clean_caption(x, task["config"]) for x in raw]
+    clean, flags = [c for c, _ in results], [f for _, f in results]
+    empty = np.fromiter((("empty" in f or "too_short" in f) for f in flags), dtype=bool, count=m)
+    tokens = [dedup_tokens(c) if not e else [] for c, e in zip(clean, empty)]
+    if tok is not None:
+        ntok = np.fromiter(map(len, tok.sp.encode(clean, out_type=int) if m else []), np.int64, count=m)
+    else:  # = proxy_tokens(c); for ASCII, from the dedup tokens plus a C-speed punctuation count
+        ntok = np.fromiter((len(t) + len(c.encode().translate(None, _ASCII_WORD_SPACE)) if c.isascii() and t
+                            else proxy_tokens(c) for c, t in zip(clean, tokens)), np.int64, count=m)
+    cut = (ntok > room) & ~empty
+    script, lang = zip(*map(script_and_language, clean)) if m else ((), ())
+    sig, has = hasher.signatures(tokens)
+    exact = np.fromiter((int.from_bytes(hashlib.blake2b(" ".join(t).encode("utf-8"), digest_size=8).digest(),
+                                        "little") for t in tokens), np.uint64, count=m)
+    part = pd.DataFrame({
+        "row": np.arange(row0, row0 + m, dtype=np.int64), "id": task["ids"] or [None] * m,
+        "caption_raw": raw, "caption": clean, "caption_flags": flags,
+        "chars_raw": np.fromiter(map(len, raw), np.int64, count=m),
+        "chars": np.fromiter(map(len, clean), np.int64, count=m),
+        "words": [len(c.split()) for c in clean], "tokens": ntok, "cut": cut,
+        "script": list(script), "language": list(lang), "empty": empty})
+    sampled = [t for i, t in enumerate(tokens, row0) if i < NGRAM_ALL_ROWS or i % NGRAM_STRIDE == 0]
+    examples: dict[str, list] = {}
+    for r, c, fl in zip(raw, clean, flags):
+        for f in fl:
+            ex = examples.setdefault(f, [])
+            if len(ex) < EXAMPLES and all(e["raw"] != r for e in ex):
+                ex.append({"raw": r[:600], "clean": c[:600]})
+    return {"rows": m, "part": part, "sig": sig, "bands": hasher.band_hashes(sig), "exact": exact, "has": has,
+            "lengths": {"chars_raw": part["chars_raw"].to_numpy(), "chars": part["chars"].to_numpy(), "tokens": ntok},
+            "counts": Counter(rows=m, empty=int(empty.sum()), cut=int(cut.sum()),
+                              changed=sum(c != r for c, r in zip(clean, raw))),
+            "flags": Counter(f for fl in flags for f in fl), "scripts": Counter(script), "languages": Counter(lang),
+            "ngrams": _count_ngrams(sampled, prune=True), "ngram_rows": len(sampled), "examples": examples,
+            "cut_examples": [{"caption": clean[i][:600], "tokens": int(ntok[i])}
+                             for i in np.flatnonzero(cut)[:EXAMPLES]]}
 
 
 # -------------------------------------------------------------------------------------------- audit
 def audit(in_path, out_dir, text_tokenizer_path=None, slot: int = 64, chunk_rows: int = 200_000,
-          config: CleanConfig = CleanConfig(), dedup: DedupConfig = DedupConfig(), caption_col=None) -> dict:
+          config: CleanConfig = CleanConfig(), dedup: DedupConfig = DedupConfig(), caption_col=None,
+          workers: int | None = None) -> dict:
     """Audit the captions of a manifest file or a dataset directory; write captions.parquet,
     summary.json and report.html into `out_dir`; return the summary.
 
@@ -332,7 +444,9 @@ def audit(in_path, out_dir, text_tokenizer_path=None, slot: int = 64, chunk_rows
     or a built dataset), else from the caption column (`caption`, or an alias such as WebVid's `name`).
     Token lengths use the sentencepiece model at `text_tokenizer_path`; without one, a proxy (one token
     per word, CJK character and punctuation mark). A caption is *cut* when its tokens exceed the room
-    the slot leaves after the longest span prefix ("16.0 s" + separator).
+    the slot leaves after the longest span prefix ("16.0 s" + separator). Slices of SLICE_ROWS rows are
+    processed by `workers` forked processes on Linux (default: the CPU count, at most 8; 1 = in this
+    process), at most 2 per worker in flight, so memory stays bounded whatever the input size.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -343,120 +457,101 @@ def audit(in_path, out_dir, text_tokenizer_path=None, slot: int = 64, chunk_rows
     in_path, out_dir = Path(in_path), Path(out_dir)
     kind = "dataset" if table_format(in_path) == "dataset" else "manifest"
     out_dir.mkdir(parents=True, exist_ok=True)
+    tok_path = str(Path(text_tokenizer_path).resolve()) if text_tokenizer_path else None
     tok = None
-    if text_tokenizer_path:
+    if tok_path:
         from tokenizer.text import TextTokenizer
-        tok = TextTokenizer(text_tokenizer_path)
-        room = slot - len(tok.span_prefix(SPAN_FOR_ROOM))
-    else:
-        room = slot - PROXY_PREFIX
+        tok = TextTokenizer(tok_path)
+    room = slot - len(tok.span_prefix(SPAN_FOR_ROOM)) if tok else slot - PROXY_PREFIX
+    workers = workers or min(os.cpu_count() or 1, 8)
     hasher = MinHasher(dedup)
     lengths = {"chars_raw": _Lengths(), "chars": _Lengths(), "tokens": _Lengths()}
-    flags, scripts, languages = Counter(), Counter(), Counter()
-    ngrams = _Ngrams()
-    examples: dict[str, list] = {f: [] for f in FLAGS}
-    cut_examples: list = []
-    counts = Counter()
+    counts, flags, scripts, languages = Counter(), Counter(), Counter(), Counter()
+    ngrams, examples, cut_examples = _Ngrams(), {}, []
     meta = {"caption_column": caption_col, "id_column": None}
     exact_parts, has_parts, parts = [], [], []
     wanted = set(CAPTION_COLUMNS) | set(ID_COLUMNS) | ({caption_col} if caption_col else set())
 
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".audit-") as tmp:
         tmp = Path(tmp)
-        sig_file, band_file = open(tmp / "sig.u32", "wb"), open(tmp / "bands.u64", "wb")
-        row0 = 0
-        for df in iter_table(in_path, chunk_rows, columns=wanted):
-            col = caption_col or caption_column(df.columns)
-            id_col = next((c for c in ID_COLUMNS if c in df.columns and c != col), None)
-            meta.update(caption_column=col, id_column=id_col)
-            raw = [_as_text(x) for x in (df["caption_raw"] if "caption_raw" in df.columns else df[col])]
-            results = [clean_caption(x, config) for x in raw]
-            clean = [c for c, _ in results]
-            fl = [f for _, f in results]
-            m = len(clean)
-            empty = np.fromiter((("empty" in f or "too_short" in f) for f in fl), dtype=bool, count=m)
-            if tok is not None:
-                ntok = np.fromiter((len(ids) for ids in tok.sp.encode(clean, out_type=int)), np.int64, count=m)
-            else:
-                ntok = np.fromiter((proxy_tokens(c) for c in clean), np.int64, count=m)
-            cut = (ntok > room) & ~empty
-            chars_raw = np.fromiter((len(r) for r in raw), np.int64, count=m)
-            chars = np.fromiter((len(c) for c in clean), np.int64, count=m)
-            script = [detect_script(c) for c in clean]
-            lang = [detect_language(c) for c in clean]
-            tokens = [dedup_tokens(c) if not e else [] for c, e in zip(clean, empty)]
-            sig, has = hasher.signatures(tokens)
-            exact = np.fromiter((int.from_bytes(hashlib.blake2b(" ".join(t).encode("utf-8"), digest_size=8)
-                                                .digest(), "little") for t in tokens), np.uint64, count=m)
-            sig_file.write(sig.tobytes())
-            band_file.write(hasher.band_hashes(sig).tobytes())
-            exact_parts.append(exact)
-            has_parts.append(has)
-            part = pd.DataFrame({
-                "row": np.arange(row0, row0 + m, dtype=np.int64),
-                "id": [None if pd.isna(x) else str(x) for x in df[id_col]] if id_col else [None] * m,
-                "caption_raw": raw, "caption": clean, "caption_flags": fl,
-                "chars_raw": chars_raw, "chars": chars, "words": [len(c.split()) for c in clean],
-                "tokens": ntok, "cut": cut, "script": script, "language": lang, "empty": empty})
-            parts.append(tmp / f"part-{len(parts):05d}.parquet")
-            part.to_parquet(parts[-1], index=False)
-            # summary accumulators
-            for key, values in (("chars_raw", chars_raw), ("chars", chars), ("tokens", ntok)):
-                lengths[key].add(values)
-            counts.update(rows=m, empty=int(empty.sum()), cut=int(cut.sum()),
-                          changed=sum(c != r for c, r in zip(clean, raw)))
-            flags.update(f for row_flags in fl for f in row_flags)
-            scripts.update(script)
-            languages.update(lang)
-            ngrams.add(tokens)
-            for r, c, row_flags in zip(raw, clean, fl):
-                for f in row_flags:
-                    if len(examples[f]) < EXAMPLES and all(e["raw"] != r for e in examples[f]):
-                        examples[f].append({"raw": r[:600], "clean": c[:600]})
-            for i in np.flatnonzero(cut)[:EXAMPLES - len(cut_examples)]:
-                cut_examples.append({"caption": clean[i][:600], "tokens": int(ntok[i])})
-            row0 += m
-        sig_file.close()
-        band_file.close()
+        store = _SigStore(tmp, dedup.num_perm, hasher.bands)
+
+        def merge(res: dict) -> None:
+            parts.append(tmp / f"part-{len(parts):06d}.arrow")
+            res["part"].to_feather(parts[-1], compression="uncompressed")  # temporary: fastest to write
+            store.append(res["sig"], res["bands"])
+            exact_parts.append(res["exact"])
+            has_parts.append(res["has"])
+            for k, v in res["lengths"].items():
+                lengths[k].add(v)
+            counts.update(res["counts"])
+            flags.update(res["flags"])
+            scripts.update(res["scripts"])
+            languages.update(res["languages"])
+            ngrams.add(*res["ngrams"], res["ngram_rows"])
+            for f, ex in res["examples"].items():
+                mine = examples.setdefault(f, [])
+                mine += [e for e in ex if all(e["raw"] != x["raw"] for x in mine)][:EXAMPLES - len(mine)]
+            cut_examples.extend(res["cut_examples"][:EXAMPLES - len(cut_examples)])
+
+        pool, pending, row0 = None, [], 0
+        try:
+            for df in iter_table(in_path, chunk_rows, columns=wanted):
+                col = caption_col or caption_column(df.columns)
+                id_col = next((c for c in ID_COLUMNS if c in df.columns and c != col), None)
+                meta.update(caption_column=col, id_column=id_col)
+                raw_col = df["caption_raw"] if "caption_raw" in df.columns else df[col]
+                for start in range(0, len(df), SLICE_ROWS):
+                    stop = min(len(df), start + SLICE_ROWS)
+                    ids = None
+                    if id_col:
+                        ids = [x if type(x) is str else None if pd.isna(x) else str(x)
+                               for x in df[id_col].iloc[start:stop].tolist()]
+                    raw = [x if type(x) is str else _as_text(x) for x in raw_col.iloc[start:stop].tolist()]
+                    task = {"raw": raw, "ids": ids, "row0": row0,
+                            "config": config, "dedup": dedup, "tokenizer": tok_path, "room": room}
+                    row0 += stop - start
+                    if workers > 1 and pool is None and row0 > 2 * SLICE_ROWS and sys.platform == "linux":
+                        # fork: no __main__ guard needed by callers, and workers start at once
+                        import multiprocessing
+                        from concurrent.futures import ProcessPoolExecutor
+                        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+                    if pool is None:
+                        merge(_audit_slice(task))
+                        continue
+                    pending.append(pool.submit(_audit_slice, task))
+                    while len(pending) > 2 * workers:
+                        merge(pending.pop(0).result())
+            for future in pending:  # results are merged in row order: the output is deterministic
+                merge(future.result())
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+        store.close()
         n = row0
         exact = np.concatenate(exact_parts) if exact_parts else np.zeros(0, np.uint64)
         has = np.concatenate(has_parts) if has_parts else np.zeros(0, bool)
-        if n:
-            sig = np.memmap(tmp / "sig.u32", dtype=np.uint32, mode="r", shape=(n, dedup.num_perm))
-            bands = np.memmap(tmp / "bands.u64", dtype=np.uint64, mode="r", shape=(n, hasher.bands))
-            dups = find_duplicates(sig, bands, has, exact, dedup)
-            del sig, bands
-        else:
-            dups = {k: np.zeros(0, dt) for k, dt in (("dup_cluster", np.int64), ("dup_cluster_size", np.int64),
-                                                      ("dup_exact", bool), ("dup_near", bool))}
+        dups = find_duplicates(store, store, has, exact, dedup)
         sizes = dups["dup_cluster_size"]
         reps = np.flatnonzero((dups["dup_cluster"] == np.arange(n)) & (sizes > 1))
         top_ids = reps[np.lexsort((reps, -sizes[reps]))][:20]
-        top = {int(c): {"cluster": int(c), "size": int(sizes[c]), "caption": None, "examples": []}
-               for c in top_ids}
+        top = {int(c): {"cluster": int(c), "size": int(sizes[c]), "caption": None, "examples": []} for c in top_ids}
         # pass 2: the per-caption table with its duplicate columns
-        writer = None
         tmp_out = out_dir / "captions.parquet.tmp"
-        for path in parts:
-            part = pd.read_parquet(path)
-            rows = part["row"].to_numpy()
-            for key, values in dups.items():
-                part[key] = values[rows]
-            for c, cap, row in zip(part["dup_cluster"], part["caption"], rows):
-                if c in top:
-                    entry = top[c]
-                    if row == c:
+        with pq.ParquetWriter(tmp_out, _schema()) as writer:
+            for path in parts:
+                part = pd.read_feather(path)
+                rows = part["row"].to_numpy()
+                for k, values in dups.items():
+                    part[k] = values[rows]
+                for i in np.flatnonzero(np.isin(part["dup_cluster"].to_numpy(), top_ids)):
+                    entry, cap = top[int(part["dup_cluster"].iat[i])], part["caption"].iat[i]
+                    if rows[i] == entry["cluster"]:
                         entry["caption"] = cap[:600]
                     elif len(entry["examples"]) < EXAMPLES and cap not in entry["examples"] and cap != entry["caption"]:
                         entry["examples"].append(cap[:600])
-            table = pa.Table.from_pandas(part, preserve_index=False)
-            if writer is None:
-                writer = pq.ParquetWriter(tmp_out, table.schema)
-            writer.write_table(table)
-        if writer is None:
-            pd.DataFrame({"row": pd.Series([], dtype="int64"), "caption": pd.Series([], dtype=str)}).to_parquet(tmp_out)
-        else:
-            writer.close()
+                writer.write_table(pa.Table.from_pandas(part, schema=_schema(), preserve_index=False)
+                                   .replace_schema_metadata(None))
         os.replace(tmp_out, out_dir / "captions.parquet")
 
     rows = counts["rows"]
@@ -466,30 +561,38 @@ def audit(in_path, out_dir, text_tokenizer_path=None, slot: int = 64, chunk_rows
         "input": str(in_path), "kind": kind, **meta,
         "rows": rows, "usable": rows - counts["empty"], "empty": counts["empty"], "changed": counts["changed"],
         "flags": {f: flags.get(f, 0) for f in FLAGS},
-        "chars_raw": lengths["chars_raw"].stats(), "chars": lengths["chars"].stats(),
-        "tokens": lengths["tokens"].stats(),
+        **{k: v.stats() for k, v in lengths.items()},
         "token_count": {"method": "sentencepiece" if tok else "proxy",
                         "tokenizer": tok.tokenizer_id if tok else None, "slot": slot, "room": room,
                         "note": (f"room = slot - len(span prefix '{SPAN_FOR_ROOM:.1f} s' + separator)" if tok else
                                  "proxy: one token per word, CJK character and punctuation mark; "
                                  f"room = slot - {PROXY_PREFIX}")},
         "cut": counts["cut"], "cut_fraction": counts["cut"] / rows if rows else 0.0,
-        "scripts": _stats_table(scripts), "languages": _stats_table(languages),
+        "scripts": _by_count(scripts), "languages": _by_count(languages),
         "duplicates": {
             "method": "minhash-lsh", "num_perm": dedup.num_perm, "threshold": dedup.threshold,
             "bands": hasher.bands, "rows_per_band": hasher.rows, "ngram": dedup.ngram, "verified": dedup.verify,
             "exact_rows": int(dups["dup_exact"].sum()), "near_rows": int(dups["dup_near"].sum()),
             "clusters": clusters, "rows_in_clusters": in_clusters, "removable": in_clusters - clusters,
             "top": [top[int(c)] for c in top_ids]},
-        "top_ngrams": ngrams.top(), "ngrams_exact": ngrams.exact,
+        "top_ngrams": ngrams.top(), "ngrams_exact": ngrams.exact, "ngram_rows": ngrams.rows,
         "histograms": {k: v.histogram() for k, v in lengths.items()},
-        "examples": {f: e for f, e in examples.items() if e}, "cut_examples": cut_examples,
+        "examples": {f: examples[f] for f in FLAGS if f in examples}, "cut_examples": cut_examples,
         "config": asdict(config), "dedup_config": asdict(dedup), "chunk_rows": chunk_rows,
         "seconds": round(time.time() - started, 3),
     }
     _write_json(out_dir / "summary.json", summary)
     render_report(summary, out_dir / "report.html")
     return summary
+
+
+def _schema():
+    import pyarrow as pa
+    s, i, b = pa.string(), pa.int64(), pa.bool_()
+    return pa.schema([("row", i), ("id", s), ("caption_raw", s), ("caption", s), ("caption_flags", pa.list_(s)),
+                      ("chars_raw", i), ("chars", i), ("words", i), ("tokens", i), ("cut", b), ("script", s),
+                      ("language", s), ("empty", b), ("dup_cluster", i), ("dup_cluster_size", i),
+                      ("dup_exact", b), ("dup_near", b)])
 
 
 def _write_json(path: Path, obj) -> None:

@@ -86,11 +86,14 @@ def _token_plot(summary: dict) -> str:
     return _png(fig)
 
 
-def _barh(items: list, title: str, xlabel: str = "captions", h: float = 3.2) -> str:
-    fig = _figure(6.0, max(h, 0.28 * len(items) + 1))
+def _barh(items: list, title: str, xlabel: str = "captions") -> str:
+    fig = _figure(6.0, 0.3 * len(items) + 1.2)
     ax = fig.add_subplot()
     labels = [str(k) for k, _ in items][::-1]
-    ax.barh(labels, [v for _, v in items][::-1], color="#7aa6d8")
+    bars = ax.barh(labels, [v for _, v in items][::-1], color="#7aa6d8", height=0.7)
+    ax.bar_label(bars, labels=[f"{v:,}" for _, v in items][::-1], padding=3, fontsize=8)
+    ax.margins(x=0.15)
+    ax.set_xlim(left=0, right=None if any(v for _, v in items) else 1)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     return _png(fig)
@@ -103,7 +106,8 @@ def _cards(summary: dict) -> str:
         ("captions", f"{summary['rows']:,}", summary["kind"]),
         ("usable", f"{summary['usable']:,}", f"{summary['empty']:,} empty after cleaning"),
         ("changed by cleaning", f"{summary['changed']:,}", f"{100 * summary['changed'] / rows:.1f}%"),
-        ("cut at slot", f"{summary['cut']:,}", f"{100 * summary['cut_fraction']:.1f}% (> {summary['token_count']['room']} tokens)"),
+        ("cut at slot", f"{summary['cut']:,}",
+         f"{100 * summary['cut_fraction']:.1f}% (> {summary['token_count']['room']} tokens)"),
         ("exact duplicates", f"{d['exact_rows']:,}", "rows whose normalized text repeats"),
         ("near duplicates", f"{d['near_rows']:,}", f"Jaccard ≥ {d['threshold']}"),
         ("removable", f"{d['removable']:,}", f"keeping one per cluster ({d['clusters']:,} clusters)"),

@@ -23,7 +23,6 @@ Two flags describe the result instead of a change: "empty" (nothing left) and "t
 from __future__ import annotations
 
 import html as _html
-import json
 import math
 import os
 import re
@@ -38,6 +37,7 @@ import pandas as pd
 
 from pipeline.langid import script_and_language
 from pipeline.schema import is_ok, mark_error
+from pipeline.tables import _Writer, caption_column, iter_table, table_format
 
 STAGE = "captions"
 MAX_PASSES = 6
@@ -426,139 +426,6 @@ class CleanCaption:
         return out
 
 
-# ------------------------------------------------------------------------------------- table files
-CAPTION_COLUMNS = ("caption", "text", "sentence", "prompt", "prompt_en", "name", "title", "description",
-                   "caption_raw")
-_TEXT_COLUMNS = set(CAPTION_COLUMNS) | {"id", "key", "video", "video_id", "videoid", "vid_key", "url"}
-_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv",
-            ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".txt": "txt"}
-
-
-def table_format(path) -> str:
-    path = Path(path)
-    if path.is_dir():
-        return "dataset"
-    fmt = _FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"{path}: unsupported extension {path.suffix!r} "
-                         f"(use one of {', '.join(sorted(_FORMATS))}, or a dataset directory)")
-    return fmt
-
-
-def caption_column(columns) -> str:
-    """The caption column of a table: `caption`, else the first known alias (WebVid's `name`, ...)."""
-    for name in CAPTION_COLUMNS:
-        if name in columns:
-            return name
-    raise ValueError(f"no caption column (looked for {', '.join(CAPTION_COLUMNS)}; have {list(columns)})")
-
-
-def _sniff_sep(path: Path) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        header = f.readline()
-    counts = {sep: header.count(sep) for sep in (",", ";", "\t", "|")}
-    best = max(counts, key=counts.get)
-    return best if counts[best] else ","
-
-
-def _dataset_files(path: Path) -> list[Path]:
-    files = sorted((path / "index").glob("*.parquet")) or sorted(path.glob("*.parquet"))
-    if not files:
-        raise ValueError(f"{path}: a directory without index/*.parquet (not a built dataset)")
-    return files
-
-
-def iter_table(path, chunk_rows: int = 200_000, all_text: bool = False,
-               columns: Iterable[str] | None = None) -> Iterator[pd.DataFrame]:
-    """Read a table in chunks of at most `chunk_rows` rows (bounded memory on any size).
-
-    parquet (or a dataset directory: its index/*.parquet), csv (delimiter sniffed from the header:
-    ``,`` ``;`` tab ``|``), tsv, jsonl, json (a list of records; a dict of record lists such as
-    MSR-VTT's "sentences"; or mmaction2's {video: [captions]}), txt (one caption per non-blank line).
-    Caption-like columns are read as text, so "NaN", "null" or "1.00" stay captions. With `all_text`,
-    every csv/tsv column is read as text, unchanged (for rewriting a manifest faithfully). With
-    `columns`, only those of the named columns that exist are returned (parquet and csv skip the rest).
-    """
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    fmt = table_format(path)
-    wanted = None if columns is None else list(columns)
-    if wanted is not None and fmt not in ("parquet", "dataset", "csv", "tsv"):
-        for df in iter_table(path, chunk_rows, all_text):
-            yield df[[c for c in df.columns if c in wanted]]
-        return
-    if fmt in ("parquet", "dataset"):
-        for file in ([path] if fmt == "parquet" else _dataset_files(path)):
-            pf = pq.ParquetFile(file)
-            names = None if wanted is None else [c for c in pf.schema_arrow.names if c in wanted]
-            for batch in pf.iter_batches(batch_size=chunk_rows, columns=names):
-                yield batch.to_pandas()
-    elif fmt in ("csv", "tsv"):
-        sep = "\t" if fmt == "tsv" else _sniff_sep(path)
-        if all_text:
-            kw = dict(dtype=str, keep_default_na=False, na_filter=False)
-        else:
-            header = pd.read_csv(path, sep=sep, nrows=0).columns
-            kw = dict(dtype={c: str for c in header if c in _TEXT_COLUMNS}, keep_default_na=False,
-                      na_values=[""])
-        if wanted is not None:
-            kw["usecols"] = lambda c: c in wanted
-        yield from pd.read_csv(path, sep=sep, chunksize=chunk_rows, **kw)
-    elif fmt == "jsonl":
-        records: list = []
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
-                if len(records) >= chunk_rows:
-                    yield pd.DataFrame.from_records(records)
-                    records = []
-        if records:
-            yield pd.DataFrame.from_records(records)
-    elif fmt == "json":
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        records = _json_records(data, path)
-        for start in range(0, len(records), chunk_rows):
-            yield pd.DataFrame.from_records(records[start:start + chunk_rows])
-    else:  # txt
-        lines: list = []
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                line = line.rstrip("\r\n")
-                if line.strip():
-                    lines.append(line)
-                if len(lines) >= chunk_rows:
-                    yield pd.DataFrame({"caption": lines})
-                    lines = []
-        if lines:
-            yield pd.DataFrame({"caption": lines})
-
-
-def _json_records(data, path) -> list:
-    if isinstance(data, list):
-        return [r if isinstance(r, dict) else {"caption": r} for r in data]
-    if isinstance(data, dict):
-        for value in data.values():  # {"videos": [...], "sentences": [{"caption": ...}]}
-            if isinstance(value, list) and value and isinstance(value[0], dict) and \
-                    any(c in value[0] for c in CAPTION_COLUMNS):
-                return value
-        if all(isinstance(v, list) for v in data.values()):  # {video: [caption, ...]}
-            return [{"video": k, "caption": c} for k, v in data.items() for c in v]
-    raise ValueError(f"{path}: JSON must be a list of records or a dict of caption lists")
-
-
-def read_table(path) -> pd.DataFrame:
-    """A whole table (parquet/csv/tsv/jsonl/json/txt, or a dataset's index) as one DataFrame."""
-    chunks = list(iter_table(path, chunk_rows=1_000_000))
-    return pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame({"caption": []})
-
-
 # ---------------------------------------------------------------------------------- clean_manifest
 def clean_manifest(in_path, out_path, config: CleanConfig = CleanConfig(), chunk_rows: int = 200_000) -> dict:
     """Clean a manifest's captions: `caption_raw` keeps the original, `caption` gets the clean text and
@@ -602,59 +469,3 @@ def clean_manifest(in_path, out_path, config: CleanConfig = CleanConfig(), chunk
             tmp.unlink()
     summary["flags"] = dict(sorted(summary["flags"].items()))
     return summary
-
-
-class _Writer:
-    """Appends DataFrame chunks to one parquet/csv/tsv/jsonl/json file."""
-
-    def __init__(self, path: Path, fmt: str):
-        self.path, self.fmt = path, fmt
-        self.file = self.pq_writer = self.schema = None
-        self.started = self.closed = False
-
-    def write(self, df: pd.DataFrame) -> None:
-        if self.fmt == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-            if self.schema is None:
-                table = pa.Table.from_pandas(df, preserve_index=False)
-                # a column that is all-null in the first chunk would fix a null type for the file
-                self.schema = pa.schema([f.with_type(pa.string()) if pa.types.is_null(f.type) else f
-                                         for f in table.schema]).remove_metadata()
-                self.pq_writer = pq.ParquetWriter(self.path, self.schema)
-            self.pq_writer.write_table(pa.Table.from_pandas(df, schema=self.schema, preserve_index=False))
-        elif self.fmt in ("csv", "tsv"):
-            df.to_csv(self.path, sep="\t" if self.fmt == "tsv" else ",", index=False, header=not self.started,
-                      mode="a" if self.started else "w", encoding="utf-8")
-        else:
-            if self.file is None:
-                self.file = open(self.path, "w", encoding="utf-8")
-                self.file.write("[" if self.fmt == "json" else "")
-            for rec in df.to_dict("records"):
-                line = json.dumps({k: _json_value(v) for k, v in rec.items()}, ensure_ascii=False)
-                if self.fmt == "json":
-                    self.file.write(("\n" if not self.started else ",\n") + line)
-                else:
-                    self.file.write(line + "\n")
-                self.started = True
-        self.started = True
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if self.pq_writer is not None:
-            self.pq_writer.close()
-        if self.file is not None:
-            self.file.write("\n]\n" if self.fmt == "json" else "")
-            self.file.close()
-
-
-def _json_value(v):
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    if v is pd.NA or v is None:
-        return None
-    if hasattr(v, "tolist"):  # numpy scalars and arrays
-        return v.tolist()
-    return v

@@ -13,30 +13,14 @@ from typing import Iterator
 import pandas as pd
 
 from pipeline.schema import OK, mark_error, video_id_for
+from pipeline.tables import read_table
 
 RESERVED = ("video", "caption", "id", "start", "end")
 
 
-def read_table(path: str) -> pd.DataFrame:
-    """Read a table by its extension (local path or an fsspec/pyarrow URL)."""
-    name = str(path).lower()
-    if name.endswith(".parquet") or name.endswith(".pq"):
-        return pd.read_parquet(path)
-    if name.endswith(".tsv"):
-        return pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""])
-    if name.endswith(".csv"):
-        return pd.read_csv(path, keep_default_na=False, na_values=[""])
-    if name.endswith(".jsonl") or name.endswith(".ndjson"):
-        return pd.read_json(path, lines=True)
-    if name.endswith(".json"):
-        try:
-            return pd.read_json(path, lines=True)
-        except ValueError:
-            return pd.read_json(path)
-    raise ValueError(f"{path}: unknown table format (use .parquet, .csv, .tsv, .jsonl or .json)")
-
-
 def read_manifest(path: str) -> pd.DataFrame:
+    """The manifest at `path` (local path or URL), read by `pipeline.tables.read_table` from its extension
+    (.parquet, .csv, .tsv, .jsonl or .json), with `video` paths made absolute relative to it."""
     df = read_table(path)
     missing = [c for c in ("video", "caption") if c not in df.columns]
     if missing:

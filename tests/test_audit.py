@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.audit import (HIST_CAP, PROXY_PREFIX, DedupConfig, MinHasher, _Lengths, audit, candidate_pairs,
-                            components, dedup_tokens, proxy_tokens)
+from pipeline.audit import HIST_CAP, PROXY_PREFIX, _Lengths, audit, proxy_tokens
 from pipeline.captions import FLAGS, clean_caption
+from pipeline.dedup import DedupConfig, MinHasher, candidate_pairs, components, dedup_tokens
 from pipeline.langid import detect_language, detect_script
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "captions"

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.captions import (FLAGS, CleanCaption, CleanConfig, clean_caption, clean_manifest, iter_table,
-                               read_table)
+from pipeline.captions import FLAGS, CleanCaption, CleanConfig, clean_caption, clean_manifest
 from pipeline.langid import detect_language, detect_script, script_and_language
 from pipeline.schema import REASONS
+from pipeline.tables import iter_table, read_table
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DIRTY = DATA / "dirty_text"

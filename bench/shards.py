@@ -4,13 +4,17 @@
 
 Writing: `ShardCommitter.write` (tar + index + ledger + stats, fsync and atomic renames) on token
 samples of the SPEC's size (5×20×20 uint16 codes, a ~20-token caption, full metadata), one process.
-Resharding: `reshard` with a shuffle into new shard sizes, against (a) a member-by-member `tarfile`
-copy of the same tars and (b) a raw byte copy (`shutil.copyfile`), both in this run.
+Resharding: `reshard` with a shuffle and a validation split, and an unshuffled re-cut, against (a) a
+member-by-member `tarfile` copy of the same tars, (b) a raw byte copy (`shutil.copyfile`, from the page
+cache, no hash, no fsync) and (c) a verified copy (read, sha256, write, fsync: what a reshard must do
+at the least), all in this run.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import shutil
 import sys
 import tarfile
@@ -74,6 +78,10 @@ def main():
                                                                    val_fraction=0.05), progress=False)
         reshard_s = time.perf_counter() - t
 
+        t = time.perf_counter()   # a re-cut without shuffling: runs of samples copy with one read
+        reshard([str(ds)], str(tmp / "recut"), ReshardConfig(samples_per_shard=args.per_shard * 2), progress=False)
+        recut_s = time.perf_counter() - t
+
         tars = sorted((ds / "shards").glob("*.tar"))
         (tmp / "tarcopy").mkdir()
         t = time.perf_counter()
@@ -88,6 +96,18 @@ def main():
             shutil.copyfile(tar, tmp / "bytecopy" / tar.name)
         bytecopy_s = time.perf_counter() - t
 
+        (tmp / "verifiedcopy").mkdir()
+        t = time.perf_counter()   # what any verified copy must do: copy, sha256, fsync
+        for tar in tars:
+            h = hashlib.sha256()
+            with open(tar, "rb") as src, open(tmp / "verifiedcopy" / tar.name, "wb") as dst:
+                while block := src.read(1 << 20):
+                    h.update(block)
+                    dst.write(block)
+                dst.flush()
+                os.fsync(dst.fileno())
+        verified_s = time.perf_counter() - t
+
         mb = total_bytes / 1e6
         print(json.dumps({
             "samples": args.samples, "bytes": total_bytes, "bytes_per_sample": round(total_bytes / args.samples),
@@ -95,10 +115,16 @@ def main():
                       "mb_per_s": round(mb / write_s, 1)},
             "reshard": {"seconds": round(reshard_s, 3), "samples_per_s": round(args.samples / reshard_s),
                         "mb_per_s": round(mb / reshard_s, 1), "splits": report["splits"]},
+            "recut_unshuffled": {"seconds": round(recut_s, 3), "samples_per_s": round(args.samples / recut_s),
+                                 "mb_per_s": round(mb / recut_s, 1)},
             "tarfile_member_copy": {"seconds": round(tarcopy_s, 3), "mb_per_s": round(mb / tarcopy_s, 1)},
             "raw_byte_copy": {"seconds": round(bytecopy_s, 3), "mb_per_s": round(mb / bytecopy_s, 1)},
+            "verified_copy_sha256_fsync": {"seconds": round(verified_s, 3), "mb_per_s": round(mb / verified_s, 1)},
             "reshard_vs_tarfile_copy": round(tarcopy_s / reshard_s, 3),
             "reshard_vs_raw_copy": round(bytecopy_s / reshard_s, 3),
+            "recut_vs_raw_copy": round(bytecopy_s / recut_s, 3),
+            "reshard_vs_verified_copy": round(verified_s / reshard_s, 3),
+            "recut_vs_verified_copy": round(verified_s / recut_s, 3),
         }, indent=2))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

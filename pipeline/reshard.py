@@ -1,8 +1,10 @@
 """`clipforge reshard IN... OUT`: merge, filter, shuffle, re-cut and split off a validation set.
 
-Samples are copied byte for byte, tar headers included (no decode, no re-encode): each source tar's
-headers are scanned once for every sample's byte range, and each output shard is assembled by one
-positioned read per sample in its new order, so memory holds ranges and the index, never sample data. The validation split is drawn per source video
+Samples are copied byte for byte, tar headers included (no decode, no re-encode). The index lists each
+shard's samples in tar order with their sizes, so a sample's byte range is known without reading the
+tar; each copied sample is checked to begin with its own header, and a tar the index does not describe
+is scanned instead. Each output shard is assembled by positioned reads in its new order (one read per
+run of adjacent samples), so memory holds the index, never sample data. The validation split is drawn per source video
 (hash of seed and video id), so no video lands on both sides. Counts are checked before returning.
 """
 from __future__ import annotations
@@ -16,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.dataset import package_versions, write_wids_index
-from pipeline.shards import INDEX_COLUMNS, write_parquet, read_index, read_ledger, shard_name, write_json_atomic
+from pipeline.shards import INDEX_COLUMNS, read_index, read_ledger, shard_name, write_json_atomic
 from pipeline.tarwriter import BLOCK, FastTarWriter
 from pipeline.verify import safe_member
 
@@ -116,6 +120,9 @@ def reshard(inputs: list[str], out: str, config: ReshardConfig = ReshardConfig()
         infos.append(json.loads(info_path.read_text()))
         idx = read_index(path)
         idx["src_dataset"] = n
+        # the index lists each shard's samples in tar order with their sizes: offsets come for free
+        sizes = idx["bytes"].fillna(0).astype("int64")
+        idx["src_offset"] = sizes.groupby(idx["shard"]).cumsum() - sizes
         frames.append(idx)
     _check_compatible(infos)
     index = pd.concat(frames, ignore_index=True)
@@ -131,56 +138,36 @@ def reshard(inputs: list[str], out: str, config: ReshardConfig = ReshardConfig()
     kept = len(index)
     if config.shuffle_seed is not None:
         index = index.iloc[np.random.default_rng(config.shuffle_seed).permutation(len(index))]
-    is_val = index["video_id"].map(lambda v: _in_validation(str(v), config.val_fraction, config.val_seed))
-    splits = {"train": index[~is_val.values], "val": index[is_val.values]}
+    videos = index["video_id"].astype(str)
+    held_out = {v for v in videos.unique() if _in_validation(v, config.val_fraction, config.val_seed)}
+    is_val = videos.isin(held_out).to_numpy()
+    splits = {"train": index[~is_val], "val": index[is_val]}
 
     for sub in ("shards", "index", "ledger"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
-    offsets: dict[tuple[int, str], dict] = {}
+    sources = _Sources(inputs)
     keymap, written = [], {}
     bar = tqdm(total=kept, desc="reshard", unit="sample", disable=not progress)
     for split, part in splits.items():
         stats = []
         for shard_no, chunk in enumerate(_chunks(part, config)):
             name = shard_name(split, shard_no)
-            tar_path = out_dir / "shards" / f"{name}.tar"
-            tmp = tar_path.with_name(tar_path.name + ".tmp")
-            sizes = []
-            with open(tmp, "wb") as stream:
-                writer = FastTarWriter(stream)
-                handles: dict[Path, object] = {}
-                for rec in chunk.itertuples(index=False):
-                    src = Path(inputs[rec.src_dataset]) / "shards" / f"{rec.shard}.tar"
-                    table = offsets.get((rec.src_dataset, rec.shard))
-                    if table is None:
-                        table = offsets[(rec.src_dataset, rec.shard)] = _sample_ranges(src)
-                    fh = handles.get(src) or handles.setdefault(src, open(src, "rb"))
-                    start, length = table[rec.key]
-                    sizes.append(writer.write_raw(os.pread(fh.fileno(), length, start)))
-                    keymap.append({"key": rec.key, "old_dataset": str(inputs[rec.src_dataset]), "old_shard": rec.shard,
-                                   "split": split, "shard": name})
-                    bar.update(1)
-                writer.close()
-                stream.flush()
-                os.fsync(stream.fileno())
-                for fh in handles.values():
-                    fh.close()
-            rows = chunk.drop(columns=["src_dataset"]).assign(shard=name, bytes=sizes).to_dict("records")
-            write_parquet(rows, INDEX_COLUMNS, out_dir / "index" / f"{name}.parquet")
-            os.replace(tmp, tar_path)
-            st = {"shard": name, "samples": len(chunk), "bytes": writer.written, "sha256": writer.sha256,
-                  "errors_by_reason": {}}
-            write_json_atomic(out_dir / "shards" / f"{name}.json", st)
-            stats.append(st)
+            stats.append(_write_shard(out_dir, name, chunk, sources))
+            keymap.append(pd.DataFrame({"key": chunk["key"].to_numpy(),
+                                        "old_dataset": [str(inputs[d]) for d in chunk["src_dataset"]],
+                                        "old_shard": chunk["shard"].to_numpy(), "split": split, "shard": name}))
+            bar.update(len(chunk))
         write_wids_index(out_dir, stats, split)
         written[split] = stats
     bar.close()
+    sources.close()
     ledgers = [read_ledger(p) for p in inputs]   # failures of the builds stay on record
     ledger = pd.concat(ledgers, ignore_index=True) if ledgers else pd.DataFrame()
     if len(ledger):
         ledger.to_parquet(out_dir / "ledger" / "inherited.parquet", index=False)
-    pd.DataFrame(keymap, columns=["key", "old_dataset", "old_shard", "split", "shard"]).to_parquet(
-        out_dir / "keymap.parquet", index=False)
+    keymap_df = pd.concat(keymap, ignore_index=True) if keymap else \
+        pd.DataFrame(columns=["key", "old_dataset", "old_shard", "split", "shard"])
+    keymap_df.to_parquet(out_dir / "keymap.parquet", index=False)
 
     counts = {s: sum(x["samples"] for x in st) for s, st in written.items()}
     if sum(counts.values()) != kept:
@@ -197,6 +184,89 @@ def reshard(inputs: list[str], out: str, config: ReshardConfig = ReshardConfig()
     write_json_atomic(out_dir / "dataset.json", info)
     return {"out": str(out_dir), "samples_in": total_in, "samples_out": kept, "splits": counts,
             "shards": {s: len(st) for s, st in written.items()}}
+
+
+class _Sources:
+    """Source tars, opened once; byte ranges from the index, or from a header scan when the index has
+    no sizes or disagrees with the tar."""
+
+    def __init__(self, inputs: list[str]):
+        self.inputs = inputs
+        self.files: dict[tuple[int, str], int] = {}
+        self.scanned: dict[tuple[int, str], dict] = {}
+
+    def fd(self, dataset: int, shard: str) -> int:
+        key = (dataset, shard)
+        if key not in self.files:
+            self.files[key] = os.open(self.path(dataset, shard), os.O_RDONLY)
+        return self.files[key]
+
+    def path(self, dataset: int, shard: str) -> Path:
+        return Path(self.inputs[dataset]) / "shards" / f"{shard}.tar"
+
+    def scan(self, dataset: int, shard: str) -> dict:
+        key = (dataset, shard)
+        if key not in self.scanned:
+            self.scanned[key] = _sample_ranges(self.path(dataset, shard))
+        return self.scanned[key]
+
+    def close(self) -> None:
+        for fd in self.files.values():
+            os.close(fd)
+        self.files.clear()
+
+
+def _read_samples(sources: _Sources, dataset: int, shard: str, start: int, keys: list, sizes: list) -> bytes:
+    """Bytes of consecutive samples starting at `start`; each sample must begin with its own header."""
+    blob = os.pread(sources.fd(dataset, shard), sum(sizes), start)
+    offset = 0
+    for key, size in zip(keys, sizes):
+        if blob[offset:offset + len(key) + 1] != f"{key}.".encode():
+            break
+        offset += size
+    else:
+        if offset == len(blob):
+            return blob
+    ranges = sources.scan(dataset, shard)   # the index does not describe this tar: trust the headers
+    return b"".join(os.pread(sources.fd(dataset, shard), ranges[k][1], ranges[k][0]) for k in keys)
+
+
+def _write_shard(out_dir: Path, name: str, chunk: pd.DataFrame, sources: _Sources) -> dict:
+    """Copy the chunk's samples verbatim into a new shard; runs of samples that sit back to back in one
+    source tar (an unshuffled re-cut or merge) are copied with a single read."""
+    tar_path = out_dir / "shards" / f"{name}.tar"
+    tmp = tar_path.with_name(tar_path.name + ".tmp")
+    sizes = []
+    run = None   # [dataset, shard, start, end, keys, sizes]
+    with open(tmp, "wb") as stream:
+        writer = FastTarWriter(stream)
+        for dataset, shard, key, start, size in zip(chunk["src_dataset"].tolist(), chunk["shard"].tolist(),
+                                                    chunk["key"].tolist(), chunk["src_offset"].tolist(),
+                                                    chunk["bytes"].tolist()):
+            if not size:   # no recorded size: find the range from the headers
+                start, size = sources.scan(dataset, shard)[key]
+            sizes.append(size)
+            if run and run[0] == dataset and run[1] == shard and run[3] == start:
+                run[3] += size
+                run[4].append(key)
+                run[5].append(size)
+                continue
+            if run:
+                writer.write_raw(_read_samples(sources, run[0], run[1], run[2], run[4], run[5]))
+            run = [dataset, shard, start, start + size, [key], [size]]
+        if run:
+            writer.write_raw(_read_samples(sources, run[0], run[1], run[2], run[4], run[5]))
+        writer.close()
+        stream.flush()
+        os.fsync(stream.fileno())
+    index = chunk.drop(columns=["src_dataset", "src_offset"]).assign(shard=name, bytes=sizes)
+    table = pa.Table.from_pandas(index[list(INDEX_COLUMNS)], schema=pa.schema(list(INDEX_COLUMNS.items())),
+                                 preserve_index=False)
+    pq.write_table(table, out_dir / "index" / f"{name}.parquet")
+    os.replace(tmp, tar_path)
+    st = {"shard": name, "samples": len(chunk), "bytes": writer.written, "sha256": writer.sha256, "errors_by_reason": {}}
+    write_json_atomic(out_dir / "shards" / f"{name}.json", st)
+    return st
 
 
 def _chunks(part: pd.DataFrame, config: ReshardConfig):

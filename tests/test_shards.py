@@ -206,3 +206,20 @@ def test_unsafe_members_are_refused(tmp_path, members):
     path.write_bytes(_tar_with(members))
     with pytest.raises(ValueError):
         list(iter_tar_samples(path))
+
+
+def test_reshard_trusts_headers_over_a_wrong_index(reference, tmp_path):
+    import shutil
+    src = tmp_path / "src"
+    shutil.copytree(reference, src)
+    for part in (src / "index").glob("*.parquet"):   # sizes that do not describe the tars
+        df = pd.read_parquet(part)
+        df["bytes"] = 512
+        df.to_parquet(part)
+    reshard([str(src)], str(tmp_path / "out"), ReshardConfig(samples_per_shard=5), progress=False)
+    got = {s["__key__"]: s for s in wds.WebDataset(sorted(map(str, (tmp_path / "out" / "shards").glob("*.tar"))),
+                                                     shardshuffle=False, empty_check=False)}
+    want = {s["__key__"]: s for s in wds.WebDataset(sorted(map(str, (reference / "shards").glob("*.tar"))),
+                                                      shardshuffle=False, empty_check=False)}
+    assert got.keys() == want.keys()
+    assert all(got[k]["vtok.npy"] == want[k]["vtok.npy"] and got[k]["json"] == want[k]["json"] for k in want)

@@ -5,7 +5,6 @@ Recomputing from what is on disk (not from the run's memory) keeps them right af
 """
 from __future__ import annotations
 
-import hashlib
 import platform
 from collections import Counter
 from importlib import metadata
@@ -26,16 +25,6 @@ def package_versions() -> dict:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
-
-
-def _file_sha256(path: Path) -> str:
-    if path.is_dir():
-        h = hashlib.sha256()
-        for part in sorted(p for p in path.rglob("*") if p.is_file()):
-            h.update(part.relative_to(path).as_posix().encode())
-            h.update(part.read_bytes())
-        return h.hexdigest()
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def funnel(dataset: Path, inputs: int) -> dict:

@@ -8,7 +8,7 @@ interrupted from Python, and turns every failure into an error row.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -302,6 +302,3 @@ class DecodeVideo:
         if self.call is not None:
             self.call.close()
 
-
-def config_dict(config: ClipConfig) -> dict:
-    return asdict(config)

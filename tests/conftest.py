@@ -24,7 +24,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def text_tokenizer(tmp_path_factory) -> Path:
-    from pipeline.synth import SynthConfig, make_caption, COLORS, SHAPES, DIRECTIONS
+    from pipeline.synth import make_caption, COLORS, SHAPES, DIRECTIONS
     from tokenizer.text import train_text_tokenizer
 
     rng = np.random.default_rng(0)

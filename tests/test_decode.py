@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from pipeline.clips import ClipConfig, orient_and_crop, resize_for_short_side
-from pipeline.decode import DecodeVideo, decode_video
+from pipeline.decode import DecodeVideo
 from pipeline.isolate import IsolatedCall
 from pipeline.manifest import manifest_rows, read_manifest
 from tests.conftest import shared_videos

@@ -3,7 +3,6 @@ import fractions
 
 import av
 import numpy as np
-import pytest
 
 from pipeline.clips import ClipConfig
 from pipeline.decode import _PyAVReader, decode_video, demux_timeline, probe

@@ -1,0 +1,460 @@
+"""A CogVideo-style text-to-video transformer, written like nanoGPT's model.py.
+
+One token space (V = text_vocab + image_vocab + 1 ids):
+    [0, text_vocab)                          text ids of the sentencepiece tokenizer (pad, sep, ... included)
+    [text_vocab, text_vocab + image_vocab)   image codes, offset by text_vocab
+    text_vocab + image_vocab                 <boi>, the begin-of-image token before every frame
+A dedicated <boi> id (rather than the text tokenizer's `<boi>` piece) keeps the model self-contained:
+its vocabulary needs nothing but the two vocabulary sizes. The head predicts image codes only
+(image_vocab logits): text is always given and <boi> is inserted, never sampled.
+
+A sample is one sequence (L = text_slot + n_frames * (1 + h*w) tokens):
+    [text slot][boi f0 codes][boi f1 codes]...       stages "sequential" (all frames) and "image" (f0 only)
+    [text slot][boi f0][boi f2][boi f4][boi f1][boi f3]    stage "interpolation" (given frames first)
+
+Every block has dual-channel attention (SPEC §1), mixed per channel: out = a*base + (1-a)*plus,
+a = sigmoid(mix), `mix` a learned (n_embd,) vector per layer, initialised to 0 (a = 0.5).
+  base channel (the image model): text attends text causally; a frame token attends all text and its
+      own frame, causally (a frame is generated token by token).
+  plus channel ("attention-plus", the temporal channel), initialised as a copy of the base channel:
+      sequential: full causal attention over [text][frames];
+      interpolation: the given block (text + frames 0, 2, 4) is bidirectional; generated frames 1 and 3
+      see the whole given block, earlier generated frames (3 sees 1) and their own frame causally; and
+      it is 3D window attention: a code token attends code tokens of visible frames only inside its own
+      window x window square of the grid, the squares shifted by `shift` on odd layers (Swin). Text and
+      <boi> tokens are not windowed (as queries they see every visible token, as keys every visible
+      query sees them).
+  stage "image" runs the base channel alone: it is the text-to-image model CogVideo inherits.
+The loss is cross-entropy over image-code logits only: on frames 1.. (sequential), frames 1, 3
+(interpolation), frame 0 (image). `targets[t]` is the image code (0..image_vocab-1) of token t+1, or -1.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+STAGES = ("image", "sequential", "interpolation")
+
+
+@dataclass
+class CogVideoConfig:
+    text_vocab: int = 8000      # size of the text tokenizer's vocabulary
+    image_vocab: int = 20000    # size of the image tokenizer's codebook
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    text_slot: int = 64         # left-padded text slot: [pad ...][span prefix][sep][caption]
+    frames: int = 5
+    tokens_h: int = 20
+    tokens_w: int = 20
+    window: int = 10            # interpolation plus-channel window (window x window codes)
+    shift: int = 5              # window shift on odd layers
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_vocab + self.image_vocab + 1
+
+    @property
+    def boi_id(self) -> int:
+        return self.text_vocab + self.image_vocab
+
+    @property
+    def frame_len(self) -> int:  # <boi> + h*w codes
+        return 1 + self.tokens_h * self.tokens_w
+
+    def frame_order(self, stage: str) -> list[int]:
+        """Frame indices in sequence order for a stage."""
+        if stage == "image":
+            return [0]
+        if stage == "sequential":
+            return list(range(self.frames))
+        if stage == "interpolation":
+            return list(range(0, self.frames, 2)) + list(range(1, self.frames, 2))
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+
+    def loss_frames(self, stage: str) -> list[int]:
+        return {"image": [0], "sequential": list(range(1, self.frames)),
+                "interpolation": list(range(1, self.frames, 2))}[stage]
+
+    def seq_len(self, stage: str) -> int:
+        return self.text_slot + len(self.frame_order(stage)) * self.frame_len
+
+    def validate(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
+        if self.frames < 2 or self.frames % 2 == 0:
+            raise ValueError(f"frames must be odd and >= 3 for interpolation, got {self.frames}")
+        if not 0 < self.window or not 0 <= self.shift < self.window:
+            raise ValueError(f"need 0 <= shift < window, got window {self.window} shift {self.shift}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_window(tokens_h: int, tokens_w: int) -> tuple[int, int]:
+    """The SPEC's 10x10 windows, shift 5, on a 20x20 grid, scaled to other grids: half the grid side."""
+    window = max(1, min(tokens_h, tokens_w) // 2)
+    return window, window // 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# sequence layout and attention masks
+
+
+def layout(cfg: CogVideoConfig, stage: str) -> dict[str, torch.Tensor]:
+    """Per-position descriptors of a stage's sequence, each (L,): frame index (-1 for text), is-code,
+    grid row and column (-1 for text and <boi>)."""
+    hw = cfg.tokens_h * cfg.tokens_w
+    frame = [-1] * cfg.text_slot
+    code = [False] * cfg.text_slot
+    row = [-1] * cfg.text_slot
+    col = [-1] * cfg.text_slot
+    for f in cfg.frame_order(stage):
+        frame += [f] * (1 + hw)
+        code += [False] + [True] * hw
+        row += [-1] + [i // cfg.tokens_w for i in range(hw)]
+        col += [-1] + [i % cfg.tokens_w for i in range(hw)]
+    return {"frame": torch.tensor(frame), "code": torch.tensor(code),
+            "row": torch.tensor(row), "col": torch.tensor(col)}
+
+
+def build_masks(cfg: CogVideoConfig, stage: str) -> dict[str, object]:
+    """Boolean attention masks (True = may attend), (L, L) with query rows and key columns.
+
+    Returns {"base": mask, "plus": [mask for even layers, mask for odd layers] or None (image stage),
+    "loss": (L,) bool, True where the logits predict an image code of a loss frame (the next token)}.
+    """
+    lay = layout(cfg, stage)
+    frame, code = lay["frame"], lay["code"]
+    n = len(frame)
+    pos = torch.arange(n)
+    causal = pos[None, :] <= pos[:, None]                        # (L, L) key <= query
+    text_k = (frame == -1)[None, :]
+    same_frame = (frame[:, None] == frame[None, :]) & (frame >= 0)[:, None]
+    base = causal & (text_k | same_frame)
+
+    plus = None
+    if stage == "sequential":
+        plus = [causal, causal]
+    elif stage == "interpolation":
+        is_text, given, gen = frame == -1, (frame >= 0) & (frame % 2 == 0), frame % 2 == 1
+        in_given_block = is_text | given
+        visible = ((in_given_block[:, None] & in_given_block[None, :])          # text + given: bidirectional
+                   | (gen[:, None] & in_given_block[None, :])                   # generated frames see them all
+                   | (gen[:, None] & gen[None, :] & (frame[None, :] < frame[:, None]))  # 3 sees 1
+                   | (gen[:, None] & same_frame & causal))                      # causal inside own frame
+        both_code = code[:, None] & code[None, :]
+        plus = []
+        for shift in (0, cfg.shift):                                            # even layers, odd layers
+            wr = (lay["row"] + shift) // cfg.window
+            wc = (lay["col"] + shift) // cfg.window
+            same_window = (wr[:, None] == wr[None, :]) & (wc[:, None] == wc[None, :])
+            plus.append(visible & (~both_code | same_window))
+
+    loss_frame = torch.zeros(n, dtype=torch.bool)
+    for f in cfg.loss_frames(stage):
+        loss_frame |= frame == f
+    loss = torch.zeros(n, dtype=torch.bool)
+    loss[:-1] = (code & loss_frame)[1:]  # logits at t predict token t+1
+    return {"base": base, "plus": plus, "loss": loss}
+
+
+# ----------------------------------------------------------------------------------------------------
+# modules
+
+
+class KVCache:
+    """Keys and values of every layer and channel for incremental decoding; `pos` tokens so far."""
+
+    def __init__(self, n_layer: int):
+        self.layers: list[dict] = [{} for _ in range(n_layer)]
+        self.pos = 0
+
+
+class DualAttention(nn.Module):
+    def __init__(self, cfg: CogVideoConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)        # base channel
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_attn_plus = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)   # attention-plus
+        self.c_proj_plus = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.mix = nn.Parameter(torch.zeros(cfg.n_embd))                          # alpha = sigmoid(mix)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def _attend(self, x, c_attn, mask, cache, name):
+        B, T, C = x.size()
+        q, k, v = c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if cache is not None:
+            if name in cache:
+                k = torch.cat([cache[name][0], k], dim=2)                   # (B, nh, pos + T, hs)
+                v = torch.cat([cache[name][1], v], dim=2)
+            cache[name] = (k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return y.transpose(1, 2).contiguous().view(B, T, C)
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return torch.sigmoid(self.mix)
+
+    def forward(self, x, base_mask, plus_mask=None, cache=None):
+        base = self.resid_dropout(self.c_proj(self._attend(x, self.c_attn, base_mask, cache, "base")))
+        if plus_mask is None:  # image stage: the base image model alone
+            return base
+        plus = self.resid_dropout(self.c_proj_plus(self._attend(x, self.c_attn_plus, plus_mask, cache, "plus")))
+        alpha = self.alpha.to(base.dtype)
+        return alpha * base + (1 - alpha) * plus
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: CogVideoConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: CogVideoConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = DualAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, base_mask, plus_mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), base_mask, plus_mask, cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# the model
+
+
+class CogVideo(nn.Module):
+    def __init__(self, cfg: CogVideoConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        C = cfg.n_embd
+        self.wte = nn.Embedding(cfg.vocab_size, C)
+        self.wpe_text = nn.Parameter(torch.zeros(cfg.text_slot, C))           # text positions
+        self.wpe_image = nn.Parameter(torch.zeros(cfg.frame_len, C))          # frame 0 (the image model's)
+        self.wpe_frames = nn.Parameter(torch.zeros(cfg.frames - 1, cfg.frame_len, C))  # frames 1.. (new)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(C, bias=cfg.bias)
+        self.lm_head = nn.Linear(C, cfg.image_vocab, bias=False)              # image-code logits only
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scaled init of the residual projections
+            if name.endswith("c_proj.weight") or name.endswith("c_proj_plus.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        for p in (self.wpe_text, self.wpe_image):
+            torch.nn.init.normal_(p, mean=0.0, std=0.02)
+        self.init_plus_from_base()
+        self._masks: dict = {}
+        self.gradient_checkpointing = False
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @torch.no_grad()
+    def init_plus_from_base(self) -> None:
+        """SPEC: attention-plus starts as a copy of the base channel, alpha = 0.5, and frames 1.. start
+        with copies of the image position table. Called at construction and when a sequential or
+        interpolation run starts from an image-stage checkpoint."""
+        for block in self.h:
+            block.attn.c_attn_plus.load_state_dict(block.attn.c_attn.state_dict())
+            block.attn.c_proj_plus.load_state_dict(block.attn.c_proj.state_dict())
+            block.attn.mix.zero_()
+        self.wpe_frames.copy_(self.wpe_image[None].expand_as(self.wpe_frames))
+
+    def trainable_names(self, freeze_base: bool) -> list[str]:
+        """With freeze_base, only attention-plus, the mix vectors and the new position tables train."""
+        if not freeze_base:
+            return [n for n, _ in self.named_parameters()]
+        return [n for n, _ in self.named_parameters()
+                if ".attn.c_attn_plus." in n or ".attn.c_proj_plus." in n or n.endswith(".attn.mix")
+                or n == "wpe_frames"]
+
+    def freeze_base(self, freeze: bool = True) -> None:
+        keep = set(self.trainable_names(freeze))
+        for n, p in self.named_parameters():
+            p.requires_grad_(n in keep)
+
+    def get_num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def masks(self, stage: str, device) -> dict:
+        """Masks of a stage, built once per (stage, device) and cached (not saved in the state_dict)."""
+        key = (stage, str(device))
+        if key not in self._masks:
+            m = build_masks(self.config, stage)
+            self._masks[key] = {"base": m["base"].to(device), "loss": m["loss"].to(device),
+                                "plus": None if m["plus"] is None else [p.to(device) for p in m["plus"]]}
+        return self._masks[key]
+
+    def positions(self, stage: str) -> torch.Tensor:
+        """(L, C) position embeddings of a stage: text, then each frame's table in sequence order."""
+        tables = [self.wpe_text] + [self.wpe_image if f == 0 else self.wpe_frames[f - 1]
+                                    for f in self.config.frame_order(stage)]
+        return torch.cat(tables, dim=0)
+
+    def forward(self, tokens, targets=None, stage: str = "sequential", cache: KVCache | None = None):
+        """tokens (B, T) in the stage's layout, from position cache.pos (0 without a cache).
+
+        Returns (logits, loss): with targets, logits (B, T, image_vocab) and the mean cross-entropy
+        over the stage's loss positions where targets >= 0; without, the last position's logits
+        (B, 1, image_vocab) and None.
+        """
+        B, T = tokens.size()
+        start = cache.pos if cache is not None else 0
+        masks = self.masks(stage, tokens.device)
+        L = masks["base"].shape[0]
+        if start + T > L:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the {stage} layout ({L})")
+        rows = slice(start, start + T)
+        base_mask = masks["base"][rows, :start + T]                              # (T, start + T)
+        plus = masks["plus"]
+        plus_masks = None if plus is None else [p[rows, :start + T] for p in plus]
+
+        x = self.wte(tokens) + self.positions(stage)[rows]                       # (B, T, C)
+        x = self.drop(x)
+        for i, block in enumerate(self.h):
+            plus_mask = None if plus_masks is None else plus_masks[i % 2]
+            layer_cache = cache.layers[i] if cache is not None else None
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, base_mask, plus_mask, use_reentrant=False)
+            else:
+                x = block(x, base_mask, plus_mask, layer_cache)
+        x = self.ln_f(x)
+        if cache is not None:
+            cache.pos += T
+
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None
+        logits = self.lm_head(x)                                                 # (B, T, image_vocab)
+        keep = masks["loss"][rows][None, :] & (targets >= 0)                     # (B, T)
+        if not keep.any():
+            return logits, logits.sum() * 0.0
+        loss = F.cross_entropy(logits[keep].float(), targets[keep])
+        return logits, loss
+
+    # ------------------------------------------------------------------------------------------------
+    # sampling
+
+    @torch.no_grad()
+    def generate(self, text, null_text=None, guidance: float = 3.0, temperature: float = 1.05,
+                 top_k: int | None = None, rounds: int = 0, round_texts=None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Text slot (text_slot,) -> image codes (T, h, w), T = frames, then 2T-1 per interpolation round.
+
+        Frame 0 comes from the image stage (base channel alone), frames 1.. from the sequential stage.
+        With `null_text` (the slot of an empty caption) every sampled token uses classifier-free
+        guidance, logits = g + guidance * (c - g); then temperature and top-k. Each interpolation round
+        fills the midpoints of every 3 consecutive frames (a, b, c) with the interpolation stage;
+        round_texts[r] = (text, null_text) for round r (their span prefix halves each round), default
+        the same as the first.
+        """
+        cfg = self.config
+        device = self.wte.weight.device
+        text = text.to(device).view(1, -1)
+        null_text = None if null_text is None else null_text.to(device).view(1, -1)
+        kw = dict(guidance=guidance, temperature=temperature, top_k=top_k, generator=generator)
+        (f0,) = self._complete("image", text, null_text, [], 1, **kw)
+        rest = self._complete("sequential", text, null_text, [f0], cfg.frames - 1, **kw)
+        frames = torch.cat([f0] + rest)                                          # (frames, h, w)
+        for r in range(rounds):
+            t, nt = (round_texts[r] if round_texts else (text, null_text))
+            t = t.to(device).view(1, -1)
+            nt = None if nt is None else nt.to(device).view(1, -1)
+            frames = self.interpolate(frames, t, nt, **kw)
+        return frames
+
+    @torch.no_grad()
+    def interpolate(self, frames, text, null_text=None, **kw) -> torch.Tensor:
+        """One round: codes (n, h, w) -> (2n - 1, h, w), every gap gets its midpoint.
+
+        With 5-frame models a group is 3 consecutive frames (a, b, c) given as frames 0, 2, 4, which
+        yields the midpoints a|b and b|c as frames 1 and 3; groups overlap by one frame, so n = 4k + 1
+        (5 -> 9 -> 17 -> 33). All groups are sampled as one batch."""
+        cfg = self.config
+        n = frames.shape[0]
+        g = (cfg.frames + 1) // 2                          # given frames per group
+        if (n - 1) % (g - 1):
+            raise ValueError(f"cannot interpolate {n} frames in groups of {g} (need n = {g - 1}k + 1)")
+        groups = (n - 1) // (g - 1)
+        given = [torch.stack([frames[(g - 1) * k + j] for k in range(groups)]) for j in range(g)]  # g x (G, h, w)
+        text = text.expand(groups, -1)
+        null_text = None if null_text is None else null_text.expand(groups, -1)
+        mids = self._complete("interpolation", text, null_text, given, g - 1, **kw)         # (g-1) x (G, h, w)
+        out = []
+        for k in range(groups):
+            for j in range(g - 1):
+                out += [frames[(g - 1) * k + j], mids[j][k]]
+        out.append(frames[-1])
+        return torch.stack(out)
+
+    def _complete(self, stage, text, null_text, given, n_new, guidance=3.0, temperature=1.05, top_k=None,
+                  generator=None):
+        """Sample `n_new` frames after the prefix [text][boi given_0]...; text (N, slot); given: list of
+        (N, h, w) codes in sequence order. Returns a list of n_new (N, h, w) code tensors."""
+        cfg = self.config
+        N = text.shape[0]
+        hw = cfg.tokens_h * cfg.tokens_w
+        device = text.device
+        boi = torch.full((N, 1), cfg.boi_id, dtype=torch.long, device=device)
+        prefix = [text.long()]
+        for codes in given:
+            prefix += [boi, codes.reshape(N, hw).long() + cfg.text_vocab]
+        prefix = torch.cat(prefix, dim=1)                                          # (N, P)
+        cfg_rows = null_text is not None
+        if cfg_rows:  # guidance: the same frames after the empty-caption slot
+            uncond = torch.cat([null_text.long(), prefix[:, cfg.text_slot:]], dim=1)
+            prefix = torch.cat([prefix, uncond], dim=0)                            # (2N, P)
+        R = prefix.shape[0]
+        cache = KVCache(cfg.n_layer)
+        self(prefix, stage=stage, cache=cache)
+        out = []
+        for _ in range(n_new):
+            logits, _ = self(boi[:1].expand(R, 1), stage=stage, cache=cache)
+            frame = torch.empty(N, hw, dtype=torch.long, device=device)
+            for i in range(hw):
+                logits = logits[:, -1, :].float()                                  # (R, image_vocab)
+                if cfg_rows:
+                    c, g = logits[:N], logits[N:]
+                    logits = g + guidance * (c - g)
+                logits = logits / max(temperature, 1e-5)
+                if top_k is not None and top_k < logits.shape[-1]:
+                    v, _ = torch.topk(logits, top_k)
+                    logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                code = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (N,)
+                frame[:, i] = code
+                if i < hw - 1 or len(out) < n_new - 1:  # the last code of the last frame needs no step
+                    step = (code + cfg.text_vocab).repeat(R // N).view(R, 1)
+                    logits, _ = self(step, stage=stage, cache=cache)
+            out.append(frame.view(N, cfg.tokens_h, cfg.tokens_w))
+        return out

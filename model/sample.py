@@ -1,0 +1,106 @@
+"""Generate a video from text with a trained RUN, like nanoGPT's sample.py: everything comes from RUN.
+
+    sample("demo-out/run", "a red circle moves to the right", "sample.mp4", seed=0)
+
+Steps (SPEC §1, Sampling): build the text slot "<span> <sep> prompt" and the guide slot (same span, empty
+caption); frame 0 from the image stage, frames 1..4 from the sequential stage, every token with
+classifier-free guidance, temperature and top-k; optional interpolation rounds (5 -> 9 -> 17 -> 33 frames,
+the span prefix halving each round) with a model trained for the interpolation stage (this run, or
+`interp_run`); decode with the run's image tokenizer; write mp4 or gif.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.train import default_device, load_checkpoint, model_from_checkpoint
+from model.video import upscale, write_video
+
+
+def _default_span(ckpt: dict, mode: str) -> float | None:
+    spans = ckpt.get("spans") or {}
+    for key in (mode, "all"):
+        if key in spans:
+            return float(spans[key])
+    return None
+
+
+def rounds_for(frames: int, frames_out: int) -> int:
+    """Interpolation rounds that turn `frames` into exactly `frames_out` (each round: n -> 2n - 1)."""
+    n, r = frames, 0
+    while n < frames_out:
+        n, r = 2 * n - 1, r + 1
+    if n != frames_out:
+        raise ValueError(f"frames_out must be one of {[frames]} + 2n-1 steps ({frames}, {2 * frames - 1}, "
+                         f"{4 * frames - 3}, ...), got {frames_out}")
+    return r
+
+
+def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike, seed: int = 0,
+           guidance: float = 3.0, temperature: float = 1.05, top_k: int | None = 64, frames_out: int | None = None,
+           fps: float | None = None, span: float | None = None, interp_run: str | os.PathLike | None = None,
+           device: str | None = None, min_side: int = 128) -> dict:
+    """Generate a video for `prompt` and write it to `out_path` (.mp4 or .gif).
+
+    span: the time-span prefix in seconds (default: the most common span of the run's sequential
+    training clips). frames_out: 5 (default), 9, 17 or 33 with an interpolation-trained model. fps: default
+    real time, (frames - 1) / span. Returns {"out", "frames", "seconds", "tokens", "span", "fps", "rounds"}.
+    """
+    from tokenizer.image import ImageTokenizer
+    from tokenizer.text import TextTokenizer
+
+    t0 = time.time()
+    run = Path(run_dir)
+    device = torch.device(device or default_device())
+    ckpt = load_checkpoint(run, device="cpu")
+    model = model_from_checkpoint(ckpt, device).eval()
+    cfg = model.config
+    text = TextTokenizer(run / "tokenizers" / "text.model")
+    image = ImageTokenizer.load(run / "tokenizers" / "image", device=device)
+    if text.vocab_size != cfg.text_vocab or image.codebook_size != cfg.image_vocab:
+        raise ValueError(f"{run}: tokenizers do not match the model's vocabularies")
+
+    frames_out = frames_out or cfg.frames
+    rounds = rounds_for(cfg.frames, frames_out)
+    interp = model
+    if rounds:
+        if interp_run is not None:
+            ickpt = load_checkpoint(interp_run, device="cpu")
+            interp = model_from_checkpoint(ickpt, device).eval()
+            stages = ickpt.get("stages", [ickpt["stage"]])
+        else:
+            stages = ckpt.get("stages", [ckpt["stage"]])
+        if "interpolation" not in stages:
+            raise ValueError(f"{frames_out} frames need interpolation rounds, but the model was not trained for "
+                             f"the interpolation stage (stages {stages}); pass interp_run=RUN of one that was")
+    span = span if span is not None else _default_span(ckpt, "sequential")
+    ids, _ = text.encode_caption(prompt)
+
+    def slots(s):
+        cond, _ = text.build_slot(ids, s, cfg.text_slot)
+        null, _ = text.build_slot([], s, cfg.text_slot)
+        return torch.from_numpy(cond).to(device), torch.from_numpy(null).to(device)
+
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    kw = dict(guidance=guidance, temperature=temperature, top_k=top_k, generator=gen)
+    cond, null = slots(span)
+    use_null = null if guidance != 1.0 else None
+    codes = model.generate(cond, use_null, **kw)                                  # (frames, h, w)
+    for r in range(rounds):
+        c, n = slots(span / 2 ** (r + 1) if span is not None else None)
+        codes = interp.interpolate(codes, c.view(1, -1), n.view(1, -1) if use_null is not None else None, **kw)
+    codes_np = codes.cpu().numpy().astype(np.uint16)
+    frames = image.decode(codes_np)                                              # (T, S, S, 3)
+    if fps is None:
+        rate = (cfg.frames - 1) / span if span else 1.0
+        fps = rate * 2 ** rounds
+    out = write_video(upscale(frames, min_side), out_path, fps=fps)
+    n_tokens = int(codes_np.size)
+    return {"out": out, "frames": int(len(frames)), "seconds": round(time.time() - t0, 2), "tokens": n_tokens,
+            "span": span, "fps": fps, "rounds": rounds, "prompt": prompt, "seed": seed,
+            "size": [int(frames.shape[1]), int(frames.shape[2])]}

@@ -1,0 +1,361 @@
+"""Train the CogVideo-style model on a built dataset: one explicit loop, like nanoGPT's train.py.
+
+    train(DATASET, RUN, TrainConfig(stage="sequential", steps=2000, max_minutes=3))
+
+RUN/ after a run:
+    ckpt_{step:06d}.pt    {"model": state_dict, "model_config": dict, "train_config": dict, "step", "stage",
+                           "stages", "train_loss", "val_loss", "spans"}; plain data, torch.load(weights_only=True)
+    latest.json           the newest checkpoint's name and metadata (step, losses, configs, default span)
+    log.jsonl             one JSON object per log line (train and eval)
+    tokenizers/image/     copy of the image tokenizer (config.json, weights.pt)
+    tokenizers/text.model copy of the sentencepiece model
+so model/sample.py rebuilds everything from RUN alone.
+
+Stages (SPEC §1): "image" trains the base text-to-image model (text + frame 0); "sequential" and
+"interpolation" train the video model. Starting from an image-stage run (`init_from`), attention-plus
+is re-initialised from the base channel and only attention-plus, the mix vectors and the new position
+tables train (`freeze_base`, on by default then). Without an image-stage run (the demo) everything
+trains, and `joint_image` adds the image-stage loss (text + frame 0, base channel alone) to every step,
+so that the base channel can draw frame 0 at sampling time.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from model.data import SequenceBuilder, ShardStream, make_loader, read_dataset_info, shard_urls, tokenizer_paths
+from model.gpt import STAGES, CogVideo, CogVideoConfig, default_window
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "sequential"          # image | sequential | interpolation
+    steps: int = 2000
+    max_minutes: float | None = None   # stop at `steps` or after this long, whichever comes first
+    batch_size: int = 8
+    lr: float = 2e-4                   # SPEC: Adam, lr 2e-4, cosine decay, short warmup
+    min_lr: float | None = None        # end of the cosine; default lr / 10
+    warmup_steps: int = 50             # capped at a tenth of `steps`
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.0
+    grad_clip: float = 0.1             # SPEC: gradient clipping 0.1 (global norm); 0 disables
+    eval_interval: int = 200
+    eval_batches: int = 4
+    ckpt_interval: int = 1000
+    keep_checkpoints: int = 2          # older ckpt_*.pt files are removed (0 keeps all)
+    log_interval: int = 20
+    seed: int = 0
+    device: str | None = None          # default: cuda when available, else cpu
+    amp: bool = True                   # bf16 autocast on cuda (no loss scaling needed); ignored on cpu
+    grad_checkpoint: bool = False      # activation checkpointing (SPEC), trades compute for memory
+    init_from: str | None = None       # a RUN directory to start from (e.g. an image-stage run)
+    freeze_base: bool | None = None    # None: True when init_from is an image-stage run and stage != image
+    joint_image: bool | None = None    # None: True when the base trains (not frozen) and stage != image
+    cond_drop: float = 0.1             # caption dropout, for classifier-free guidance
+    clip_modes: list | None = None     # only samples whose meta "mode" is listed (None: all)
+    holdout: float = 0.05              # fraction of train keys held out when there are no val shards
+    shuffle_buffer: int = 256
+    num_workers: int = 0
+    # model shape, for a fresh model (with init_from the model comes from that run)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    window: int | None = None          # default: half the grid side (10 on 20x20, as in the SPEC)
+    shift: int | None = None           # default: half the window
+
+    def validate(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def load_checkpoint(run: str | os.PathLike, device="cpu") -> dict:
+    """A checkpoint dict from a RUN directory (its latest.json) or a ckpt_*.pt file."""
+    path = Path(run)
+    if path.is_dir():
+        latest = path / "latest.json"
+        if not latest.exists():
+            raise FileNotFoundError(f"{run}: no latest.json (not a training run, or no checkpoint yet)")
+        path = path / json.loads(latest.read_text(encoding="utf-8"))["ckpt"]
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def model_from_checkpoint(ckpt: dict, device="cpu") -> CogVideo:
+    known = {f.name for f in fields(CogVideoConfig)}
+    cfg = CogVideoConfig(**{k: v for k, v in ckpt["model_config"].items() if k in known})
+    model = CogVideo(cfg)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _copy_tokenizers(paths: dict, run: Path) -> dict:
+    from tokenizer.image import CONFIG_FILE, WEIGHTS_FILE
+
+    dst = run / "tokenizers"
+    (dst / "image").mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        shutil.copy2(paths["image"] / name, dst / "image" / name)
+    shutil.copy2(paths["text"], dst / "text.model")
+    return {"image": str(dst / "image"), "text": str(dst / "text.model")}
+
+
+def default_spans(spans: Counter) -> dict:
+    """The most common span (seconds) per clip mode and overall, for the sampler's default prefix."""
+    out = {}
+    for mode in sorted({m for m, _ in spans}):
+        sub = Counter({s: n for (m, s), n in spans.items() if m == mode})
+        out[mode] = sub.most_common(1)[0][0]
+    if spans:
+        out["all"] = Counter({s: n for (_, s), n in spans.items()}).most_common(1)[0][0]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig | None = None,
+          log: Callable[[str], None] | None = print) -> dict:
+    """Train on DATASET's shards into RUN; returns {"train_loss", "val_loss", "steps", "seconds",
+    "tokens_per_s", "params", "trainable_params", "stage", "ckpt", ...}."""
+    from tokenizer.image import ImageTokenizer
+    from tokenizer.text import TextTokenizer
+
+    config = config or TrainConfig()
+    config.validate()
+    log = log or (lambda msg: None)
+    device = torch.device(config.device or default_device())
+    torch.manual_seed(config.seed)
+    run = Path(out_dir)
+    run.mkdir(parents=True, exist_ok=True)
+
+    # --- data and tokenizers ------------------------------------------------------------------------
+    info = read_dataset_info(dataset_dir)
+    lay = info["layout"]
+    tok_paths = tokenizer_paths(dataset_dir, info)
+    text = TextTokenizer(tok_paths["text"])
+    image = ImageTokenizer.load(tok_paths["image"])
+    if (image.tokens_hw[0], image.tokens_hw[1]) != (lay["tokens_h"], lay["tokens_w"]):
+        raise ValueError(f"image tokenizer gives {image.tokens_hw} codes, the dataset layout "
+                         f"{lay['tokens_h']}x{lay['tokens_w']}")
+
+    # --- model ----------------------------------------------------------------------------------------
+    stages_done: list[str] = []
+    init_stage = None
+    if config.init_from:
+        ckpt = load_checkpoint(config.init_from)
+        model = model_from_checkpoint(ckpt)
+        init_stage, stages_done = ckpt["stage"], list(ckpt.get("stages", [ckpt["stage"]]))
+        mc = model.config
+        want = (text.vocab_size, image.codebook_size, lay["text_slot"], lay["frames"], lay["tokens_h"], lay["tokens_w"])
+        have = (mc.text_vocab, mc.image_vocab, mc.text_slot, mc.frames, mc.tokens_h, mc.tokens_w)
+        if want != have:
+            raise ValueError(f"{config.init_from} was trained for (text_vocab, image_vocab, text_slot, frames, "
+                             f"tokens_h, tokens_w) = {have}, this dataset has {want}")
+        if init_stage == "image" and config.stage != "image":
+            model.init_plus_from_base()  # SPEC: attention-plus starts as a copy of the trained base
+        log(f"init from {config.init_from} (stage {init_stage}, step {ckpt['step']})")
+    else:
+        window = config.window or default_window(lay["tokens_h"], lay["tokens_w"])[0]
+        shift = config.shift if config.shift is not None else window // 2
+        mc = CogVideoConfig(text_vocab=text.vocab_size, image_vocab=image.codebook_size, n_layer=config.n_layer,
+                            n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout,
+                            text_slot=lay["text_slot"], frames=lay["frames"], tokens_h=lay["tokens_h"],
+                            tokens_w=lay["tokens_w"], window=window, shift=shift)
+        model = CogVideo(mc)
+    freeze = config.freeze_base if config.freeze_base is not None else (
+        init_stage == "image" and config.stage != "image")
+    joint = config.joint_image if config.joint_image is not None else (not freeze and config.stage != "image")
+    model.freeze_base(freeze)
+    model.gradient_checkpointing = config.grad_checkpoint
+    model.to(device)
+    n_params = model.get_num_params()
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"model: {n_params / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable; stage {config.stage}, "
+        f"sequence {mc.seq_len(config.stage)} tokens, freeze_base={freeze}, joint_image={joint}, device {device}")
+
+    tokenizers = _copy_tokenizers(tok_paths, run)
+    builder = SequenceBuilder(mc, text, config.stage)
+    train_urls, val_urls = shard_urls(dataset_dir, "train"), shard_urls(dataset_dir, "val")
+    if not train_urls:
+        raise FileNotFoundError(f"{dataset_dir}: no shards/train-*.tar")
+    modes = tuple(config.clip_modes) if config.clip_modes else None
+    holdout = 0.0 if val_urls else config.holdout
+    train_stream = ShardStream(train_urls, builder, shuffle=True, repeat=True, seed=config.seed,
+                               buffer=config.shuffle_buffer, cond_drop=config.cond_drop, holdout=holdout,
+                               holdout_side="exclude", modes=modes)
+    val_stream = ShardStream(val_urls or train_urls, builder, shuffle=False, repeat=False, holdout=holdout,
+                             holdout_side="only" if holdout else "exclude", modes=modes)
+    train_iter = iter(make_loader(train_stream, config.batch_size, config.num_workers))
+
+    def eval_batches(stream):
+        batches = []
+        for batch in make_loader(stream, config.batch_size):
+            batches.append(batch)
+            if len(batches) >= config.eval_batches:
+                break
+        return batches
+
+    val_set = eval_batches(val_stream)
+    eval_split = "val" if val_urls else "holdout"
+    if not val_set:  # tiny datasets: nothing held out, evaluate on fixed training batches instead
+        eval_split = "train"
+        val_set = eval_batches(ShardStream(train_urls, builder, shuffle=False, repeat=False, modes=modes))
+
+    # --- optimizer and schedule -------------------------------------------------------------------------
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},  # nanoGPT:
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]                  # no decay on
+    fused = device.type == "cuda"                                                                  # biases, norms
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
+                                  **({"fused": True} if fused else {}))
+    min_lr = config.min_lr if config.min_lr is not None else config.lr / 10
+    warmup = max(1, min(config.warmup_steps, config.steps // 10))
+
+    def lr_at(step):
+        if step < warmup:
+            return config.lr * (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, config.steps - warmup))
+        return min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (config.lr - min_lr)
+
+    use_amp = config.amp and device.type == "cuda"
+    autocast = (lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
+    n0 = mc.text_slot + mc.frame_len  # text + frame 0: the image-stage prefix of every layout
+
+    def losses(tokens, targets):
+        with autocast():
+            _, loss = model(tokens, targets, stage=config.stage)
+            loss_image = None
+            if joint:
+                _, loss_image = model(tokens[:, :n0], targets[:, :n0], stage="image")
+        return loss, loss_image
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        model.eval()
+        out, out_img = [], []
+        for tokens, targets in val_set:
+            loss, loss_image = losses(tokens.to(device), targets.to(device))
+            out.append(loss.item())
+            if loss_image is not None:
+                out_img.append(loss_image.item())
+        model.train()
+        res = {"val_loss": sum(out) / len(out) if out else None}
+        if out_img:
+            res["val_loss_image"] = sum(out_img) / len(out_img)
+        return res
+
+    log_file = open(run / "log.jsonl", "a", encoding="utf-8")
+
+    def record(entry: dict) -> None:
+        log_file.write(json.dumps(entry) + "\n")
+        log_file.flush()
+
+    stages = stages_done + ([config.stage] if not stages_done or stages_done[-1] != config.stage else [])
+    ckpts: list[Path] = []
+
+    def checkpoint(step: int, train_loss: float, val: dict, seconds: float) -> str:
+        name = f"ckpt_{step:06d}.pt"
+        spans = default_spans(train_stream.spans)
+        blob = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "model_config": mc.to_dict(), "train_config": asdict(config), "step": step,
+                "stage": config.stage, "stages": stages, "train_loss": train_loss,
+                "val_loss": val.get("val_loss"), "spans": {k: float(v) for k, v in spans.items()}}
+        tmp = run / (name + ".tmp")
+        torch.save(blob, tmp)
+        os.replace(tmp, run / name)
+        _write_json(run / "latest.json", {
+            "ckpt": name, "step": step, "stage": config.stage, "stages": stages, "train_loss": train_loss,
+            **val, "eval_split": eval_split, "seconds": round(seconds, 1), "default_span": spans,
+            "model_config": mc.to_dict(), "train_config": asdict(config), "tokenizers": {
+                "image": {"id": image.tokenizer_id, "sha256": image.sha256, "path": "tokenizers/image"},
+                "text": {"id": text.tokenizer_id, "sha256": text.sha256, "path": "tokenizers/text.model"}}})
+        if run / name not in ckpts:
+            ckpts.append(run / name)
+        while config.keep_checkpoints and len(ckpts) > config.keep_checkpoints:
+            ckpts.pop(0).unlink(missing_ok=True)
+        return name
+
+    # --- loop -------------------------------------------------------------------------------------------
+    model.train()
+    t0 = time.time()
+    tokens_seen = 0
+    recent: list[float] = []
+    first_loss = None
+    val = {}
+    ckpt_name = None
+    step = 0
+    stop_reason = "steps"
+    for step in range(1, config.steps + 1):
+        lr = lr_at(step - 1)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        tokens, targets = next(train_iter)
+        tokens, targets = tokens.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        loss, loss_image = losses(tokens, targets)
+        total = loss + loss_image if loss_image is not None else loss
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        tokens_seen += tokens.numel() + (tokens[:, :n0].numel() if joint else 0)
+        first_loss = first_loss if first_loss is not None else loss.item()
+        recent = (recent + [loss.item()])[-config.log_interval:]
+        elapsed = time.time() - t0
+        out_of_time = config.max_minutes is not None and elapsed >= config.max_minutes * 60
+        last = step == config.steps or out_of_time
+        if step % config.log_interval == 0 or step == 1 or last:
+            entry = {"step": step, "loss": round(loss.item(), 5), "lr": lr, "seconds": round(elapsed, 2),
+                     "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9))}
+            if loss_image is not None:
+                entry["loss_image"] = round(loss_image.item(), 5)
+            record(entry)
+            log(f"step {step:6d} loss {loss.item():.4f}" + (f" (image {loss_image.item():.4f})" if loss_image
+                is not None else "") + f" lr {lr:.2e} {entry['tokens_per_s']} tok/s {elapsed:.0f}s")
+        if step % config.eval_interval == 0 or last:
+            val = evaluate()
+            record({"step": step, "eval": eval_split, **val})
+            log(f"step {step:6d} eval ({eval_split}) " + " ".join(f"{k} {v:.4f}" for k, v in val.items() if v is not None))
+        if step % config.ckpt_interval == 0 or last:
+            ckpt_name = checkpoint(step, sum(recent) / len(recent), val, time.time() - t0)
+        if out_of_time:
+            stop_reason = "max_minutes"
+            break
+    seconds = time.time() - t0
+    log_file.close()
+    summary = {"stage": config.stage, "steps": step, "stopped_by": stop_reason, "seconds": round(seconds, 1),
+               "first_loss": first_loss, "train_loss": sum(recent) / len(recent), **val, "eval_split": eval_split,
+               "tokens_per_s": round(tokens_seen / max(seconds, 1e-9)), "params": n_params,
+               "trainable_params": n_train, "freeze_base": freeze, "joint_image": joint, "device": str(device),
+               "samples_seen": train_stream.seen, "skipped": dict(train_stream.skipped),
+               "ckpt": str(run / ckpt_name) if ckpt_name else None, "tokenizers": tokenizers}
+    _write_json(run / "summary.json", summary)
+    return summary

@@ -35,8 +35,8 @@ def rounds_for(frames: int, frames_out: int) -> int:
     while n < frames_out:
         n, r = 2 * n - 1, r + 1
     if n != frames_out:
-        raise ValueError(f"frames_out must be one of {[frames]} + 2n-1 steps ({frames}, {2 * frames - 1}, "
-                         f"{4 * frames - 3}, ...), got {frames_out}")
+        raise ValueError(f"frames_out must be {frames}, {2 * frames - 1}, {4 * frames - 3}, ... (each "
+                         f"interpolation round turns n frames into 2n - 1), got {frames_out}")
     return r
 
 
@@ -72,6 +72,10 @@ def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike,
             ickpt = load_checkpoint(interp_run, device="cpu")
             interp = model_from_checkpoint(ickpt, device).eval()
             stages = ickpt.get("stages", [ickpt["stage"]])
+            ic = interp.config
+            if (ic.text_vocab, ic.image_vocab, ic.text_slot, ic.frames, ic.tokens_h, ic.tokens_w) != (
+                    cfg.text_vocab, cfg.image_vocab, cfg.text_slot, cfg.frames, cfg.tokens_h, cfg.tokens_w):
+                raise ValueError(f"{interp_run} was trained for other vocabularies or another layout than {run}")
         else:
             stages = ckpt.get("stages", [ckpt["stage"]])
         if "interpolation" not in stages:

@@ -452,8 +452,10 @@ def train_image_tokenizer(frames: np.ndarray, out_dir: str | os.PathLike, preset
         if step == ae_steps:  # end of the autoencoder warm-up: codebook = k-means of current encodings
             with torch.no_grad():
                 pool = frames[rng.integers(0, len(frames), size=min(len(frames), max(8 * batch_size, 256)))]
-                z_pool = torch.cat([model.encoder(_to_tensor(pool[i:i + 256], device)) for i in range(0, len(pool), 256)])
-                model.quantizer.init_kmeans(model.quantizer.prepare(z_pool.permute(0, 2, 3, 1).reshape(-1, cfg.code_dim)))
+                z_pool = torch.cat([model.encoder(_to_tensor(pool[i:i + 256], device))
+                                    for i in range(0, len(pool), 256)])                    # (P, D, h, w)
+                flat = z_pool.permute(0, 2, 3, 1).reshape(-1, cfg.code_dim)
+                model.quantizer.init_kmeans(model.quantizer.prepare(flat))
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         z = model.encoder(x)

@@ -1,0 +1,153 @@
+"""The VQ image tokenizer: frames -> codes -> frames, training, persistence, evaluation."""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tokenizer.image import (PRESETS, EMAQuantizer, ImageTokenizer, VQConfig, codebook_stats,
+                             evaluate_image_tokenizer, psnr, train_image_tokenizer)
+
+SMALL = VQConfig(image_size=32, downsample=8, codebook_size=64, code_dim=8, channels=16, stem_channels=8,
+                 res_blocks=1, name="small")
+
+
+def shape_frames(n_videos=40, frames=8, size=64, seed=0):
+    """uint8 [n_videos * frames, size, size, 3]: a coloured circle or square moving over a dark background."""
+    rng = np.random.default_rng(seed)
+    palette = np.array([(220, 40, 40), (40, 190, 60), (50, 90, 235), (235, 215, 40), (235, 235, 235)], np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size]
+    out = np.empty((n_videos * frames, size, size, 3), np.uint8)
+    for v in range(n_videos):
+        background = rng.integers(10, 40, size=3)
+        color = palette[rng.integers(len(palette))]
+        r = size * rng.uniform(0.12, 0.17)
+        p = rng.uniform(r + 1, size - r - 1, size=2)
+        vel = rng.uniform(-2, 2, size=2)
+        square = rng.random() < 0.5
+        for t in range(frames):
+            cy, cx = np.clip(p + t * vel, r + 1, size - r - 1)
+            if square:
+                mask = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r)
+            else:
+                mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            img = out[v * frames + t]
+            img[:] = background
+            img[mask] = color
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vq")
+    frames = shape_frames(60, 8, seed=0)
+    tok = train_image_tokenizer(frames, out, preset="tiny", steps=150, batch_size=32, seed=0, log=None)
+    return tok, out
+
+
+def test_round_trip_shapes_and_dtypes():
+    torch.manual_seed(0)
+    tok = ImageTokenizer(SMALL)
+    frames = shape_frames(2, 3, size=32)
+    codes = tok.encode(frames)
+    assert codes.dtype == np.uint16 and codes.shape == (6, 4, 4)
+    assert codes.max() < tok.codebook_size
+    back = tok.decode(codes)
+    assert back.dtype == np.uint8 and back.shape == frames.shape
+    assert tok.encode(frames[0]).shape == (1, 4, 4)                      # a single frame
+    assert tok.decode(codes[0]).shape == (1, 32, 32, 3)
+    assert tok.encode(frames[:0]).shape == (0, 4, 4) and tok.decode(codes[:0]).shape == (0, 32, 32, 3)
+    assert np.array_equal(tok.encode(frames), codes)                     # deterministic
+    tok.batch_size = 4                                                   # internal batching is invisible
+    assert np.array_equal(tok.encode(frames), codes)
+    assert tok.tokens_hw == (4, 4) and tok.downsample == 8 and tok.image_size == 32
+
+
+def test_bad_inputs_raise():
+    tok = ImageTokenizer(SMALL)
+    with pytest.raises(ValueError):
+        tok.encode(np.zeros((2, 32, 32, 3), np.float32))
+    with pytest.raises(ValueError):
+        tok.encode(np.zeros((2, 30, 30, 3), np.uint8))
+    with pytest.raises(ValueError):
+        tok.decode(np.full((1, 4, 4), 64))                               # outside the codebook
+    with pytest.raises(ValueError):
+        train_image_tokenizer(np.zeros((4, 32, 32, 3), np.uint8), "unused", preset="tiny", steps=1, log=None)
+    with pytest.raises(ValueError):
+        VQConfig(image_size=30, downsample=8).validate()
+
+
+def test_presets():
+    assert PRESETS["tiny"].tokens_hw == (8, 8) and PRESETS["tiny"].codebook_size == 512
+    big = PRESETS["cogview2"]
+    assert (big.image_size, big.downsample, big.codebook_size, big.code_dim) == (160, 8, 20000, 256)
+    assert big.tokens_hw == (20, 20)
+
+
+def test_trained_tokenizer_reconstructs_shapes(trained, tmp_path):
+    tok, out = trained
+    held_out = shape_frames(10, 8, seed=1)
+    codes = tok.encode(held_out)
+    assert codes.dtype == np.uint16 and codes.shape == (80, 8, 8) and codes.max() < 512
+    recon = tok.decode(codes)
+    assert recon.shape == held_out.shape and recon.dtype == np.uint8
+    assert psnr(held_out, recon) > 20.0                                 # 22.1 dB measured after 150 steps
+    stats = codebook_stats(codes, tok.codebook_size)
+    assert stats["usage"] > 0.3 and stats["perplexity"] > 50
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["steps"] == 150 and log["history"][-1]["step"] == 149 and log["tokenizer_id"] == tok.tokenizer_id
+
+
+def test_save_load_gives_identical_codes(trained, tmp_path):
+    tok, out = trained
+    assert (out / "config.json").exists() and (out / "weights.pt").exists()
+    assert tok.sha256 == hashlib.sha256((out / "weights.pt").read_bytes()).hexdigest()
+    assert tok.tokenizer_id == f"vq-tiny-{tok.sha256[:12]}"
+    loaded = ImageTokenizer.load(out)
+    frames = shape_frames(3, 4, seed=5)
+    assert np.array_equal(loaded.encode(frames), tok.encode(frames))
+    assert np.array_equal(loaded.decode(tok.encode(frames)), tok.decode(tok.encode(frames)))
+    assert loaded.tokenizer_id == tok.tokenizer_id and loaded.config == tok.config
+    loaded.save(tmp_path / "copy")
+    assert ImageTokenizer.load(tmp_path / "copy").sha256 == loaded.sha256
+    # weights.pt is a plain state_dict: loadable with weights_only=True
+    state = torch.load(out / "weights.pt", weights_only=True)
+    assert "quantizer.codebook" in state and state["quantizer.codebook"].shape == (512, PRESETS["tiny"].code_dim)
+
+
+def test_evaluate_writes_metrics_and_contact_sheet(trained, tmp_path):
+    tok, _ = trained
+    frames = shape_frames(4, 4, seed=2)
+    metrics = evaluate_image_tokenizer(tok, frames, tmp_path / "eval")
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["psnr"] == pytest.approx(metrics["psnr"]) and saved["tokenizer_id"] == tok.tokenizer_id
+    assert metrics["frames"] == 16 and metrics["psnr"] > 15 and 0 < metrics["usage"] <= 1
+    assert metrics["tokens_hw"] == [8, 8] and metrics["perplexity"] >= 1
+    from PIL import Image
+    sheet = np.asarray(Image.open(tmp_path / "eval" / "roundtrip.png"))
+    assert sheet.shape == (2 + 2 * 66, 2 + 8 * 66, 3)                 # originals over reconstructions
+
+
+def test_codebook_stats():
+    stats = codebook_stats(np.array([[0, 0], [1, 1]]), 4)
+    assert stats["codes_used"] == 2 and stats["usage"] == 0.5 and stats["perplexity"] == pytest.approx(2.0)
+    assert psnr(np.zeros((2, 2), np.uint8), np.zeros((2, 2), np.uint8)) == float("inf")
+
+
+def test_dead_codes_restart_on_badly_served_vectors():
+    torch.manual_seed(0)
+    q = EMAQuantizer(VQConfig(image_size=32, codebook_size=8, code_dim=2))
+    with torch.no_grad():
+        q.codebook.copy_(torch.tensor([[0.0, 0.0]] + [[100.0, 100.0]] * 7))
+        q.ema_sum.copy_(q.codebook)
+    z = torch.cat([torch.zeros(54, 2), torch.tensor([[5.0, 5.0]]).repeat(10, 1)])  # code 0 serves all
+    q.train()
+    q(z.view(64, 2, 1, 1))                                          # counts usage: only code 0 used
+    assert q.usage.tolist() == [64] + [0] * 7
+    with torch.no_grad():
+        q.codebook[0] = 0.0                                         # undo the EMA step: zeros served exactly
+    moved = q.restart_dead(z, 1.0)
+    assert moved == 7
+    # restarted codes land on the vectors that code 0 serves worst (the (5, 5) ones), not the background
+    assert torch.allclose(q.codebook[1:], torch.tensor([5.0, 5.0]).expand(7, 2), atol=0.5)

@@ -67,7 +67,12 @@ def run_demo(out: str = "demo-out", videos: int = 24, train_minutes: float = 3.0
     log(json.dumps(result, default=str))
     done("train")
     step("sample")
-    sampled = sample(str(paths["run"]), "a red circle moves to the right", str(paths["video"]), seed=0)
+    # a caption the small model has seen: three minutes on two dozen videos memorise rather than
+    # generalise, so an unseen colour-shape pairing would show little (see docs/model.md)
+    from pipeline.shards import read_index
+    prompt = str(read_index(paths["dataset"]).caption.iloc[0])
+    log(f"prompt: {prompt!r}")
+    sampled = sample(str(paths["run"]), prompt, str(paths["video"]), seed=0)
     log(json.dumps(sampled, default=str))
     done("sample")
 

@@ -53,7 +53,8 @@ def sample_frames(manifest: str, size: int, max_frames: int = 4000, seed: int = 
 def train_image(manifest: str, out: str, preset: str = "tiny", steps: int = 300, batch_size: int = 32,
                 max_frames: int = 4000, seed: int = 0, device: str | None = None, progress: bool = True,
                 log=print) -> dict:
-    from tokenizer.image import PRESETS, evaluate_image_tokenizer, train_image_tokenizer
+    from tokenizer.image import PRESETS
+    from tokenizer.image_train import evaluate_image_tokenizer, train_image_tokenizer
 
     frames = sample_frames(manifest, PRESETS[preset].image_size, max_frames, seed, progress)
     log(f"image tokenizer: training {preset} on {len(frames)} frames for {steps} steps")
@@ -66,7 +67,8 @@ def train_image(manifest: str, out: str, preset: str = "tiny", steps: int = 300,
 
 
 def eval_image(checkpoint: str, manifest: str, out: str, max_frames: int = 512, progress: bool = True) -> dict:
-    from tokenizer.image import ImageTokenizer, evaluate_image_tokenizer
+    from tokenizer.image import ImageTokenizer
+    from tokenizer.image_train import evaluate_image_tokenizer
 
     tok = ImageTokenizer.load(checkpoint)
     frames = sample_frames(manifest, tok.image_size, max_frames, progress=progress)

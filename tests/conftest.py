@@ -36,7 +36,7 @@ def text_tokenizer(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def image_tokenizer(tmp_path_factory) -> Path:
-    from tokenizer.image import train_image_tokenizer
+    from tokenizer.image_train import train_image_tokenizer
     from pipeline.synth import render_frame, COLORS
 
     rng = np.random.default_rng(0)

@@ -13,7 +13,8 @@ from model.gpt import CogVideo, CogVideoConfig, KVCache, build_masks, layout
 from model.sample import rounds_for, sample
 from model.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
 from pipeline.samples import encode_sample
-from tokenizer.image import VQConfig, train_image_tokenizer
+from tokenizer.image import VQConfig
+from tokenizer.image_train import train_image_tokenizer
 from tokenizer.text import TextTokenizer, train_text_tokenizer
 
 # a 4x4 code grid, 4-token text slot: masks are small enough to check entry by entry

@@ -115,7 +115,9 @@ def _cmd_train(a):
 def _cmd_sample(a):
     from model.sample import sample
 
-    print(json.dumps(sample(a.run, a.prompt, a.out, seed=a.seed, guidance=a.guidance), default=str))
+    print(json.dumps(sample(a.run, a.prompt, a.out, seed=a.seed, guidance=a.guidance, temperature=a.temperature,
+                            top_k=a.top_k, frames_out=a.frames_out, fps=a.fps, interp_run=a.interp_run),
+                     default=str))
 
 
 def _cmd_demo(a):
@@ -251,7 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", required=True)
     s.add_argument("--out", required=True, metavar="FILE")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--guidance", type=float, default=3.0)
+    s.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
+    s.add_argument("--temperature", type=float, default=1.05)
+    s.add_argument("--top-k", type=int, default=64)
+    s.add_argument("--frames-out", type=int, help="frames to produce: 5, or 9/17/33 with interpolation rounds")
+    s.add_argument("--interp-run", metavar="RUN", help="a run trained with --stage interpolation, for --frames-out > 5")
+    s.add_argument("--fps", type=float, help="frame rate of the written video (default: the sampled rate)")
 
     s = cmd("demo", _cmd_demo, "the whole chain on a synthetic corpus, on this machine")
     s.add_argument("--out", default="demo-out", metavar="DIR")

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from pipeline.dataset import package_versions, write_wids_index
 from pipeline.shards import INDEX_COLUMNS, read_index, read_ledger, shard_name, write_json_atomic
 from pipeline.tarwriter import BLOCK, FastTarWriter
-from pipeline.verify import safe_member
+from pipeline.verify import safe_member, unsafe_name
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,9 @@ def _sample_ranges(tar_path: Path) -> dict[str, tuple[int, int]]:
                 raise ValueError(f"{tar_path.name}: member of type {kind!r} refused (links and devices are not read)")
             name = (header[345:500].rstrip(b"\0") + b"/" if header[345] else b"") + header[0:100].rstrip(b"\0")
             name_s = name.decode("utf-8", "replace")
-            if name_s.startswith("/") or ".." in name_s.split("/"):
-                raise ValueError(f"{tar_path.name}: {name_s}: unsafe path")
+            problem = unsafe_name(name_s)
+            if problem:
+                raise ValueError(f"{tar_path.name}: {problem}")
             size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
             end = pos + BLOCK + size + (-size % BLOCK)
             key = name_s.rpartition("/")[2].partition(".")[0]

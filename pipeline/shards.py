@@ -103,11 +103,11 @@ class ShardCommitter:
             writer.close()
             stream.flush()
             os.fsync(stream.fileno())
-        write_parquet(index_rows, INDEX_COLUMNS, tmp["index"])
-        write_parquet(ledger_rows, LEDGER_COLUMNS, tmp["ledger"])
+        _write_parquet(index_rows, INDEX_COLUMNS, tmp["index"])
+        _write_parquet(ledger_rows, LEDGER_COLUMNS, tmp["ledger"])
         failed_inputs = {r["row_index"] for r in ledger_rows} - ok_inputs
         stats = {
-            "shard": name, "samples": len(index_rows), "bytes": tmp["tar"].stat().st_size,
+            "shard": name, "samples": len(index_rows), "bytes": writer.written,
             "sha256": writer.sha256, "inputs": inputs, "inputs_with_samples": len(ok_inputs),
             "inputs_failed": len(failed_inputs), "clip_failures": len(ledger_rows) - len(failed_inputs),
             "errors_by_reason": dict(sorted(Counter(r["reason"] for r in ledger_rows).items())),
@@ -138,7 +138,7 @@ def _ledger_row(row: dict, shard: str, attempts: int) -> dict:
             "message": row.get("error"), "attempts": attempts, "transient": row.get("reason") in TRANSIENT}
 
 
-def write_parquet(rows: list[dict], columns: dict, path: Path) -> None:
+def _write_parquet(rows: list[dict], columns: dict, path: Path) -> None:
     arrays = [pa.array([r.get(name) for r in rows], type=kind) for name, kind in columns.items()]
     pq.write_table(pa.Table.from_arrays(arrays, schema=pa.schema(list(columns.items()))), path)
 

@@ -14,15 +14,19 @@ from pipeline.samples import REQUIRED_MEMBERS, decode_sample
 from pipeline.shards import read_index, read_ledger, read_stats, sha256_file
 
 
-def safe_member(member: tarfile.TarInfo) -> str | None:
-    """Why a member is unsafe to read, or None when it is a plain file with a plain relative name."""
-    name = member.name
-    if not member.isfile():
-        return f"{name}: not a regular file (links and devices are refused)"
+def unsafe_name(name: str) -> str | None:
+    """Why a member name is unsafe (absolute, `..`, backslashes), or None."""
     path = PurePosixPath(name)
     if path.is_absolute() or ".." in path.parts or "\\" in name:
         return f"{name}: unsafe path"
     return None
+
+
+def safe_member(member: tarfile.TarInfo) -> str | None:
+    """Why a member is unsafe to read, or None when it is a plain file with a plain relative name."""
+    if not member.isfile():
+        return f"{member.name}: not a regular file (links and devices are refused)"
+    return unsafe_name(member.name)
 
 
 def iter_tar_samples(path: Path):

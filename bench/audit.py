@@ -85,7 +85,7 @@ def synth_captions(n: int, seed: int = 0) -> list[str]:
 
 
 def worker(in_path: str, out_dir: str, chunk_rows: int, workers: int) -> None:
-    from pipeline.audit import audit
+    from clipforge.pipeline.text.audit import audit
     t0, c0 = time.perf_counter(), time.process_time()
     summary = audit(in_path, out_dir, chunk_rows=chunk_rows, workers=workers or None)
     seconds = time.perf_counter() - t0

@@ -23,13 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.clips import ClipConfig  # noqa: E402
-from pipeline.decode import DecodeFailure, _PyAVReader, decode_video, demux_timeline, probe  # noqa: E402
+from clipforge.pipeline.video.clips import ClipConfig  # noqa: E402
+from clipforge.pipeline.video.decode import DecodeFailure, PyAVReader, decode_video, demux_timeline, probe  # noqa: E402
 
 VIDEO_EXT = {".mp4", ".mkv", ".mov", ".webm", ".avi", ".ogg", ".mpg", ".mpeg", ".flv"}
 
 
-def gop_minimum(reader: _PyAVReader, wanted: list[int]) -> int:
+def gop_minimum(reader: PyAVReader, wanted: list[int]) -> int:
     """Frames a decoder must decode to produce `wanted`: from each target's key frame, shared per GOP."""
     import bisect
     decoded, position = 0, -1
@@ -59,14 +59,14 @@ def ours(files, config):
 
 def amplification(files, config):
     """Exact counts through the PyAV path, and the GOP minimum for the same plans."""
-    from pipeline.clips import plan_clips, resize_for_short_side
+    from clipforge.pipeline.video.clips import plan_clips, resize_for_short_side
     decoded = minimum = emitted = 0
     for f in files:
         try:
             facts = probe(str(f))
             w, h = resize_for_short_side(facts["width"], facts["height"], facts["sar"], facts["rotation"], config.size)
             timeline = demux_timeline(str(f), facts["stream_index"], facts["fps"], facts["duration"])
-            reader = _PyAVReader(str(f), facts["stream_index"], w, h, timeline)
+            reader = PyAVReader(str(f), facts["stream_index"], w, h, timeline)
             plans = plan_clips(timeline.pts, timeline.frame_end, config, key=f.stem, source_fps=facts["fps"])
             wanted = sorted({i for p in plans for i in p.frame_indices})
             if not wanted:
@@ -130,7 +130,7 @@ def main():
     shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
     root = Path(args.videos) if args.videos else (shared if shared.exists() else None)
     if root is None:
-        from pipeline.synth import SynthConfig, write_synthetic_corpus
+        from clipforge.pipeline.video.synth import SynthConfig, write_synthetic_corpus
         root = Path(tempfile.mkdtemp()) / "corpus"
         write_synthetic_corpus(root, SynthConfig(videos=24, max_seconds=20))
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXT and p.stat().st_size > 0)

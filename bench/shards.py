@@ -26,9 +26,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.dataset import write_wids_index  # noqa: E402
-from pipeline.reshard import ReshardConfig, reshard  # noqa: E402
-from pipeline.shards import ShardCommitter, read_stats, write_json_atomic  # noqa: E402
+from clipforge.pipeline.storage.dataset import write_wids_index  # noqa: E402
+from clipforge.pipeline.storage.reshard import ReshardConfig, reshard  # noqa: E402
+from clipforge.pipeline.storage.shards import ShardCommitter, read_stats, write_json_atomic  # noqa: E402
 
 LAYOUT = {"frames": 5, "frame_size": 160, "tokens_h": 20, "tokens_w": 20, "text_slot": 64, "image_vocab": 20000}
 

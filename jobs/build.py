@@ -13,15 +13,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from pipeline.captions import CleanCaption, CleanConfig
-from pipeline.clips import ClipConfig
-from pipeline.decode import DecodeVideo
-from pipeline.manifest import manifest_rows, read_manifest
-from pipeline.schema import is_ok, mark_error
-from pipeline.shards import ShardCommitter
-from pipeline.dataset import write_dataset_info
-from pipeline.tokenize import TokenizeClips
-from jobs.ray_stage import StageSpec
+from clipforge.pipeline.text.captions import CleanCaption, CleanConfig
+from clipforge.pipeline.video.clips import ClipConfig
+from clipforge.pipeline.video.decode import DecodeVideo
+from clipforge.pipeline.manifest import manifest_rows, read_manifest
+from clipforge.pipeline.schema import is_ok, mark_error
+from clipforge.pipeline.storage.shards import ShardCommitter
+from clipforge.pipeline.storage.dataset import write_dataset_info
+from clipforge.pipeline.tokenize import TokenizeClips
+from clipforge.jobs.ray_stage import StageSpec
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def _previous_attempts(committer: ShardCommitter, shards) -> dict[int, int]:
 
 
 def _layout(config: BuildConfig, image_tokenizer: str) -> dict:
-    from tokenizer.image import ImageTokenizer
+    from clipforge.tokenizer.image import ImageTokenizer
 
     tok = ImageTokenizer.load(image_tokenizer)
     h, w = tok.tokens_hw
@@ -144,7 +144,7 @@ def _start_ray(address: str | None) -> None:
 def _run_ray(rows: list[dict], specs: list[StageSpec]) -> Iterator[dict]:
     import ray
 
-    from jobs.ray_stage import RayStage, batch_to_rows, rows_to_batch
+    from clipforge.jobs.ray_stage import RayStage, batch_to_rows, rows_to_batch
 
     # small input blocks so that decoding spreads over all workers from the start
     blocks = [rows_to_batch(rows[i:i + 4]) for i in range(0, len(rows), 4)]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def _cmd_synth(a):
-    from pipeline.synth import SynthConfig, write_synthetic_corpus
+    from clipforge.pipeline.video.synth import SynthConfig, write_synthetic_corpus
 
     config = SynthConfig(videos=a.videos, seed=a.seed, max_seconds=a.max_seconds, dirty_captions=a.dirty,
                          broken=a.broken)
@@ -21,7 +21,7 @@ def _cmd_synth(a):
 
 
 def _cmd_clips(a):
-    from jobs.clips import plan_video
+    from clipforge.jobs.clips import plan_video
 
     result = plan_video(a.video, out=a.out, size=a.size, frames=a.frames, mode=a.mode, trim=a.trim)
     print(json.dumps(result, indent=2))
@@ -30,26 +30,26 @@ def _cmd_clips(a):
 
 
 def _cmd_captions_clean(a):
-    from pipeline.captions import clean_manifest
+    from clipforge.pipeline.text.captions import clean_manifest
 
     print(json.dumps(clean_manifest(a.input, a.output), indent=2, default=str))
 
 
 def _cmd_audit(a):
-    from pipeline.audit import audit
+    from clipforge.pipeline.text.audit import audit
 
     summary = audit(a.input, a.out, text_tokenizer_path=a.text_tokenizer, slot=a.text_slot)
     print(json.dumps({"out": a.out, "captions": summary.get("captions", summary.get("rows"))}, default=str))
 
 
 def _cmd_train_text(a):
-    from jobs.tokenizers import train_text
+    from clipforge.jobs.tokenizers import train_text
 
     train_text(a.input, a.out, vocab_size=a.vocab_size)
 
 
 def _cmd_train_image(a):
-    from jobs.tokenizers import train_image
+    from clipforge.jobs.tokenizers import train_image
 
     result = train_image(a.input, a.out, preset=a.preset, steps=a.steps, batch_size=a.batch_size,
                          max_frames=a.max_frames, seed=a.seed, device=a.device)
@@ -57,13 +57,13 @@ def _cmd_train_image(a):
 
 
 def _cmd_eval_image(a):
-    from jobs.tokenizers import eval_image
+    from clipforge.jobs.tokenizers import eval_image
 
     print(json.dumps(eval_image(a.checkpoint, a.input, a.out, max_frames=a.max_frames), default=str))
 
 
 def _cmd_build(a):
-    from jobs.build import BuildConfig, build, with_overrides
+    from clipforge.jobs.build import BuildConfig, build, with_overrides
 
     config = with_overrides(BuildConfig(), size=a.size, frames=a.frames, mode=a.mode, trim=a.trim,
                             max_span=a.max_span, rates=_floats(a.rates), seed=a.seed,
@@ -76,7 +76,7 @@ def _cmd_build(a):
 
 
 def _cmd_reshard(a):
-    from pipeline.reshard import ReshardConfig, reshard
+    from clipforge.pipeline.storage.reshard import ReshardConfig, reshard
 
     config = ReshardConfig(samples_per_shard=a.samples_per_shard, bytes_per_shard=a.bytes_per_shard,
                            shuffle_seed=a.shuffle_seed, filter=a.filter, val_fraction=a.val_fraction,
@@ -85,8 +85,8 @@ def _cmd_reshard(a):
 
 
 def _cmd_estimate(a):
-    from jobs.estimate import estimate
-    from pipeline.clips import ClipConfig
+    from clipforge.jobs.estimate import estimate
+    from clipforge.pipeline.video.clips import ClipConfig
 
     clips = ClipConfig(size=a.size, frames=a.frames, mode=a.mode, trim=a.trim)
     print(json.dumps(estimate(a.manifest, sample=a.sample, seed=a.seed, clips=clips,
@@ -96,7 +96,7 @@ def _cmd_estimate(a):
 
 
 def _cmd_verify(a):
-    from pipeline.verify import verify_dataset
+    from clipforge.pipeline.storage.verify import verify_dataset
 
     report = verify_dataset(a.dataset)
     print(json.dumps(report, indent=2, default=str))
@@ -105,7 +105,7 @@ def _cmd_verify(a):
 
 
 def _cmd_train(a):
-    from model.train import TrainConfig, train
+    from clipforge.model.train import TrainConfig, train
 
     config = TrainConfig(stage=a.stage, steps=a.steps, max_minutes=a.max_minutes, batch_size=a.batch_size,
                          seed=a.seed, device=a.device, init_from=a.init_from, **_model_overrides(a))
@@ -113,7 +113,7 @@ def _cmd_train(a):
 
 
 def _cmd_sample(a):
-    from model.sample import sample
+    from clipforge.model.sample import sample
 
     print(json.dumps(sample(a.run, a.prompt, a.out, seed=a.seed, guidance=a.guidance, temperature=a.temperature,
                             top_k=a.top_k, frames_out=a.frames_out, fps=a.fps, interp_run=a.interp_run),
@@ -121,7 +121,7 @@ def _cmd_sample(a):
 
 
 def _cmd_demo(a):
-    from jobs.demo import run_demo
+    from clipforge.jobs.demo import run_demo
 
     run_demo(a.out, videos=a.videos, train_minutes=a.train_minutes)
 

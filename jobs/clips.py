@@ -5,10 +5,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.clips import ClipConfig
-from pipeline.decode import decode_video
-from pipeline.isolate import IsolatedCall
-from pipeline.schema import video_id_for
+from clipforge.pipeline.video.clips import ClipConfig
+from clipforge.pipeline.video.decode import decode_video
+from clipforge.pipeline.video.isolate import IsolatedCall
+from clipforge.pipeline.schema import video_id_for
 
 
 def plan_video(video: str, out: str | None = None, size: int = 160, frames: int = 5, mode: str = "sequential",
@@ -39,7 +39,7 @@ def plan_video(video: str, out: str | None = None, size: int = 160, frames: int 
             entry["frames_file"] = name
         clips.append(entry)
     if out_dir and result["clips"]:
-        from tokenizer.image_train import contact_sheet, write_png
+        from clipforge.tokenizer.image_train import contact_sheet, write_png
         write_png(out_dir / "contact_sheet.png", contact_sheet([c["frames"] for c in result["clips"]]))
     source = {"width": src["width"], "height": src["height"], "fps": src["fps"], "frames": src["frames"],
               "duration": src["duration"], "rotation": src["rotation"], "sar": src["sar"], "codec": src["codec"],

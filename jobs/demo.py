@@ -12,13 +12,13 @@ from pathlib import Path
 
 
 def run_demo(out: str = "demo-out", videos: int = 24, train_minutes: float = 3.0, log=print) -> dict:
-    from jobs.build import BuildConfig, build, with_overrides
-    from jobs.tokenizers import train_image, train_text
-    from model.sample import sample
-    from model.train import TrainConfig, train
-    from pipeline.audit import audit
-    from pipeline.synth import SynthConfig, write_synthetic_corpus
-    from pipeline.verify import verify_dataset
+    from clipforge.jobs.build import BuildConfig, build, with_overrides
+    from clipforge.jobs.tokenizers import train_image, train_text
+    from clipforge.model.sample import sample
+    from clipforge.model.train import TrainConfig, train
+    from clipforge.pipeline.text.audit import audit
+    from clipforge.pipeline.video.synth import SynthConfig, write_synthetic_corpus
+    from clipforge.pipeline.storage.verify import verify_dataset
 
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -69,7 +69,7 @@ def run_demo(out: str = "demo-out", videos: int = 24, train_minutes: float = 3.0
     step("sample")
     # a caption the small model has seen: three minutes on two dozen videos memorise rather than
     # generalise, so an unseen colour-shape pairing would show little (see docs/model.md)
-    from pipeline.shards import read_index
+    from clipforge.pipeline.storage.shards import read_index
     prompt = str(read_index(paths["dataset"]).caption.iloc[0])
     log(f"prompt: {prompt!r}")
     sampled = sample(str(paths["run"]), prompt, str(paths["video"]), seed=0)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from pipeline.captions import CleanCaption
-from pipeline.clips import ClipConfig
-from pipeline.decode import DecodeVideo
-from pipeline.manifest import manifest_rows, read_manifest
-from pipeline.schema import is_ok
+from clipforge.pipeline.text.captions import CleanCaption
+from clipforge.pipeline.video.clips import ClipConfig
+from clipforge.pipeline.video.decode import DecodeVideo
+from clipforge.pipeline.manifest import manifest_rows, read_manifest
+from clipforge.pipeline.schema import is_ok
 
 
 def estimate(manifest: str, sample: int = 50, seed: int = 0, clips: ClipConfig = ClipConfig(),
@@ -35,7 +35,7 @@ def estimate(manifest: str, sample: int = 50, seed: int = 0, clips: ClipConfig =
     decode_s = time.perf_counter() - t0
     tokenize_s = None
     if image_tokenizer and text_tokenizer and clip_rows:
-        from pipeline.tokenize import TokenizeClips
+        from clipforge.pipeline.tokenize import TokenizeClips
         stage = TokenizeClips(image_tokenizer, text_tokenizer)
         t1 = time.perf_counter()
         tokenized = list(stage(iter(clip_rows)))

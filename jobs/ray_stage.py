@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from pipeline.samples import npy_bytes, npy_load
-from pipeline.schema import mark_error
+from clipforge.pipeline.storage.samples import npy_bytes, npy_load
+from clipforge.pipeline.schema import mark_error
 
 ARRAY_FIELDS = ("frames", "vtok", "ttok")
 

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.captions import CleanCaption, CleanConfig
-from pipeline.clips import ClipConfig
-from pipeline.decode import DecodeVideo
-from pipeline.manifest import manifest_rows, read_manifest
-from pipeline.schema import is_ok
+from clipforge.pipeline.text.captions import CleanCaption, CleanConfig
+from clipforge.pipeline.video.clips import ClipConfig
+from clipforge.pipeline.video.decode import DecodeVideo
+from clipforge.pipeline.manifest import manifest_rows, read_manifest
+from clipforge.pipeline.schema import is_ok
 
 
 def clean_captions(manifest: str, config: CleanConfig = CleanConfig()) -> list[str]:
@@ -18,7 +18,7 @@ def clean_captions(manifest: str, config: CleanConfig = CleanConfig()) -> list[s
 
 
 def train_text(manifest: str, out: str, vocab_size: int = 8000, log=print) -> dict:
-    from tokenizer.text import train_text_tokenizer
+    from clipforge.tokenizer.text import train_text_tokenizer
 
     captions = clean_captions(manifest)
     tok = train_text_tokenizer(captions, out, vocab_size=vocab_size)
@@ -53,8 +53,8 @@ def sample_frames(manifest: str, size: int, max_frames: int = 4000, seed: int = 
 def train_image(manifest: str, out: str, preset: str = "tiny", steps: int = 300, batch_size: int = 32,
                 max_frames: int = 4000, seed: int = 0, device: str | None = None, progress: bool = True,
                 log=print) -> dict:
-    from tokenizer.image import PRESETS
-    from tokenizer.image_train import evaluate_image_tokenizer, train_image_tokenizer
+    from clipforge.tokenizer.image import PRESETS
+    from clipforge.tokenizer.image_train import evaluate_image_tokenizer, train_image_tokenizer
 
     frames = sample_frames(manifest, PRESETS[preset].image_size, max_frames, seed, progress)
     log(f"image tokenizer: training {preset} on {len(frames)} frames for {steps} steps")
@@ -67,8 +67,8 @@ def train_image(manifest: str, out: str, preset: str = "tiny", steps: int = 300,
 
 
 def eval_image(checkpoint: str, manifest: str, out: str, max_frames: int = 512, progress: bool = True) -> dict:
-    from tokenizer.image import ImageTokenizer
-    from tokenizer.image_train import evaluate_image_tokenizer
+    from clipforge.tokenizer.image import ImageTokenizer
+    from clipforge.tokenizer.image_train import evaluate_image_tokenizer
 
     tok = ImageTokenizer.load(checkpoint)
     frames = sample_frames(manifest, tok.image_size, max_frames, progress=progress)

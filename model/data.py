@@ -29,9 +29,9 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from model.gpt import CogVideoConfig
-from pipeline.samples import decode_sample
-from tokenizer.text import TextTokenizer
+from clipforge.model.gpt import CogVideoConfig
+from clipforge.pipeline.storage.samples import decode_sample
+from clipforge.tokenizer.text import TextTokenizer
 
 
 def read_dataset_info(dataset_dir: str | Path) -> dict:
@@ -49,7 +49,7 @@ def read_dataset_info(dataset_dir: str | Path) -> dict:
 def tokenizer_paths(dataset_dir: str | Path, info: dict) -> dict[str, Path]:
     """{"image": image tokenizer directory, "text": spm model file}; relative paths are taken relative to
     the dataset directory. Checks the files against the sha256 recorded in dataset.json when present."""
-    from tokenizer.image import WEIGHTS_FILE
+    from clipforge.tokenizer.image import WEIGHTS_FILE
 
     out = {}
     for kind in ("image", "text"):

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.train import default_device, load_checkpoint, model_from_checkpoint
-from model.video import upscale, write_video
+from clipforge.model.train import default_device, load_checkpoint, model_from_checkpoint
+from clipforge.model.video import upscale, write_video
 
 
 def _default_span(ckpt: dict, mode: str) -> float | None:
@@ -50,8 +50,8 @@ def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike,
     training clips). frames_out: 5 (default), 9, 17 or 33 with an interpolation-trained model. fps: default
     real time, (frames - 1) / span. Returns {"out", "frames", "seconds", "tokens", "span", "fps", "rounds"}.
     """
-    from tokenizer.image import ImageTokenizer
-    from tokenizer.text import TextTokenizer
+    from clipforge.tokenizer.image import ImageTokenizer
+    from clipforge.tokenizer.text import TextTokenizer
 
     t0 = time.time()
     run = Path(run_dir)

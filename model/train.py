@@ -33,8 +33,8 @@ from typing import Callable
 
 import torch
 
-from model.data import SequenceBuilder, ShardStream, make_loader, read_dataset_info, shard_urls, tokenizer_paths
-from model.gpt import STAGES, CogVideo, CogVideoConfig, default_window
+from clipforge.model.data import SequenceBuilder, ShardStream, make_loader, read_dataset_info, shard_urls, tokenizer_paths
+from clipforge.model.gpt import STAGES, CogVideo, CogVideoConfig, default_window
 
 
 @dataclass
@@ -118,7 +118,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _copy_tokenizers(paths: dict, run: Path) -> dict:
-    from tokenizer.image import CONFIG_FILE, WEIGHTS_FILE
+    from clipforge.tokenizer.image import CONFIG_FILE, WEIGHTS_FILE
 
     dst = run / "tokenizers"
     (dst / "image").mkdir(parents=True, exist_ok=True)
@@ -147,8 +147,8 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
           log: Callable[[str], None] | None = print) -> dict:
     """Train on DATASET's shards into RUN; returns {"train_loss", "val_loss", "steps", "seconds",
     "tokens_per_s", "params", "trainable_params", "stage", "ckpt", ...}."""
-    from tokenizer.image import ImageTokenizer
-    from tokenizer.text import TextTokenizer
+    from clipforge.tokenizer.image import ImageTokenizer
+    from clipforge.tokenizer.text import TextTokenizer
 
     config = config or TrainConfig()
     config.validate()

@@ -1,7 +1,7 @@
 """Manifests: Parquet, CSV/TSV or JSON Lines with at least `video` and `caption`.
 
 Optional `id`, `start`, `end` (seconds); any other column is carried into each sample's metadata.
-Rows become plain dicts with the reserved keys of `pipeline.schema`; a row that cannot be used becomes an
+Rows become plain dicts with the reserved keys of `clipforge.pipeline.schema`; a row that cannot be used becomes an
 error row (`bad_manifest_row`) instead of stopping the job, so it reaches the ledger.
 """
 from __future__ import annotations
@@ -12,14 +12,14 @@ from typing import Iterator
 
 import pandas as pd
 
-from pipeline.schema import OK, mark_error, video_id_for
-from pipeline.tables import read_table
+from clipforge.pipeline.schema import OK, mark_error, video_id_for
+from clipforge.pipeline.text.tables import read_table
 
 RESERVED = ("video", "caption", "id", "start", "end")
 
 
 def read_manifest(path: str) -> pd.DataFrame:
-    """The manifest at `path` (local path or URL), read by `pipeline.tables.read_table` from its extension
+    """The manifest at `path` (local path or URL), read by `clipforge.pipeline.text.tables.read_table` from its extension
     (.parquet, .csv, .tsv, .jsonl or .json), with `video` paths made absolute relative to it."""
     df = read_table(path)
     missing = [c for c in ("video", "caption") if c not in df.columns]

@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from pipeline.schema import is_ok, mark_error
+from clipforge.pipeline.schema import is_ok, mark_error
 
 STAGE = "tokenize"
 
@@ -20,8 +20,8 @@ class TokenizeClips:
 
     def __init__(self, image_tokenizer_dir: str, text_tokenizer_path: str, text_slot: int = 64,
                  batch_size: int = 32, device: str | None = None):
-        from tokenizer.image import ImageTokenizer
-        from tokenizer.text import TextTokenizer
+        from clipforge.tokenizer.image import ImageTokenizer
+        from clipforge.tokenizer.text import TextTokenizer
 
         if device is None:
             import torch

@@ -16,7 +16,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """6 good videos (1-3 s) + 2 dirty captions + 4 broken rows; returns the manifest path."""
-    from pipeline.synth import SynthConfig, write_synthetic_corpus
+    from clipforge.pipeline.video.synth import SynthConfig, write_synthetic_corpus
 
     out = tmp_path_factory.mktemp("corpus")
     return write_synthetic_corpus(out, SynthConfig(videos=6, seed=1, max_seconds=3.0, dirty_captions=0.34, broken=4))
@@ -24,8 +24,8 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def text_tokenizer(tmp_path_factory) -> Path:
-    from pipeline.synth import make_caption, COLORS, SHAPES, DIRECTIONS
-    from tokenizer.text import train_text_tokenizer
+    from clipforge.pipeline.video.synth import make_caption, COLORS, SHAPES, DIRECTIONS
+    from clipforge.tokenizer.text import train_text_tokenizer
 
     rng = np.random.default_rng(0)
     captions = [make_caption(c, s, d, rng) for c in COLORS for s in SHAPES for d in DIRECTIONS]
@@ -36,8 +36,8 @@ def text_tokenizer(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def image_tokenizer(tmp_path_factory) -> Path:
-    from tokenizer.image_train import train_image_tokenizer
-    from pipeline.synth import render_frame, COLORS
+    from clipforge.tokenizer.image_train import train_image_tokenizer
+    from clipforge.pipeline.video.synth import render_frame, COLORS
 
     rng = np.random.default_rng(0)
     frames = np.stack([render_frame("circle", rgb, (rng.integers(10, 54), rng.integers(10, 54)), 10, 64, 64, (20, 20, 30))

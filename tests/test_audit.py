@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.audit import HIST_CAP, PROXY_PREFIX, _Lengths, audit, proxy_tokens
-from pipeline.captions import FLAGS, clean_caption
-from pipeline.dedup import DedupConfig, MinHasher, candidate_pairs, components, dedup_tokens
-from pipeline.langid import detect_language, detect_script
+from clipforge.pipeline.text.audit import HIST_CAP, PROXY_PREFIX, LengthStats, audit, proxy_tokens
+from clipforge.pipeline.text.captions import FLAGS, clean_caption
+from clipforge.pipeline.text.dedup import DedupConfig, MinHasher, candidate_pairs, components, dedup_tokens
+from clipforge.pipeline.text.langid import detect_language, detect_script
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "captions"
 LONG = ("a small brown dog with a red collar is playing with a yellow tennis ball on the green grass "
@@ -56,7 +56,7 @@ def _expected(raw: list[str], room: int, count=proxy_tokens) -> pd.DataFrame:
     df["chars_raw"] = df["caption_raw"].str.len()
     df["chars"] = df["caption"].str.len()
     df["tokens"] = df["caption"].map(count)
-    df["cut"] = (df["tokens"] > room) & ~df["empty"]
+    df["cut_after_prefix"] = (df["tokens"] > room) & ~df["empty"]
     df["language"] = df["caption"].map(detect_language)
     df["script"] = df["caption"].map(detect_script)
     # captions with no word or CJK token (only emoji or punctuation) are not compared
@@ -70,13 +70,13 @@ def _check_against_pandas(summary: dict, out_dir: Path, exp: pd.DataFrame) -> pd
     assert list(got["row"]) == list(range(len(exp)))
     assert list(got["caption"]) == list(exp["caption"])
     assert [list(f) for f in got["caption_flags"]] == list(exp["flags"])
-    for col in ("chars_raw", "chars", "tokens", "cut", "language", "script", "empty"):
+    for col in ("chars_raw", "chars", "tokens", "cut_after_prefix", "language", "script", "empty"):
         assert list(got[col]) == list(exp[col]), col
     assert summary["changed"] == int((exp["caption"] != exp["caption_raw"]).sum())
     assert summary["empty"] == int(exp["empty"].sum())
     assert summary["usable"] == len(exp) - int(exp["empty"].sum())
-    assert summary["cut"] == int(exp["cut"].sum())
-    assert summary["cut_fraction"] == pytest.approx(exp["cut"].mean())
+    assert summary["cut_after_prefix"] == int(exp["cut_after_prefix"].sum())
+    assert summary["cut_after_prefix_fraction"] == pytest.approx(exp["cut_after_prefix"].mean())
     flag_counts = exp["flags"].explode().value_counts()
     assert summary["flags"] == {f: int(flag_counts.get(f, 0)) for f in FLAGS}
     assert summary["languages"] == exp["language"].value_counts().to_dict()
@@ -133,7 +133,7 @@ def test_audit_small_manifest_matches_pandas(small):
     assert summary["duplicates"]["top"][0] == {
         "cluster": 0, "size": 3, "caption": "A man rides a bike down the street.",
         "examples": ["a man rides a bike down the street!!", "A man rides a bike down the street"]}
-    assert got["cut"][15] and summary["cut_examples"][0]["tokens"] == 80
+    assert got["cut_after_prefix"][15] and summary["cut_after_prefix_examples"][0]["tokens"] == 80
     assert not list(out.glob(".audit-*"))  # temporary files are gone
 
 
@@ -142,7 +142,7 @@ def test_report_shows_plots_numbers_examples_and_escapes(small):
     page = (tmp / "out" / "report.html").read_text(encoding="utf-8")
     assert page.count("data:image/png;base64,") >= 6
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt; cat &amp;amp; mouse" in page
-    assert f"<b>{summary['rows']:,}</b>" in page and f"<b>{summary['cut']:,}</b>" in page
+    assert f"<b>{summary['rows']:,}</b>" in page and f"<b>{summary['cut_after_prefix']:,}</b>" in page
     for flag in ("html", "ftfy", "url", "boilerplate", "prefix", "empty", "email", "handle"):
         assert f"<b>{flag}</b>" in page  # a before/after row for every rule (illustrations where unused)
     assert "Waves crash on rocks - stock footage 4K" in page and "Café terrace at night" in page
@@ -161,7 +161,7 @@ def test_chunking_does_not_change_results(small, tmp_path):
 
 
 def test_worker_processes_give_the_same_results(small, tmp_path, monkeypatch):
-    import pipeline.audit as audit_module
+    import clipforge.pipeline.text.audit as audit_module
     tmp, summary = small
     monkeypatch.setattr(audit_module, "SLICE_ROWS", 3)  # 6 slices, 4 of them in forked workers
     other = audit(_manifest(tmp_path), tmp_path / "out", chunk_rows=4, workers=2)
@@ -171,7 +171,7 @@ def test_worker_processes_give_the_same_results(small, tmp_path, monkeypatch):
 
 
 def test_audit_with_sentencepiece_tokenizer(tmp_path):
-    from tokenizer.text import TextTokenizer, train_text_tokenizer
+    from clipforge.tokenizer.text import TextTokenizer, train_text_tokenizer
     model = tmp_path / "spm.model"
     train_text_tokenizer([c for c in CAPTIONS if c] * 20 + [LONG.replace("dog", w) for w in "abcdefgh"], model,
                          vocab_size=300)
@@ -182,7 +182,7 @@ def test_audit_with_sentencepiece_tokenizer(tmp_path):
                                       "tokenizer": tok.tokenizer_id, "slot": 32}
     exp = _expected(CAPTIONS, room, count=lambda c: len(tok.encode(c)))
     _check_against_pandas(summary, tmp_path / "out", exp)
-    assert summary["cut"] >= 2
+    assert summary["cut_after_prefix"] >= 2
 
 
 def test_audit_dataset_directory(tmp_path):
@@ -231,7 +231,7 @@ def test_audit_real_caption_files(tmp_path, name, column, load):
     else:
         assert max(langs, key=langs.get) == "en"
     if "longer" in name:
-        assert summary["cut_fraction"] > 0.9  # GPT-lengthened prompts do not fit 64 tokens
+        assert summary["cut_after_prefix_fraction"] > 0.9  # GPT-lengthened prompts do not fit 64 tokens
     if name.startswith("vbench_all_dimension"):  # the same prompt in several styles: near duplicates
         assert summary["duplicates"]["near_rows"] > 50 or "longer" in name
 
@@ -305,7 +305,7 @@ def test_components_against_brute_force():
 def test_lengths_quantiles_equal_numpy():
     rng = np.random.default_rng(0)
     values = np.r_[rng.integers(0, 300, 5000), rng.integers(HIST_CAP, HIST_CAP + 50_000, 40)]
-    acc = _Lengths()
+    acc = LengthStats()
     for part in np.array_split(values, 7):
         acc.add(part)
     stats = acc.stats()

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import webdataset as wds
 
-from jobs.build import BuildConfig, build, with_overrides
-from pipeline.samples import decode_sample
-from pipeline.shards import read_index, read_ledger
-from pipeline.verify import verify_dataset
+from clipforge.jobs.build import BuildConfig, build, with_overrides
+from clipforge.pipeline.storage.samples import decode_sample
+from clipforge.pipeline.storage.shards import read_index, read_ledger
+from clipforge.pipeline.storage.verify import verify_dataset
 
 
 def _config(runner):

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.captions import FLAGS, CleanCaption, CleanConfig, clean_caption, clean_manifest
-from pipeline.langid import detect_language, detect_script, script_and_language
-from pipeline.schema import REASONS
-from pipeline.tables import iter_table, read_table
+from clipforge.pipeline.text.captions import FLAGS, CleanCaption, CleanConfig, clean_caption, clean_manifest
+from clipforge.pipeline.text.langid import detect_language, detect_script, script_and_language
+from clipforge.pipeline.schema import REASONS
+from clipforge.pipeline.text.tables import iter_table, read_table
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DIRTY = DATA / "dirty_text"
@@ -268,7 +268,7 @@ def test_clean_caption_stage_is_rerunnable_and_min_chars():
 
 
 def test_clean_caption_stage_turns_bugs_into_internal_error(monkeypatch):
-    import pipeline.captions as captions
+    import clipforge.pipeline.text.captions as captions
 
     def boom(text, config):
         raise RuntimeError("bug")

@@ -11,7 +11,7 @@ COMMANDS = [["synth"], ["clips"], ["reshard"], ["estimate"], ["captions", "clean
 
 
 def run(*args, check=False):
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, check=check)
+    return subprocess.run([sys.executable, "-m", "clipforge.jobs.cli", *args], capture_output=True, text=True, check=check)
 
 
 def test_top_level_help_lists_the_jobs():

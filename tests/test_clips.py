@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from pipeline.clips import (ClipConfig, crop_box, display_size, frames_at, orient_and_crop, plan_clips,
+from clipforge.pipeline.video.clips import (ClipConfig, crop_box, display_size, frames_at, orient_and_crop, plan_clips,
                             resize_for_short_side, sane_timestamps)
 
 

@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.clips import ClipConfig, orient_and_crop, resize_for_short_side
-from pipeline.decode import DecodeVideo
-from pipeline.isolate import IsolatedCall
-from pipeline.manifest import manifest_rows, read_manifest
+from clipforge.pipeline.video.clips import ClipConfig, orient_and_crop, resize_for_short_side
+from clipforge.pipeline.video.decode import DecodeVideo
+from clipforge.pipeline.video.isolate import IsolatedCall
+from clipforge.pipeline.manifest import manifest_rows, read_manifest
 from tests.conftest import shared_videos
 
 

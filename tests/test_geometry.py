@@ -4,9 +4,9 @@ import fractions
 import av
 import numpy as np
 
-from pipeline.clips import ClipConfig
-from pipeline.decode import _PyAVReader, decode_video, demux_timeline, probe
-from pipeline.clips import orient_for_display, resize_for_short_side
+from clipforge.pipeline.video.clips import ClipConfig
+from clipforge.pipeline.video.decode import PyAVReader, decode_video, demux_timeline, probe
+from clipforge.pipeline.video.clips import orient_for_display, resize_for_short_side
 
 
 def _write(path, paint, rotation=0, sar=None, w=128, h=64, frames=30):
@@ -52,7 +52,7 @@ def test_rotation_through_the_pyav_path_matches(tmp_path):
     facts = probe(str(path))
     timeline = demux_timeline(str(path), 0, facts["fps"], facts["duration"])
     w, h = resize_for_short_side(128, 64, 1.0, -90, 32)
-    frame = orient_for_display(_PyAVReader(str(path), 0, w, h, timeline).read([10]), -90)[0].mean(axis=2)
+    frame = orient_for_display(PyAVReader(str(path), 0, w, h, timeline).read([10]), -90)[0].mean(axis=2)
     assert frame.shape == (64, 32)
     assert frame[:, 20:].mean() > 200 and frame[:, :12].mean() < 40
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tokenizer.image import PRESETS, EMAQuantizer, ImageTokenizer, VQConfig
-from tokenizer.image_train import codebook_stats, evaluate_image_tokenizer, psnr, train_image_tokenizer
+from clipforge.tokenizer.image import PRESETS, EMAQuantizer, ImageTokenizer, VQConfig
+from clipforge.tokenizer.image_train import codebook_stats, evaluate_image_tokenizer, psnr, train_image_tokenizer
 
 SMALL = VQConfig(image_size=32, downsample=8, codebook_size=64, code_dim=8, channels=16, stem_channels=8,
                  res_blocks=1, name="small")

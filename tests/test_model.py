@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 
-from model.data import SequenceBuilder, ShardStream, read_dataset_info, shard_urls
-from model.gpt import CogVideo, CogVideoConfig, KVCache, build_masks, layout
-from model.sample import rounds_for, sample
-from model.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
-from pipeline.samples import encode_sample
-from tokenizer.image import VQConfig
-from tokenizer.image_train import train_image_tokenizer
-from tokenizer.text import TextTokenizer, train_text_tokenizer
+from clipforge.model.data import SequenceBuilder, ShardStream, read_dataset_info, shard_urls
+from clipforge.model.gpt import CogVideo, CogVideoConfig, KVCache, build_masks, layout
+from clipforge.model.sample import rounds_for, sample
+from clipforge.model.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
+from clipforge.pipeline.storage.samples import encode_sample
+from clipforge.tokenizer.image import VQConfig
+from clipforge.tokenizer.image_train import train_image_tokenizer
+from clipforge.tokenizer.text import TextTokenizer, train_text_tokenizer
 
 # a 4x4 code grid, 4-token text slot: masks are small enough to check entry by entry
 SMALL = CogVideoConfig(text_vocab=50, image_vocab=30, n_layer=2, n_head=2, n_embd=16, text_slot=4, frames=5,

@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 import webdataset as wds
 
-from jobs.build import BuildConfig, build, with_overrides
-from pipeline.reshard import ReshardConfig, reshard
-from pipeline.samples import decode_sample
-from pipeline.shards import read_index, read_ledger
-from pipeline.verify import iter_tar_samples, verify_dataset
+from clipforge.jobs.build import BuildConfig, build, with_overrides
+from clipforge.pipeline.storage.reshard import ReshardConfig, reshard
+from clipforge.pipeline.storage.samples import decode_sample
+from clipforge.pipeline.storage.shards import read_index, read_ledger
+from clipforge.pipeline.storage.verify import iter_tar_samples, verify_dataset
 
 FLAGS = ["--size", "64", "--mode", "both", "--inputs-per-shard", "2", "--text-slot", "24", "--runner", "local",
          "--quiet"]
@@ -35,7 +35,7 @@ def reference(corpus, image_tokenizer, text_tokenizer, tmp_path_factory):
 
 
 def _cli_build(corpus, out, image_tokenizer, text_tokenizer, *extra):
-    return [sys.executable, "-m", "jobs.cli", "build", str(corpus), "--out", str(out), "--image-tokenizer",
+    return [sys.executable, "-m", "clipforge.jobs.cli", "build", str(corpus), "--out", str(out), "--image-tokenizer",
             str(image_tokenizer), "--text-tokenizer", str(text_tokenizer), *FLAGS, *extra]
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.synth import (BROKEN_KINDS, COLORS, DIRECTIONS, SHAPES, SynthConfig, make_caption, make_dirty,
-                            plan_video, render_frame, write_synthetic_corpus)
+from clipforge.pipeline.video.synth import (BROKEN_KINDS, COLORS, DIRECTIONS, SHAPES, SynthConfig, make_caption, make_dirty,
+                            plan_synthetic_video, render_frame, write_synthetic_corpus)
 
 COLUMNS = ["id", "video", "caption", "color", "shape", "direction", "fps", "seconds", "width", "height", "broken"]
 CONFIG = SynthConfig(videos=6, seed=3, max_seconds=2.0, dirty_captions=0.5, broken=len(BROKEN_KINDS))
@@ -74,7 +74,7 @@ def test_videos_match_ground_truth(corpus):
     _, df, _ = corpus
     palette = np.array(list(COLORS.values()), np.float64)
     for i, row in df[~df["broken"]].iterrows():
-        plan = plan_video(CONFIG, i)
+        plan = plan_synthetic_video(CONFIG, i)
         (codec, width, height, rate, pix_fmt), frames = _decode(row["video"])
         assert (codec, pix_fmt) == ("h264", "yuv420p")
         assert (width, height) == (row["width"], row["height"]) and width % 2 == 0 and height % 2 == 0

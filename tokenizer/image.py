@@ -245,7 +245,7 @@ class VQVAE(nn.Module):
         return self.decoder(q), idx, commit
 
 
-def _to_tensor(frames: np.ndarray, device) -> torch.Tensor:
+def frames_to_tensor(frames: np.ndarray, device) -> torch.Tensor:
     """uint8 (N, S, S, 3) -> float (N, 3, S, S) in [-1, 1]."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
     return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
@@ -257,7 +257,7 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _check_frames(frames: np.ndarray, cfg: VQConfig) -> np.ndarray:
+def check_frames(frames: np.ndarray, cfg: VQConfig) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.ndim == 3:
         frames = frames[None]
@@ -327,8 +327,8 @@ class ImageTokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         blob = self._weights_bytes()
-        _atomic_write(directory / WEIGHTS_FILE, blob)
-        _atomic_write(directory / CONFIG_FILE, json.dumps(asdict(self.config), indent=2).encode("utf-8"))
+        atomic_write(directory / WEIGHTS_FILE, blob)
+        atomic_write(directory / CONFIG_FILE, json.dumps(asdict(self.config), indent=2).encode("utf-8"))
         self._sha256 = hashlib.sha256(blob).hexdigest()
 
     @classmethod
@@ -347,11 +347,11 @@ class ImageTokenizer:
     @torch.no_grad()
     def encode(self, frames: np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] -> uint16 codes [N, S/8, S/8] (a single [S, S, 3] frame gives [1, h, w])."""
-        frames = _check_frames(frames, self.config)
+        frames = check_frames(frames, self.config)
         self.model.eval()
         out = []
         for i in range(0, len(frames), self.batch_size):
-            z = self.model.encoder(_to_tensor(frames[i:i + self.batch_size], self.device))  # (n, D, h, w)
+            z = self.model.encoder(frames_to_tensor(frames[i:i + self.batch_size], self.device))  # (n, D, h, w)
             n, d, h, w = z.shape
             quantizer = self.model.quantizer
             idx = quantizer.indices(quantizer.prepare(z.permute(0, 2, 3, 1).reshape(-1, d)))
@@ -386,7 +386,7 @@ class ImageTokenizer:
         return self.decode(self.encode(frames))
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)

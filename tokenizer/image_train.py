@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tokenizer.image import (PRESETS, TRAIN_LOG_FILE, VQVAE, ImageTokenizer, VQConfig, _atomic_write, _check_frames,
-                             _to_tensor)
+from clipforge.tokenizer.image import (PRESETS, TRAIN_LOG_FILE, VQVAE, ImageTokenizer, VQConfig, atomic_write, check_frames,
+                             frames_to_tensor)
 
 
 
@@ -43,7 +43,7 @@ def train_image_tokenizer(frames: np.ndarray, out_dir: str | os.PathLike, preset
     """
     cfg = PRESETS[preset] if isinstance(preset, str) else preset
     cfg.validate()
-    frames = _check_frames(frames, cfg)
+    frames = check_frames(frames, cfg)
     if frames.shape[1] != cfg.image_size or frames.shape[2] != cfg.image_size:
         raise ValueError(f"frames are {frames.shape[1]}x{frames.shape[2]}, the preset wants "
                          f"{cfg.image_size}x{cfg.image_size} (resize and center-crop first)")
@@ -69,11 +69,11 @@ def train_image_tokenizer(frames: np.ndarray, out_dir: str | os.PathLike, preset
     t0 = time.time()
     for step in range(steps):
         batch = frames[rng.integers(0, len(frames), size=min(batch_size, len(frames)))]
-        x = _to_tensor(batch, device)
+        x = frames_to_tensor(batch, device)
         if step == ae_steps:  # end of the autoencoder warm-up: codebook = k-means of current encodings
             with torch.no_grad():
                 pool = frames[rng.integers(0, len(frames), size=min(len(frames), max(8 * batch_size, 256)))]
-                z_pool = torch.cat([model.encoder(_to_tensor(pool[i:i + 256], device))
+                z_pool = torch.cat([model.encoder(frames_to_tensor(pool[i:i + 256], device))
                                     for i in range(0, len(pool), 256)])                    # (P, D, h, w)
                 flat = z_pool.permute(0, 2, 3, 1).reshape(-1, cfg.code_dim)
                 model.quantizer.init_kmeans(model.quantizer.prepare(flat))
@@ -108,7 +108,7 @@ def train_image_tokenizer(frames: np.ndarray, out_dir: str | os.PathLike, preset
     train_log = {"config": asdict(cfg), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
                  "device": str(device), "frames": int(len(frames)), "seconds": round(seconds, 2),
                  "restarts": restarts_total, "tokenizer_id": tok.tokenizer_id, "history": history}
-    _atomic_write(out_dir / TRAIN_LOG_FILE, json.dumps(train_log, indent=2).encode("utf-8"))
+    atomic_write(out_dir / TRAIN_LOG_FILE, json.dumps(train_log, indent=2).encode("utf-8"))
     return tok
 
 
@@ -149,7 +149,7 @@ def evaluate_image_tokenizer(tok: ImageTokenizer, frames: np.ndarray, out_dir: s
 
     Writes out_dir/metrics.json and out_dir/roundtrip.png; returns the metrics.
     """
-    frames = _check_frames(frames, tok.config)
+    frames = check_frames(frames, tok.config)
     t0 = time.time()
     codes = tok.encode(frames)
     recon = tok.decode(codes)
@@ -164,5 +164,5 @@ def evaluate_image_tokenizer(tok: ImageTokenizer, frames: np.ndarray, out_dir: s
     out_dir.mkdir(parents=True, exist_ok=True)
     idx = np.linspace(0, len(frames) - 1, num=min(sheet_frames, len(frames))).round().astype(int)
     write_png(out_dir / "roundtrip.png", contact_sheet([frames[idx], recon[idx]]))
-    _atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2).encode("utf-8"))
+    atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2).encode("utf-8"))
     return metrics

@@ -2,7 +2,7 @@
 
 Formats follow the file's extension: parquet (or a built dataset's directory), csv (delimiter sniffed),
 tsv, jsonl, json and txt; see `iter_table`. A path with "://" is a URL (s3://, gs://, https://, ...):
-pandas and pyarrow resolve it, fsspec opens the formats read here line by line. `_Writer` appends
+pandas and pyarrow resolve it, fsspec opens the formats read here line by line. `TableWriter` appends
 DataFrame chunks to one local file of any of these formats but txt.
 """
 from __future__ import annotations
@@ -180,7 +180,7 @@ def read_table(path) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------ writer
-class _Writer:
+class TableWriter:
     """Appends DataFrame chunks to one parquet/csv/tsv/jsonl/json file."""
 
     def __init__(self, path: Path, fmt: str):

@@ -35,9 +35,9 @@ import ftfy as _ftfy
 from ftfy.fixes import fix_character_width as _fix_character_width
 import pandas as pd
 
-from pipeline.langid import script_and_language
-from pipeline.schema import is_ok, mark_error
-from pipeline.tables import _Writer, caption_column, iter_table, table_format
+from clipforge.pipeline.text.langid import script_and_language
+from clipforge.pipeline.schema import is_ok, mark_error
+from clipforge.pipeline.text.tables import TableWriter, caption_column, iter_table, table_format
 
 STAGE = "captions"
 MAX_PASSES = 6
@@ -325,7 +325,7 @@ _STEPS = (
 )
 
 
-def _as_text(value) -> str:
+def as_text(value) -> str:
     """Captions arrive as str, bytes, None, NaN or pd.NA from Arrow/pandas/JSON; missing means ""."""
     if isinstance(value, str):
         return value
@@ -357,7 +357,7 @@ def _steps_for(config: CleanConfig) -> tuple:
 
 def clean_caption(text, config: CleanConfig = CleanConfig()) -> tuple[str, list[str]]:
     """(clean text, sorted flags). Deterministic and idempotent; never raises on any input."""
-    text = _as_text(text)
+    text = as_text(text)
     flags: set = set()
     if not text.isascii() and _SURROGATE_RE.search(text):
         # join surrogate pairs, drop lone halves (they cannot be encoded as UTF-8)
@@ -384,7 +384,7 @@ class CleanCaption:
     Input keys: `caption` (any type; None/NaN count as empty) and, when the row was cleaned before,
     `caption_raw`, which is then the text that gets cleaned (so re-running is a no-op).
     Output keys: `caption_raw` (original), `caption` (clean), `caption_flags` (list[str]),
-    `caption_script` (see pipeline.langid.SCRIPTS), `caption_language` (ISO 639-1 or "und").
+    `caption_script` (see clipforge.pipeline.text.langid.SCRIPTS), `caption_language` (ISO 639-1 or "und").
     Reasons: `empty_caption` (nothing, or fewer than `min_chars` characters, left after cleaning);
     `internal_error` (a bug, caught so the job survives). Error rows pass through unchanged.
     `stats` counts total, kept, dropped by reason, and rows per flag.
@@ -413,7 +413,7 @@ class CleanCaption:
         self.stats.update(f"flag_{f}" for f in flags)
         script, language = script_and_language(clean)
         out = dict(row)
-        out.update(caption_raw=raw if isinstance(raw, str) else _as_text(raw), caption=clean,
+        out.update(caption_raw=raw if isinstance(raw, str) else as_text(raw), caption=clean,
                    caption_flags=flags, caption_script=script, caption_language=language)
         if "empty" in flags:
             changed = [f for f in flags if f != "empty"]
@@ -440,12 +440,12 @@ def clean_manifest(in_path, out_path, config: CleanConfig = CleanConfig(), chunk
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     summary = {"rows": 0, "changed": 0, "empty": 0, "flags": Counter(), "out": str(out_path)}
-    writer = _Writer(tmp, out_fmt)
+    writer = TableWriter(tmp, out_fmt)
     try:
         for df in iter_table(in_path, chunk_rows, all_text=True):
             col = caption_column(df.columns)
             raw = df["caption_raw"] if "caption_raw" in df.columns else df[col]
-            raw = [_as_text(x) for x in raw]
+            raw = [as_text(x) for x in raw]
             results = [clean_caption(x, config) for x in raw]
             clean = [c for c, _ in results]
             df = df.copy()

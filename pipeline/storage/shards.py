@@ -19,9 +19,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.samples import encode_sample
-from pipeline.tarwriter import FastTarWriter
-from pipeline.schema import TRANSIENT, is_ok
+from clipforge.pipeline.storage.samples import encode_sample
+from clipforge.pipeline.storage.tarwriter import FastTarWriter
+from clipforge.pipeline.schema import TRANSIENT, is_ok
 
 INDEX_COLUMNS = {
     "key": pa.string(), "shard": pa.string(), "video_id": pa.string(), "source": pa.string(),

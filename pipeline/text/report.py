@@ -81,8 +81,8 @@ def _token_plot(summary: dict) -> str:
     ax.axvline(tc["room"], color="k", linestyle="--", linewidth=1)
     ax.set_xlabel(f"tokens ({tc['method']})")
     ax.set_ylabel("captions")
-    ax.set_title(f"Tokens vs room {tc['room']} of slot {tc['slot']}: {summary['cut']} cut "
-                 f"({100 * summary['cut_fraction']:.1f}%)")
+    ax.set_title(f"Tokens vs room {tc['room']} of slot {tc['slot']}: {summary['cut_after_prefix']} cut "
+                 f"({100 * summary['cut_after_prefix_fraction']:.1f}%)")
     return _png(fig)
 
 
@@ -106,8 +106,8 @@ def _cards(summary: dict) -> str:
         ("captions", f"{summary['rows']:,}", summary["kind"]),
         ("usable", f"{summary['usable']:,}", f"{summary['empty']:,} empty after cleaning"),
         ("changed by cleaning", f"{summary['changed']:,}", f"{100 * summary['changed'] / rows:.1f}%"),
-        ("cut at slot", f"{summary['cut']:,}",
-         f"{100 * summary['cut_fraction']:.1f}% (> {summary['token_count']['room']} tokens)"),
+        ("cut at slot", f"{summary['cut_after_prefix']:,}",
+         f"{100 * summary['cut_after_prefix_fraction']:.1f}% (> {summary['token_count']['room']} tokens)"),
         ("exact duplicates", f"{d['exact_rows']:,}", "rows whose normalized text repeats"),
         ("near duplicates", f"{d['near_rows']:,}", f"Jaccard ≥ {d['threshold']}"),
         ("removable", f"{d['removable']:,}", f"keeping one per cluster ({d['clusters']:,} clusters)"),
@@ -129,7 +129,7 @@ def _stats_table(summary: dict) -> str:
 
 
 def _rules_table(summary: dict, config: dict | None) -> str:
-    from pipeline.captions import CleanConfig, clean_caption
+    from clipforge.pipeline.text.captions import CleanConfig, clean_caption
     cfg = CleanConfig(**config) if config else CleanConfig()
     rows = max(summary["rows"], 1)
     out = ["<table><tr><th>rule</th><th>captions</th><th>before → after</th></tr>"]
@@ -181,7 +181,7 @@ def render_report(summary: dict, path) -> None:
     langs = list(summary["languages"].items())[:15]
     scripts = list(summary["scripts"].items())[:12]
     cut = "".join(f'<div class="ex">[{e["tokens"]} tokens] {_esc(e["caption"])}</div>'
-                  for e in summary["cut_examples"]) or "<p class='muted'>No caption exceeds the slot.</p>"
+                  for e in summary["cut_after_prefix_examples"]) or "<p class='muted'>No caption exceeds the slot.</p>"
     sizes = [(f"#{c['cluster']}", c["size"]) for c in d["top"]]
     body = f"""
 <h1>Caption audit</h1>

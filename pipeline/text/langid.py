@@ -39,7 +39,7 @@ _LANG_OF_SCRIPT = {"Han": "zh", "Kana": "ja", "Hangul": "ko", "Cyrillic": "ru", 
 
 # Function words only (content words would bias the vote toward what captions talk about). A word
 # listed for several languages splits its vote of 60 between them (integers: sums are exact in any order).
-_STOPWORDS = {
+STOPWORDS = {
     "en": "the a an and of to is are was in on with at for from by his her their its this that it "
           "while into over near through up down some two other next as be being has have out around",
     "de": "der die das und ist sind ein eine einer einem einen mit auf im den dem nicht sich von zu "
@@ -52,7 +52,7 @@ _STOPWORDS = {
     "nl": "de het een en is zijn van met op in die dat niet voor naar bij door",
 }
 _VOTES: dict[str, dict[str, int]] = {}
-for _lang, _words in _STOPWORDS.items():
+for _lang, _words in STOPWORDS.items():
     for _w in set(_words.split()):
         _VOTES.setdefault(_w, {})[_lang] = 60
 for _w, _langs in _VOTES.items():

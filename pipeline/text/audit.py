@@ -7,7 +7,7 @@ by a hash of the normalized text, near ones by MinHash LSH (bands sorted per ban
 compact arrays is held: ~50 bytes of RAM per caption plus 4*num_perm bytes on disk). Pass 2 writes
 `captions.parquet` with the duplicate columns; then `summary.json` and `report.html`.
 
-The duplicate finder (MinHash signatures, LSH bands, clusters) is `pipeline.dedup`.
+The duplicate finder (MinHash signatures, LSH bands, clusters) is `clipforge.pipeline.text.dedup`.
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.captions import FLAGS, CleanConfig, _as_text, clean_caption
-from pipeline.dedup import _CJK_CHARS, DedupConfig, MinHasher, _SigStore, dedup_tokens, find_duplicates
-from pipeline.langid import _STOPWORDS, script_and_language
-from pipeline.tables import CAPTION_COLUMNS, caption_column, iter_table, table_format
+from clipforge.pipeline.text.captions import FLAGS, CleanConfig, as_text, clean_caption
+from clipforge.pipeline.text.dedup import CJK_CHARS, DedupConfig, MinHasher, SignatureStore, dedup_tokens, find_duplicates
+from clipforge.pipeline.text.langid import STOPWORDS, script_and_language
+from clipforge.pipeline.text.tables import CAPTION_COLUMNS, caption_column, iter_table, table_format
 
 ID_COLUMNS = ("key", "id", "video_id", "videoid", "vid_key", "video")
 SPAN_FOR_ROOM = 16.0   # the longest span prefix ("16.0 s") bounds the room left for the caption
@@ -37,9 +37,9 @@ PROXY_PREFIX = 5       # proxy tokens taken by "16.0 s" + separator when no toke
 HIST_CAP = 4096        # lengths below this are counted exactly per value; longer ones are kept in a list
 EXAMPLES = 3
 
-_PROXY_TOKEN_RE = re.compile(rf"[{_CJK_CHARS}]|[^\W_{_CJK_CHARS}]+|[^\w\s]")
+_PROXY_TOKEN_RE = re.compile(rf"[{CJK_CHARS}]|[^\W_{CJK_CHARS}]+|[^\w\s]")
 _ASCII_WORD_SPACE = bytes(c for c in range(128) if chr(c).isalnum() or chr(c).isspace() or c == 95)
-_STOP = frozenset(w for words in _STOPWORDS.values() for w in words.split())
+_STOP = frozenset(w for words in STOPWORDS.values() for w in words.split())
 
 
 def proxy_tokens(text: str) -> int:
@@ -48,7 +48,7 @@ def proxy_tokens(text: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------ summary
-class _Lengths:
+class LengthStats:
     """Exact mean, min, max and quantiles of integer lengths in O(HIST_CAP) memory."""
 
     def __init__(self):
@@ -139,7 +139,7 @@ class _Ngrams:
 
 
 def _is_cjk(token: str) -> bool:
-    return len(token) == 1 and re.match(rf"[{_CJK_CHARS}]", token) is not None
+    return len(token) == 1 and re.match(rf"[{CJK_CHARS}]", token) is not None
 
 
 def _by_count(counter: Counter) -> dict:
@@ -157,7 +157,7 @@ def _audit_slice(task: dict) -> dict:
     Runs in the calling process or in a forked worker (pure Python and numpy: Arrow stays in the parent)."""
     key = (task["dedup"], task["tokenizer"])
     if key not in _STATE:
-        from tokenizer.text import TextTokenizer
+        from clipforge.tokenizer.text import TextTokenizer
         _STATE.clear()
         _STATE[key] = (MinHasher(task["dedup"]), TextTokenizer(task["tokenizer"]) if task["tokenizer"] else None)
     hasher, tok = _STATE[key]
@@ -182,7 +182,7 @@ def _audit_slice(task: dict) -> dict:
         "caption_raw": raw, "caption": clean, "caption_flags": flags,
         "chars_raw": np.fromiter(map(len, raw), np.int64, count=m),
         "chars": np.fromiter(map(len, clean), np.int64, count=m),
-        "words": [len(c.split()) for c in clean], "tokens": ntok, "cut": cut,
+        "words": [len(c.split()) for c in clean], "tokens": ntok, "cut_after_prefix": cut,
         "script": list(script), "language": list(lang), "empty": empty})
     sampled = [t for i, t in enumerate(tokens, row0) if i < NGRAM_ALL_ROWS or i % NGRAM_STRIDE == 0]
     examples: dict[str, list] = {}
@@ -193,11 +193,11 @@ def _audit_slice(task: dict) -> dict:
                 ex.append({"raw": r[:600], "clean": c[:600]})
     return {"rows": m, "part": part, "sig": sig, "bands": hasher.band_hashes(sig), "exact": exact, "has": has,
             "lengths": {"chars_raw": part["chars_raw"].to_numpy(), "chars": part["chars"].to_numpy(), "tokens": ntok},
-            "counts": Counter(rows=m, empty=int(empty.sum()), cut=int(cut.sum()),
+            "counts": Counter(rows=m, empty=int(empty.sum()), cut_after_prefix=int(cut.sum()),
                               changed=sum(c != r for c, r in zip(clean, raw))),
             "flags": Counter(f for fl in flags for f in fl), "scripts": Counter(script), "languages": Counter(lang),
             "ngrams": _count_ngrams(sampled, prune=True), "ngram_rows": len(sampled), "examples": examples,
-            "cut_examples": [{"caption": clean[i][:600], "tokens": int(ntok[i])}
+            "cut_after_prefix_examples": [{"caption": clean[i][:600], "tokens": int(ntok[i])}
                              for i in np.flatnonzero(cut)[:EXAMPLES]]}
 
 
@@ -219,7 +219,7 @@ def audit(in_path, out_dir, text_tokenizer_path=None, slot: int = 64, chunk_rows
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.report import render_report
+    from clipforge.pipeline.text.report import render_report
 
     started = time.time()
     in_path, out_dir = Path(in_path), Path(out_dir)
@@ -228,12 +228,12 @@ def audit(in_path, out_dir, text_tokenizer_path=None, slot: int = 64, chunk_rows
     tok_path = str(Path(text_tokenizer_path).resolve()) if text_tokenizer_path else None
     tok = None
     if tok_path:
-        from tokenizer.text import TextTokenizer
+        from clipforge.tokenizer.text import TextTokenizer
         tok = TextTokenizer(tok_path)
     room = slot - len(tok.span_prefix(SPAN_FOR_ROOM)) if tok else slot - PROXY_PREFIX
     workers = workers or min(os.cpu_count() or 1, 8)
     hasher = MinHasher(dedup)
-    lengths = {"chars_raw": _Lengths(), "chars": _Lengths(), "tokens": _Lengths()}
+    lengths = {"chars_raw": LengthStats(), "chars": LengthStats(), "tokens": LengthStats()}
     counts, flags, scripts, languages = Counter(), Counter(), Counter(), Counter()
     ngrams, examples, cut_examples = _Ngrams(), {}, []
     meta = {"caption_column": caption_col, "id_column": None}
@@ -242,7 +242,7 @@ def audit(in_path, out_dir, text_tokenizer_path=None, slot: int = 64, chunk_rows
 
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".audit-") as tmp:
         tmp = Path(tmp)
-        store = _SigStore(tmp, dedup.num_perm, hasher.bands)
+        store = SignatureStore(tmp, dedup.num_perm, hasher.bands)
 
         def merge(res: dict) -> None:
             parts.append(tmp / f"part-{len(parts):06d}.arrow")
@@ -260,7 +260,7 @@ def audit(in_path, out_dir, text_tokenizer_path=None, slot: int = 64, chunk_rows
             for f, ex in res["examples"].items():
                 mine = examples.setdefault(f, [])
                 mine += [e for e in ex if all(e["raw"] != x["raw"] for x in mine)][:EXAMPLES - len(mine)]
-            cut_examples.extend(res["cut_examples"][:EXAMPLES - len(cut_examples)])
+            cut_examples.extend(res["cut_after_prefix_examples"][:EXAMPLES - len(cut_examples)])
 
         pool, pending, row0 = None, [], 0
         try:
@@ -275,7 +275,7 @@ def audit(in_path, out_dir, text_tokenizer_path=None, slot: int = 64, chunk_rows
                     if id_col:
                         ids = [x if type(x) is str else None if pd.isna(x) else str(x)
                                for x in df[id_col].iloc[start:stop].tolist()]
-                    raw = [x if type(x) is str else _as_text(x) for x in raw_col.iloc[start:stop].tolist()]
+                    raw = [x if type(x) is str else as_text(x) for x in raw_col.iloc[start:stop].tolist()]
                     task = {"raw": raw, "ids": ids, "row0": row0,
                             "config": config, "dedup": dedup, "tokenizer": tok_path, "room": room}
                     row0 += stop - start
@@ -335,7 +335,7 @@ def audit(in_path, out_dir, text_tokenizer_path=None, slot: int = 64, chunk_rows
                         "note": (f"room = slot - len(span prefix '{SPAN_FOR_ROOM:.1f} s' + separator)" if tok else
                                  "proxy: one token per word, CJK character and punctuation mark; "
                                  f"room = slot - {PROXY_PREFIX}")},
-        "cut": counts["cut"], "cut_fraction": counts["cut"] / rows if rows else 0.0,
+        "cut_after_prefix": counts["cut_after_prefix"], "cut_after_prefix_fraction": counts["cut_after_prefix"] / rows if rows else 0.0,
         "scripts": _by_count(scripts), "languages": _by_count(languages),
         "duplicates": {
             "method": "minhash-lsh", "num_perm": dedup.num_perm, "threshold": dedup.threshold,
@@ -345,7 +345,7 @@ def audit(in_path, out_dir, text_tokenizer_path=None, slot: int = 64, chunk_rows
             "top": [top[int(c)] for c in top_ids]},
         "top_ngrams": ngrams.top(), "ngrams_exact": ngrams.exact, "ngram_rows": ngrams.rows,
         "histograms": {k: v.histogram() for k, v in lengths.items()},
-        "examples": {f: examples[f] for f in FLAGS if f in examples}, "cut_examples": cut_examples,
+        "examples": {f: examples[f] for f in FLAGS if f in examples}, "cut_after_prefix_examples": cut_examples,
         "config": asdict(config), "dedup_config": asdict(dedup), "chunk_rows": chunk_rows,
         "seconds": round(time.time() - started, 3),
     }
@@ -358,7 +358,7 @@ def _schema():
     import pyarrow as pa
     s, i, b = pa.string(), pa.int64(), pa.bool_()
     return pa.schema([("row", i), ("id", s), ("caption_raw", s), ("caption", s), ("caption_flags", pa.list_(s)),
-                      ("chars_raw", i), ("chars", i), ("words", i), ("tokens", i), ("cut", b), ("script", s),
+                      ("chars_raw", i), ("chars", i), ("words", i), ("tokens", i), ("cut_after_prefix", b), ("script", s),
                       ("language", s), ("empty", b), ("dup_cluster", i), ("dup_cluster_size", i),
                       ("dup_exact", b), ("dup_near", b)])
 

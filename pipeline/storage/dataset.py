@@ -10,7 +10,7 @@ from collections import Counter
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.shards import read_index, read_ledger, read_stats, write_json_atomic
+from clipforge.pipeline.storage.shards import read_index, read_ledger, read_stats, write_json_atomic
 
 FORMAT_VERSION = 1
 PACKAGES = ("clipforge", "torch", "numpy", "decord", "av", "webdataset", "ray", "pandas", "pyarrow", "ftfy",
@@ -49,8 +49,8 @@ def funnel(dataset: Path, inputs: int) -> dict:
 
 def write_dataset_info(out_dir: Path, manifest: str, config: dict, layout: dict, image_tokenizer: str,
                        text_tokenizer: str, inputs: int, split: str = "train") -> dict:
-    from tokenizer.image import ImageTokenizer
-    from tokenizer.text import TextTokenizer
+    from clipforge.tokenizer.image import ImageTokenizer
+    from clipforge.tokenizer.text import TextTokenizer
 
     out_dir = Path(out_dir)
     stats = read_stats(out_dir, split)

@@ -21,10 +21,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.dataset import package_versions, write_wids_index
-from pipeline.shards import INDEX_COLUMNS, read_index, read_ledger, shard_name, write_json_atomic
-from pipeline.tarwriter import BLOCK, FastTarWriter
-from pipeline.verify import safe_member, unsafe_name
+from clipforge.pipeline.storage.dataset import package_versions, write_wids_index
+from clipforge.pipeline.storage.shards import INDEX_COLUMNS, read_index, read_ledger, shard_name, write_json_atomic
+from clipforge.pipeline.storage.tarwriter import BLOCK, FastTarWriter
+from clipforge.pipeline.storage.verify import safe_member, unsafe_name
 
 
 @dataclass(frozen=True)

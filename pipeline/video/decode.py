@@ -13,10 +13,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from pipeline.clips import (ClipConfig, center_crop, crop_box, display_size, orient_for_display, plan_clips,
+from clipforge.pipeline.video.clips import (ClipConfig, center_crop, crop_box, display_size, orient_for_display, plan_clips,
                             resize_for_short_side, sane_timestamps)
-from pipeline.isolate import IsolatedCall
-from pipeline.schema import is_ok, make_key, mark_error
+from clipforge.pipeline.video.isolate import IsolatedCall
+from clipforge.pipeline.schema import is_ok, make_key, mark_error
 
 STAGE = "decode"
 
@@ -112,14 +112,14 @@ def decode_video(path: str, config: ClipConfig, key: str = "", start=None, end=N
     if facts["video_streams"] == 1:   # decord cannot choose among several streams; PyAV can
         # decord applies the display rotation itself, so it is asked for the displayed size
         quarter = facts["rotation"] % 180 != 0
-        reader = _DecordReader.open(path, *((stored_h, stored_w) if quarter else (stored_w, stored_h)))
+        reader = DecordReader.open(path, *((stored_h, stored_w) if quarter else (stored_w, stored_h)))
         if reader is not None and reader.agrees_with(pts):   # same frames, same order as the demux pass
             try:
                 frames = reader.read(wanted)
             except DecodeFailure:
                 frames = None   # decord failed mid-file: PyAV may still read the planned frames
     if frames is None:
-        reader = _PyAVReader(path, facts["stream_index"], stored_w, stored_h, timeline)
+        reader = PyAVReader(path, facts["stream_index"], stored_w, stored_h, timeline)
         frames = orient_for_display(reader.read(wanted), facts["rotation"])
     lookup = {idx: n for n, idx in enumerate(wanted)}
     disp_w, disp_h = display_size(facts["width"], facts["height"], facts["sar"], facts["rotation"])
@@ -132,7 +132,7 @@ def decode_video(path: str, config: ClipConfig, key: str = "", start=None, end=N
     return {"source": facts, "decoder": reader.name, "clips": clips, "frames_decoded": reader.frames_decoded}
 
 
-class _DecordReader:
+class DecordReader:
     name = "decord"
 
     def __init__(self, vr):
@@ -174,7 +174,7 @@ class _DecordReader:
         return out
 
 
-class _PyAVReader:
+class PyAVReader:
     """PyAV decoding for what decord cannot open. Reading seeks to the key frame before each planned
     frame and decodes forward, so the frames decoded stay close to the minimum the GOP structure
     allows (`frames_decoded` counts them)."""

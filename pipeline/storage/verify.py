@@ -10,8 +10,8 @@ import tarfile
 from collections import Counter
 from pathlib import Path, PurePosixPath
 
-from pipeline.samples import REQUIRED_MEMBERS, decode_sample
-from pipeline.shards import read_index, read_ledger, read_stats, sha256_file
+from clipforge.pipeline.storage.samples import REQUIRED_MEMBERS, decode_sample
+from clipforge.pipeline.storage.shards import read_index, read_ledger, read_stats, sha256_file
 
 
 def unsafe_name(name: str) -> str | None:

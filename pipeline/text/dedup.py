@@ -1,5 +1,5 @@
 """Duplicate captions across a whole corpus: exact ones by a hash of the normalized text, near ones by
-MinHash LSH, joined into clusters. Used by `pipeline.audit`.
+MinHash LSH, joined into clusters. Used by `clipforge.pipeline.text.audit`.
 
 Near-duplicates follow datasketch exactly: the signatures equal `datasketch.MinHash(num_perm, seed,
 hashfunc=identity).update_batch(shingle_hashes)`, and bands use `MinHashLSH`'s (b, r) for the
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-_CJK_CHARS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
-_DEDUP_TOKEN_RE = re.compile(rf"[{_CJK_CHARS}]|[^\W_{_CJK_CHARS}]+")
+CJK_CHARS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
+_DEDUP_TOKEN_RE = re.compile(rf"[{CJK_CHARS}]|[^\W_{CJK_CHARS}]+")
 _M32, _M64 = np.uint32(0xFFFFFFFF), np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -62,16 +62,36 @@ def _combine(h: np.ndarray, t: np.ndarray) -> np.ndarray:
     return (_fmix64((h.astype(np.uint64) << np.uint64(32)) | t.astype(np.uint64)) >> np.uint64(32)).astype(np.uint32)
 
 
+_area = getattr(np, "trapezoid", None) or np.trapz   # numpy 2 renamed trapz
+
+
+def lsh_bands(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5) -> tuple[int, int]:
+    """(bands, rows per band) with bands * rows <= num_perm that minimises the weighted sum of the
+    false-positive area (Jaccard below `threshold` still colliding) and the false-negative area (above it,
+    not colliding) under the S-curve 1 - (1 - s^r)^b. This is the same criterion datasketch's
+    MinHashLSH uses, so the choice matches its index for the same parameters."""
+    s_lo = np.linspace(0.0, threshold, 1001)
+    s_hi = np.linspace(threshold, 1.0, 1001)
+    best, best_err = (1, 1), float("inf")
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            fp = _area(1 - (1 - s_lo ** r) ** b, s_lo)
+            fn = _area((1 - s_hi ** r) ** b, s_hi)
+            err = fp_weight * fp + fn_weight * fn
+            if err < best_err:
+                best, best_err = (b, r), err
+    return best
+
+
 class MinHasher:
     """Vectorized MinHash signatures and LSH band hashes for chunks of captions."""
 
     def __init__(self, config: DedupConfig = DedupConfig()):
         from datasketch import MinHash
-        from datasketch.lsh import _optimal_param
         self.config = config
         a, b = MinHash(num_perm=config.num_perm, seed=config.seed).permutations
         self.a, self.b = a.astype(np.uint32), b.astype(np.uint32)
-        self.bands, self.rows = _optimal_param(config.threshold, config.num_perm, 0.5, 0.5)
+        self.bands, self.rows = lsh_bands(config.threshold, config.num_perm)
         self._cache: dict[str, int] = {}
 
     def _token_hashes(self, tokens: list[str]) -> np.ndarray:
@@ -149,11 +169,11 @@ def _run_edges(values: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.nd
 
 def candidate_pairs(bands, has: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """LSH candidates: (u, v) with v < u sharing at least one band (MinHashLSH's rule), deduplicated.
-    `bands` is an [n, b] array or a `_SigStore` (one band column in memory at a time)."""
+    `bands` is an [n, b] array or a `SignatureStore` (one band column in memory at a time)."""
     index = np.flatnonzero(has)
     us, vs = [], []
     for k in range(bands.shape[1]):
-        u, v = _run_edges(bands.column(k)[index] if isinstance(bands, _SigStore) else bands[index, k], index)
+        u, v = _run_edges(bands.column(k)[index] if isinstance(bands, SignatureStore) else bands[index, k], index)
         us.append(u)
         vs.append(v)
     u = np.concatenate(us) if us else np.zeros(0, np.int64)
@@ -181,7 +201,7 @@ def components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return labels
 
 
-class _SigStore:
+class SignatureStore:
     """Signatures and band hashes on disk: row-major signatures, one file per band column. Read with
     plain file I/O, never mmap, so that only what is being used counts against memory."""
 
@@ -217,14 +237,14 @@ class _SigStore:
 
 
 def find_duplicates(sig, bands, has, exact, config: DedupConfig) -> dict[str, np.ndarray]:
-    """Per-row duplicate columns from signatures [n, P] and bands [n, b] (arrays, or one `_SigStore`
+    """Per-row duplicate columns from signatures [n, P] and bands [n, b] (arrays, or one `SignatureStore`
     for both), has [n] and exact hashes [n]."""
     n = len(has)
     u, v = candidate_pairs(bands, has)
     if config.verify and len(u):
         check = exact[u] != exact[v]  # exact duplicates need no verification
         rows = np.unique(np.r_[u[check], v[check]])
-        sigs = sig.take(rows) if isinstance(sig, _SigStore) else sig[rows]
+        sigs = sig.take(rows) if isinstance(sig, SignatureStore) else sig[rows]
         same = (sigs[np.searchsorted(rows, u[check])] == sigs[np.searchsorted(rows, v[check])]).mean(axis=1)
         ok = np.ones(len(u), dtype=bool)
         ok[check] = same >= config.threshold

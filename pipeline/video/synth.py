@@ -34,7 +34,7 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
-# Broken rows cycle through these, in this order; each maps to a failure reason in pipeline.schema.REASONS.
+# Broken rows cycle through these, in this order; each maps to a failure reason in clipforge.pipeline.schema.REASONS.
 BROKEN_KINDS = ("empty", "truncated", "not_a_video", "missing")
 
 
@@ -51,7 +51,7 @@ class SynthConfig:
 
 
 @dataclass(frozen=True)
-class VideoPlan:
+class SyntheticVideoPlan:
     """Everything needed to render one video; the manifest's truth columns come from here."""
     index: int
     color: str
@@ -183,7 +183,7 @@ def make_dirty(caption: str, rng: np.random.Generator) -> str:
     return caption
 
 
-def plan_video(config: SynthConfig, index: int) -> VideoPlan:
+def plan_synthetic_video(config: SynthConfig, index: int) -> SyntheticVideoPlan:
     """The ground truth and geometry of video `index`, from `default_rng([seed, index])` alone."""
     rng = np.random.default_rng([config.seed, index])
     color = _pick(rng, tuple(COLORS))
@@ -206,14 +206,14 @@ def plan_video(config: SynthConfig, index: int) -> VideoPlan:
     start, end = ((a0, c), (a1, c)) if horizontal else ((c, a0), (c, a1))
     shade = int(rng.integers(14, 40))   # dark grey, slightly tinted per video
     background = tuple(int(v) for v in np.clip(shade + rng.integers(-6, 7, size=3), 0, 255))
-    return VideoPlan(index=index, color=color, shape=shape, direction=direction, fps=fps, n_frames=n_frames,
+    return SyntheticVideoPlan(index=index, color=color, shape=shape, direction=direction, fps=fps, n_frames=n_frames,
                      width=width, height=height, radius=radius,
                      start=(float(start[0]), float(start[1])), end=(float(end[0]), float(end[1])),
                      background=background, gop=int(rng.integers(12, 26)),
                      caption=make_caption(color, shape, direction, rng))
 
 
-def write_video(path, plan: VideoPlan) -> None:
+def write_synthetic_video(path, plan: SyntheticVideoPlan) -> None:
     """Encode the plan as H.264 mp4 (libx264, yuv420p, crf 23, preset veryfast, GOP `plan.gop`)."""
     import av  # imported here so that planning and captions work without PyAV
 
@@ -238,13 +238,13 @@ def write_video(path, plan: VideoPlan) -> None:
         container.mux(stream.encode(None))   # flush the encoder's delayed frames
 
 
-def _write_broken(path: pathlib.Path, kind: str, plan: VideoPlan) -> None:
+def _write_broken(path: pathlib.Path, kind: str, plan: SyntheticVideoPlan) -> None:
     path.unlink(missing_ok=True)   # a rerun must not leave an old good file behind
     if kind == "empty":
         path.touch()
     elif kind == "truncated":
         # The mp4 muxer writes the index (moov) at the end, so the first 40% has frames but no index.
-        write_video(path, plan)
+        write_synthetic_video(path, plan)
         data = path.read_bytes()
         path.write_bytes(data[: int(len(data) * 0.4)])
     elif kind == "not_a_video":
@@ -268,13 +268,13 @@ def write_synthetic_corpus(out_dir, config: SynthConfig = SynthConfig(),
     dirty = set(np.random.default_rng([config.seed, 2**32 - 1]).permutation(config.videos)[:n_dirty].tolist())
     rows = []
     for i in range(n):
-        plan = plan_video(config, i)
+        plan = plan_synthetic_video(config, i)
         path = out / "videos" / f"{i:06d}.mp4"
         is_broken = i >= config.videos
         if is_broken:
             _write_broken(path, BROKEN_KINDS[(i - config.videos) % len(BROKEN_KINDS)], plan)
         else:
-            write_video(path, plan)
+            write_synthetic_video(path, plan)
         caption = plan.caption
         if i in dirty:
             caption = make_dirty(caption, np.random.default_rng([config.seed, i, 1]))

@@ -1,13 +1,16 @@
-"""Decoding: one reader per video serves all its clips, decord first, PyAV when decord cannot.
+"""Decoding: one reader per video serves all its clips, decord where it is proven right, PyAV otherwise.
 
-`decode_video` is the worker-side function (probe → plan → read the planned frames → orient and crop);
-it raises `DecodeFailure(reason, message)` for bad input. `DecodeVideo` is the stage: it runs
+`decode_video` is the worker-side function (probe → clock → plan → read the planned frames → orient and
+crop); it raises `DecodeFailure(reason, message)` for bad input. Every result names its `decoder`
+(decord | pyav) and its `clock` (demux | decode | grid, see `Timeline`); docs/decode.md says which
+container gets which and why. `DecodeVideo` is the stage: it runs
 `decode_video` in an isolated child process (see `pipeline/isolate.py`), because a decord hang cannot be
 interrupted from Python, and turns every failure into an error row.
 """
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -15,16 +18,31 @@ import numpy as np
 
 from clipforge.pipeline.video.clips import (ClipConfig, center_crop, crop_box, display_size, orient_for_display, plan_clips,
                             resize_for_short_side, sane_timestamps)
-from clipforge.pipeline.video.isolate import IsolatedCall
+from clipforge.pipeline.video.isolate import IsolatedCall, WorkerFailure
 from clipforge.pipeline.schema import is_ok, make_key, mark_error
+from clipforge.pipeline.storage.fs import FetchError, fetch, is_remote as is_remote_video
 
 STAGE = "decode"
 
 
-class DecodeFailure(Exception):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
+# Containers without a seek index: decord's seek lands late on them (a whole GOP on MPEG-PS and MPEG-TS,
+# with timestamps that still look right), so they go to PyAV, which finds frames by their pts. Ogg and raw
+# elementary streams seek by bisection or not at all. Names are ffmpeg demuxer names (probe's `container`).
+NO_SEEK_INDEX = frozenset({"mpeg", "mpegts", "mpegtsraw", "mpegvideo", "vob", "svcd", "vcd", "dvd", "ogg",
+                           "h264", "hevc", "m4v", "h263", "cavsvideo", "vc1"})
+# decord's first planned picture against PyAV's, same size: mean absolute difference in grey levels.
+# Different scalers and chroma paths measured at most 3.4 on the shared real files; a picture one frame
+# off on a moving scene differs by tens, a GOP off by more.
+PROOF_TOL = 8.0
+
+
+class DecodeFailure(WorkerFailure):
+    """Bad input: the reason (one of schema.REASONS) goes to the ledger."""
+
+
+class ClockMismatch(Exception):
+    """The decoder's pictures do not carry the demux pass's timestamps (e.g. MPEG-4 Part 2 with packed
+    B-frames in AVI): the plan must be made on the decoded pictures' own clock."""
 
 
 def probe(path: str) -> dict:
@@ -58,24 +76,33 @@ def probe(path: str) -> dict:
         duration = float(container.duration) / 1e6 if container.duration else None
         fps = float(stream.average_rate) if stream.average_rate else None
         return {"width": ctx.width, "height": ctx.height, "sar": sar, "rotation": rotation,
-                "codec": ctx.name, "fps": fps, "duration": duration, "stream_index": stream.index,
+                "container": container.format.name.split(",")[0], "codec": ctx.name, "fps": fps, "duration": duration, "stream_index": stream.index,
                 "video_streams": len(streams), "frames": int(stream.frames or 0)}
 
 
 @dataclass
 class Timeline:
-    """Every frame's presentation time, from a demux pass (packets only, nothing decoded).
+    """Every frame's presentation time in display order, on one of three clocks:
 
-    PyAV's pts × time base is the one clock for every decoder: decord's own timestamps are garbage on
-    some AVI/MPEG-PS files and drop the start offset on others, so they are never used.
+    - demux: packet pts × time base from a demux pass (nothing decoded). Used while every picture the
+      decoder returns carries exactly one of these pts; `PyAVReader` checks that on every picture.
+    - decode: the pts of the pictures a full decode pass returns, when the demux pts are unusable or the
+      pictures do not carry them (MPEG-4 Part 2 with packed B-frames in AVI, field-coded H.264).
+    - grid: neither pass gives usable pts (missing, repeated or out of order): the n-th decoded picture is
+      shown at t0 + n / average rate, t0 being the first picture's pts when that one is usable (so an MPEG
+      start offset survives), else 0.
+
+    decord's own timestamps are never used: garbage on some AVI/MPEG-PS files, start offset dropped on others.
     """
     raw_pts: list            # stream time-base pts of frame i, display order
     key_index: list          # display indices of key frames
     pts: np.ndarray          # seconds
     frame_end: float         # when the last frame stops being shown
+    clock: str = "demux"
 
 
 def demux_timeline(path: str, stream_index: int, fps: float | None, duration: float | None) -> Timeline:
+    """The demux clock; `clock` is "grid" when the packets carry no usable pts (see `decode_timeline`)."""
     import av
 
     try:
@@ -91,36 +118,105 @@ def demux_timeline(path: str, stream_index: int, fps: float | None, duration: fl
     raw = [p[0] for p in packets]
     pts = np.asarray(raw, dtype=np.float64) * tb
     last = packets[-1][1] * tb or (1.0 / fps if fps else 0.04)
-    if not sane_timestamps(pts, duration):   # no usable clock: a regular grid at the average rate
-        pts = np.arange(len(raw)) / (fps or 25.0)
-    return Timeline(raw, [i for i, p in enumerate(packets) if p[2]], pts, float(pts[-1] + last))
+    clock = "demux"
+    if not sane_timestamps(pts, duration) or len(set(raw)) != len(raw):
+        pts, clock = grid_times(len(raw), pts[0], fps, duration), "grid"
+    return Timeline(raw, [i for i, p in enumerate(packets) if p[2]], pts, float(pts[-1] + last), clock)
 
 
-def decode_video(path: str, config: ClipConfig, key: str = "", start=None, end=None) -> dict:
-    """Probe, plan and read one video. Returns {"source": facts, "decoder", "clips": [plan + frames]}."""
-    facts = probe(path)
-    size = config.size
-    timeline = demux_timeline(path, facts["stream_index"], facts["fps"], facts["duration"])
+def decode_timeline(path: str, stream_index: int, fps: float | None, duration: float | None) -> Timeline:
+    """The decode clock: one full decode pass, recording each returned picture's pts in output order.
+    Falls back to the grid clock when the pictures carry no usable pts."""
+    import av
+
+    raw, keys, last = [], [], 0.0
+    try:
+        with av.open(path) as container:
+            stream = container.streams[stream_index]
+            stream.thread_count = 1
+            tb = float(stream.time_base)
+            for frame in decoded_frames(container, stream, [0]):
+                if frame.key_frame:
+                    keys.append(len(raw))
+                raw.append(frame.pts)
+                last = float(frame.duration or 0) * tb
+    except av.error.FFmpegError as err:
+        if not raw:
+            raise DecodeFailure("unsupported_codec", f"pyav: {err}") from None
+        # a damaged tail: the timeline ends at the last picture decoded
+    if not raw:
+        raise DecodeFailure("unsupported_codec", "the decoder returned no picture")
+    last = last or (1.0 / fps if fps else 0.04)
+    if all(p is not None for p in raw) and len(set(raw)) == len(raw):
+        pts = np.asarray(raw, dtype=np.float64) * tb
+        if sane_timestamps(pts, duration):
+            return Timeline(raw, keys, pts, float(pts[-1] + last), "decode")
+    first = raw[0] * tb if raw[0] is not None else 0.0
+    pts = grid_times(len(raw), first, fps, duration)
+    return Timeline(raw, keys, pts, float(pts[-1] + last), "grid")
+
+
+def grid_times(n: int, first: float, fps: float | None, duration: float | None) -> np.ndarray:
+    """n pictures at the average rate, from the first picture's time when that one is believable."""
+    start = float(first) if np.isfinite(first) and 0.0 <= first <= (duration or 0.0) + 60.0 else 0.0
+    return start + np.arange(n) / (fps or 25.0)
+
+
+def decoded_frames(container, stream, bad_packets: list):
+    """Decoded pictures, packet by packet, skipping packets the decoder rejects (as ffmpeg does: a
+    corrupt NAL unit costs a frame, not the rest of the video). `bad_packets[0]` counts them."""
+    import av
+
+    for packet in container.demux(stream):
+        try:
+            yield from packet.decode()
+        except av.error.InvalidDataError:
+            bad_packets[0] += 1
+            if bad_packets[0] > 50:
+                raise
+
+
+def _plan(timeline: Timeline, config: ClipConfig, key, start, end, fps) -> tuple[list, list[int]]:
     pts = timeline.pts
-    plans = plan_clips(pts, timeline.frame_end, config, key=key, start=start, end=end, source_fps=facts["fps"])
+    plans = plan_clips(pts, timeline.frame_end, config, key=key, start=start, end=end, source_fps=fps)
     if not plans:
         raise DecodeFailure("too_short", f"{timeline.frame_end - pts[0]:.2f} s and {len(pts)} frames: too short "
                                          f"for {config.frames} frames at any configured rate")
-    wanted = sorted({i for p in plans for i in p.frame_indices})   # sorted: decord is much faster so
+    return plans, sorted({i for p in plans for i in p.frame_indices})   # sorted: decord is much faster so
+
+
+def decode_video(path: str, config: ClipConfig, key: str = "", start=None, end=None) -> dict:
+    """Probe, choose a clock, plan and read one video.
+
+    Returns {"source": facts, "decoder", "clock", "clips": [plan + frames], "frames_decoded"}. Every clip's
+    `timestamps` are the clock's times of the pictures returned (pts × time base on the demux and decode
+    clocks), and on the decord path the first planned picture is proven against PyAV's by its pixels.
+    """
+    facts = probe(path)
+    size = config.size
+    fps, duration = facts["fps"], facts["duration"]
+    timeline = demux_timeline(path, facts["stream_index"], fps, duration)
+    if timeline.clock != "demux":
+        timeline = decode_timeline(path, facts["stream_index"], fps, duration)
+    plans, wanted = _plan(timeline, config, key, start, end, fps)
     stored_w, stored_h = resize_for_short_side(facts["width"], facts["height"], facts["sar"], facts["rotation"], size)
     frames, reader = None, None
-    if facts["video_streams"] == 1:   # decord cannot choose among several streams; PyAV can
-        # decord applies the display rotation itself, so it is asked for the displayed size
-        quarter = facts["rotation"] % 180 != 0
-        reader = DecordReader.open(path, *((stored_h, stored_w) if quarter else (stored_w, stored_h)))
-        if reader is not None and reader.agrees_with(pts):   # same frames, same order as the demux pass
-            try:
-                frames = reader.read(wanted)
-            except DecodeFailure:
-                frames = None   # decord failed mid-file: PyAV may still read the planned frames
+    # decord cannot choose among several streams (PyAV can), and lands late on containers without an index
+    if timeline.clock == "demux" and facts["video_streams"] == 1 and facts["container"] not in NO_SEEK_INDEX:
+        frames, reader = read_with_decord(path, facts, timeline, wanted, stored_w, stored_h)
     if frames is None:
         reader = PyAVReader(path, facts["stream_index"], stored_w, stored_h, timeline)
-        frames = orient_for_display(reader.read(wanted), facts["rotation"])
+        try:
+            frames = reader.read(wanted)
+        except ClockMismatch:   # the pictures do not carry the demux pts: plan on their own clock
+            timeline = decode_timeline(path, facts["stream_index"], fps, duration)
+            plans, wanted = _plan(timeline, config, key, start, end, fps)
+            decoded_before = reader.frames_decoded + len(timeline.pts)
+            reader = PyAVReader(path, facts["stream_index"], stored_w, stored_h, timeline)
+            frames = reader.read(wanted)
+            reader.frames_decoded += decoded_before
+        frames = orient_for_display(frames, facts["rotation"])
+    pts = timeline.pts
     lookup = {idx: n for n, idx in enumerate(wanted)}
     disp_w, disp_h = display_size(facts["width"], facts["height"], facts["sar"], facts["rotation"])
     box = crop_box(disp_w, disp_h, size)
@@ -128,8 +224,44 @@ def decode_video(path: str, config: ClipConfig, key: str = "", start=None, end=N
     for plan in plans:
         clip = center_crop(frames[[lookup[i] for i in plan.frame_indices]], size)
         clips.append({**plan.as_dict(), "crop": box, "frames": clip})
-    facts.update(frames=len(pts), duration=facts["duration"] or float(timeline.frame_end - pts[0]))
-    return {"source": facts, "decoder": reader.name, "clips": clips, "frames_decoded": reader.frames_decoded}
+    facts.update(frames=len(pts), duration=facts["duration"] or float(timeline.frame_end - pts[0]),
+                 decoder=reader.name, clock=timeline.clock)
+    return {"source": facts, "decoder": reader.name, "clock": timeline.clock, "clips": clips,
+            "frames_decoded": reader.frames_decoded}
+
+
+def read_with_decord(path: str, facts: dict, timeline: Timeline, wanted: list[int], stored_w: int, stored_h: int):
+    """(frames, reader) from decord, or (None, None) when decord cannot open the file, disagrees with the
+    demux clock, fails, or returns a first planned picture that is not PyAV's picture for that index."""
+    # decord applies the display rotation itself, so it is asked for the displayed size
+    quarter = facts["rotation"] % 180 != 0
+    reader = DecordReader.open(path, *((stored_h, stored_w) if quarter else (stored_w, stored_h)))
+    if reader is None or not reader.agrees_with(timeline.pts):   # same frames, same order as the demux pass
+        return None, None
+    try:
+        frames = reader.read(wanted)
+    except DecodeFailure:
+        return None, None   # decord failed mid-file: PyAV may still read the planned frames
+    # Timestamps agreeing is not pixels agreeing: decord's seek can land a GOP late while its timestamps
+    # look right. One PyAV picture (a seek and at most one GOP decoded) proves the index.
+    check = PyAVReader(path, facts["stream_index"], stored_w, stored_h, timeline)
+    try:
+        ref = orient_for_display(check.read(wanted[:1]), facts["rotation"])
+    except (ClockMismatch, DecodeFailure):
+        return None, None
+    reader.frames_decoded += check.frames_decoded
+    if ref.shape[1:] != frames.shape[1:]:
+        return None, None
+    reader.proof_diff = float(np.abs(ref[0].astype(np.int16) - frames[0].astype(np.int16)).mean())
+    if reader.proof_diff > PROOF_TOL:
+        return None, None
+    return frames, reader
+
+
+def import_decoders() -> None:
+    """Run once in each decode child before it reports ready, so import time never counts against a video."""
+    import av  # noqa: F401
+    import decord  # noqa: F401
 
 
 class DecordReader:
@@ -175,25 +307,33 @@ class DecordReader:
 
 
 class PyAVReader:
-    """PyAV decoding for what decord cannot open. Reading seeks to the key frame before each planned
-    frame and decodes forward, so the frames decoded stay close to the minimum the GOP structure
-    allows (`frames_decoded` counts them)."""
+    """PyAV decoding. On the demux clock, reading seeks to the key frame before each planned frame and
+    decodes forward, so the frames decoded stay close to the minimum the GOP structure allows
+    (`frames_decoded` counts them). Every picture is identified by its own pts, never by counting (except
+    on the grid clock, where there is no pts). On the demux clock, `ClockMismatch` is raised for a picture
+    with a pts the demux pass does not know, for pictures whose pts go backwards in output order (H.264
+    in AVI: pictures come out in display order carrying decode-order pts), and for a planned pts that no
+    picture carries."""
     name = "pyav"
 
     def __init__(self, path: str, stream_index: int, width: int, height: int, timeline: Timeline):
         self.path, self.stream_index, self.width, self.height = path, stream_index, width, height
         self.frames_decoded = 0
+        self.bad_packets = [0]
+        self.clock = timeline.clock
         self.raw_pts, self.key_index = timeline.raw_pts, timeline.key_index
+        self.index_of = {pts: i for i, pts in enumerate(self.raw_pts)} if self.clock != "grid" else {}
 
     def read(self, indices: list[int]) -> np.ndarray:
         import av
 
         got: dict[int, np.ndarray] = {}
+        failed = None
         try:
             with av.open(self.path) as container:
                 stream = container.streams[self.stream_index]
                 stream.thread_count = 1
-                if len(set(self.raw_pts)) == len(self.raw_pts) and self.key_index:
+                if self.clock == "demux" and self.key_index:
                     self._read_seeking(container, stream, indices, got)
                 missing = [i for i in indices if i not in got]
                 if missing:   # seeking is unreliable in some containers: one forward pass from the start
@@ -203,7 +343,10 @@ class PyAVReader:
             if not got:
                 raise DecodeFailure("unsupported_codec" if self.frames_decoded == 0 else "decode_error",
                                     f"pyav: {err}") from None
+            failed = err
         missing = [i for i in indices if i not in got]
+        if missing and self.clock == "demux" and failed is None:
+            raise ClockMismatch(f"no decoded picture carries the pts of planned frame {missing[0]}")
         if missing:
             raise DecodeFailure("decode_error", f"pyav decoded {self.frames_decoded} frames; "
                                                 f"{len(missing)} planned frames missing (first {missing[0]})")
@@ -212,8 +355,22 @@ class PyAVReader:
     def _convert(self, frame) -> np.ndarray:
         return frame.to_ndarray(width=self.width, height=self.height, format="rgb24")
 
+    def _index(self, frame, n: int, previous: int) -> int:
+        """Display index of a decoded picture: by its pts, or its ordinal `n` on the grid clock.
+        `previous` is the index of the picture decoded just before in the same run (-1 after a seek)."""
+        if self.clock == "grid":
+            return n
+        index = self.index_of.get(frame.pts)
+        if index is not None and index <= previous:
+            index = None   # pictures come out in display order: a pts going backwards belongs to another
+        if index is None:
+            if self.clock == "demux":
+                raise ClockMismatch(f"decoded picture with pts {frame.pts} is not in the demux pass")
+            raise DecodeFailure("decode_error", f"decoded picture with pts {frame.pts} differs from the decode pass")
+        return index
+
     def _read_seeking(self, container, stream, indices, got) -> None:
-        index_of = {pts: i for i, pts in enumerate(self.raw_pts)}
+        wanted = set(indices)
         position = -1   # display index of the last frame decoded
         frames = None
         for target in indices:
@@ -222,37 +379,26 @@ class PyAVReader:
             key = self.key_index[max(0, np.searchsorted(self.key_index, target, side="right") - 1)]
             if frames is None or key > position + 1 or target <= position:
                 container.seek(self.raw_pts[key], stream=stream, backward=True)
-                frames = self._frames(container, stream)
+                frames = decoded_frames(container, stream, self.bad_packets)
+                position = -1
             for frame in frames:
                 self.frames_decoded += 1
-                position = index_of.get(frame.pts, position)
-                if position in indices and position not in got:
+                position = self._index(frame, -1, position)
+                if position in wanted and position not in got:
                     got[position] = self._convert(frame)
                 if position >= target:
                     break
             else:
                 return
 
-    def _frames(self, container, stream):
-        """Decoded frames, packet by packet, skipping packets the decoder rejects (as ffmpeg does:
-        a corrupt NAL unit costs a frame, not the rest of the video)."""
-        import av
-
-        self.bad_packets = getattr(self, "bad_packets", 0)
-        for packet in container.demux(stream):
-            try:
-                yield from packet.decode()
-            except av.error.InvalidDataError:
-                self.bad_packets += 1
-                if self.bad_packets > 50:
-                    raise
-
     def _read_forward(self, container, stream, wanted: set, last: int, got) -> None:
-        for n, frame in enumerate(self._frames(container, stream)):
+        index = -1
+        for n, frame in enumerate(decoded_frames(container, stream, self.bad_packets)):
             self.frames_decoded += 1
-            if n in wanted and n not in got:
-                got[n] = self._convert(frame)
-            if n >= last:
+            index = self._index(frame, n, index)
+            if index in wanted and index not in got:
+                got[index] = self._convert(frame)
+            if index >= last:
                 break
 
 
@@ -260,14 +406,19 @@ class DecodeVideo:
     """Stage: one manifest row in, one row per clip out (or one error row).
 
     Input keys: video_id, source, start?, end?. Output keys per clip: key, clip_index, clips_total, mode,
-    rate, span, frame_indices, timestamps, crop, decoder, source_info, frames (uint8 [T,S,S,3]).
-    Reasons: missing, empty, not_a_video, unsupported_codec, too_short, decode_error, timeout, worker_crash.
+    rate, span, frame_indices, timestamps, crop, decoder, clock, source_info, frames (uint8 [T,S,S,3]).
+    Reasons: missing, empty, not_a_video, unsupported_codec, too_short, decode_error, timeout, worker_crash,
+    internal_error (an exception that is not a DecodeFailure: a bug in our code, retryable).
+    cpu_limit_s: CPU seconds per video in the child (default: twice the time limit plus 10 s).
     """
 
     def __init__(self, config: ClipConfig = ClipConfig(), timeout_s: float = 120.0,
-                 memory_limit_mb: int | None = 8192, isolate: bool = True):
+                 memory_limit_mb: int | None = 8192, isolate: bool = True, cpu_limit_s: float | None = None):
         self.config = config
-        self.call = IsolatedCall(decode_video, timeout_s, memory_limit_mb) if isolate else None
+        self.fetch_max_bytes, self.fetch_timeout_s = 4 << 30, max(timeout_s, 60.0)
+        cpu = cpu_limit_s if cpu_limit_s is not None else 2 * timeout_s + 10
+        self.call = IsolatedCall(decode_video, timeout_s, memory_limit_mb, cpu_limit_s=cpu,
+                                 init=import_decoders) if isolate else None
 
     def __call__(self, rows: Iterable[dict]) -> Iterator[dict]:
         for row in rows:
@@ -277,12 +428,27 @@ class DecodeVideo:
             yield from self._decode(row)
 
     def _decode(self, row: dict) -> Iterator[dict]:
-        args = (row["source"], self.config, row["video_id"], row.get("start"), row.get("end"))
+        if is_remote_video(row["source"]):   # s3://, gs://, http(s)://: fetched here, decoded locally
+            with tempfile.TemporaryDirectory(prefix="clipforge-fetch-") as tmp:
+                local = os.path.join(tmp, "video" + os.path.splitext(row["source"].split("?")[0])[1][:8])
+                try:
+                    fetch(row["source"], local, max_bytes=self.fetch_max_bytes, timeout_s=self.fetch_timeout_s)
+                except FetchError as err:
+                    yield mark_error(row, STAGE, err.reason, str(err))
+                    return
+                yield from self._decode_local(row, local)
+            return
+        yield from self._decode_local(row, row["source"])
+
+    def _decode_local(self, row: dict, path: str) -> Iterator[dict]:
+        args = (path, self.config, row["video_id"], row.get("start"), row.get("end"))
         if self.call is None:
             try:
                 outcome = ("ok", decode_video(*args))
             except DecodeFailure as err:
                 outcome = ("failure", err.reason, str(err))
+            except Exception as err:   # noqa: BLE001 — a bug in our code, not in the video: retryable
+                outcome = ("failure", "internal_error", f"{type(err).__name__}: {err}")
         else:
             outcome = self.call(*args)
         if outcome[0] != "ok":
@@ -294,8 +460,9 @@ class DecodeVideo:
         for n, clip in enumerate(clips):
             out = dict(row)
             out.update(clip)
-            out.update(key=make_key(row["video_id"], f"{clip['mode'][:3]}{n:02d}"), clip_index=n,
-                       clips_total=len(clips), decoder=result["decoder"], source_info=result["source"])
+            out.update(key=make_key(row.get("row_key") or row["video_id"], f"{clip['mode'][:3]}{n:02d}"), clip_index=n,
+                       clips_total=len(clips), decoder=result["decoder"], clock=result["clock"],
+                       source_info=result["source"])
             yield out
 
     def close(self):

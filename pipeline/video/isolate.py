@@ -2,67 +2,172 @@
 
 decord's `get_batch` can hang on some corrupt files (dmlc/decord #269) and its memory grows on long
 high-resolution videos; neither can be stopped from inside Python. `IsolatedCall` keeps one persistent
-child (spawned once, reused for every call, so the cost is paid once per stage instance), gives each call
-a time limit and an address-space limit, and replaces the child when it is killed or dies.
+child (spawned once, reused for every call, so the cost is paid once per stage instance) and guarantees:
+
+- **the limit is the call's own**: the child reports "ready" after its imports and `init` have run, and
+  only then does a call's clock start, so spawn and import time on a loaded machine never count against
+  a video;
+- **limits**: wall-clock time per call (the child is killed and replaced), CPU time per call
+  (RLIMIT_CPU, re-armed before each call; the kernel kills a child that spins past it even if the parent
+  is stuck), address space (RLIMIT_AS);
+- **no orphans**: on Linux the child asks the kernel for SIGKILL when its parent dies
+  (prctl PR_SET_PDEATHSIG), and a watchdog thread exits the child when its parent pid changes (the
+  fallback where prctl is missing; it cannot help a child stuck holding the GIL, prctl can);
+- **honest reasons**: a `WorkerFailure` (bad input, e.g. `DecodeFailure`) comes back with its own
+  reason; any other exception is a bug in our code and comes back as the retryable `internal_error`.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
 import traceback
 
+PR_SET_PDEATHSIG = 1          # from <linux/prctl.h>
+WATCHDOG_PERIOD_S = 1.0
 
-def _child_main(conn, fn, memory_limit_mb):
+
+class WorkerFailure(Exception):
+    """An expected failure of the input (not of our code): `reason` is one of schema.REASONS."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make this process end when `parent_pid` ends, by prctl where the kernel has it, and by a watchdog."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass   # the watchdog below still applies
+    if os.getppid() != parent_pid:   # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch():
+        while True:
+            time.sleep(WATCHDOG_PERIOD_S)
+            if os.getppid() != parent_pid:   # reparented: the parent is gone
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _arm_cpu_limit(seconds: float | None) -> None:
+    """RLIMIT_CPU counts the process's whole life, so each call gets `seconds` on top of what is used."""
+    if not seconds:
+        return
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    used = usage.ru_utime + usage.ru_stime
+    soft = int(used + seconds) + 1
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+
+
+def _child_main(conn, fn, memory_limit_mb, cpu_limit_s, parent_pid, init):
+    import resource
+
+    die_with_parent(parent_pid)
+    # a child killed by SIGXCPU would otherwise leave a core file in the working directory
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if memory_limit_mb:
-        import resource
-
         limit = int(memory_limit_mb) * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    if init is not None:
+        init()   # imports and warm-up: paid here, before "ready", never inside a call's time limit
+    conn.send(("ready", os.getpid()))
     while True:
         try:
             args = conn.recv()
         except EOFError:
             return
+        _arm_cpu_limit(cpu_limit_s)
         try:
             conn.send(("ok", fn(*args)))
         except MemoryError:
             conn.send(("failure", "worker_crash", "memory limit exceeded while decoding"))
-        except Exception as err:   # noqa: BLE001 — every failure must come back as a value
-            reason = getattr(err, "reason", None) or "decode_error"
-            message = str(err) or type(err).__name__
-            if reason == "decode_error" and not hasattr(err, "reason"):
-                message = f"{type(err).__name__}: {message} ({traceback.format_exc(limit=-1).strip().splitlines()[-2].strip()})"
-            conn.send(("failure", reason, message))
+        except WorkerFailure as err:
+            conn.send(("failure", err.reason, str(err) or type(err).__name__))
+        except Exception as err:   # noqa: BLE001 — a bug in our code: retryable, with where it happened
+            where = traceback.format_exc(limit=-1).strip().splitlines()
+            location = where[-2].strip() if len(where) >= 2 else ""
+            conn.send(("failure", "internal_error", f"{type(err).__name__}: {err} ({location})"))
 
 
 class IsolatedCall:
-    """`call(*args)` → ("ok", result) or ("failure", reason, message); never raises for the callee's sake."""
+    """`call(*args)` → ("ok", result) or ("failure", reason, message); never raises for the callee's sake.
 
-    def __init__(self, fn, timeout_s: float, memory_limit_mb: int | None = None):
+    timeout_s: wall-clock seconds per call, counted from when the call is handed to a ready child.
+    cpu_limit_s: CPU seconds per call (all the child's threads together); None for no limit.
+    start_timeout_s: how long a child may take to spawn, import and run `init` before it counts as crashed.
+    init: a picklable callable run once in each child before it reports ready (e.g. import decoders).
+    """
+
+    def __init__(self, fn, timeout_s: float, memory_limit_mb: int | None = None, cpu_limit_s: float | None = None,
+                 start_timeout_s: float = 300.0, init=None):
         self.fn, self.timeout_s, self.memory_limit_mb = fn, timeout_s, memory_limit_mb
+        self.cpu_limit_s, self.start_timeout_s, self.init = cpu_limit_s, start_timeout_s, init
         # spawn, not fork: the parent may be a Ray worker with threads, and fork copies their locks.
         self._ctx = mp.get_context("spawn")
         self._proc = None
         self._conn = None
 
-    def _start(self):
+    @property
+    def pid(self) -> int | None:
+        """The current child's pid (None before the first call or after `close`)."""
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self) -> tuple | None:
+        """Spawn the child and wait until it is ready; returns a failure tuple when it cannot start."""
         parent, child = self._ctx.Pipe()
-        self._proc = self._ctx.Process(target=_child_main, args=(child, self.fn, self.memory_limit_mb), daemon=True)
+        self._proc = self._ctx.Process(target=_child_main, daemon=True,
+                                       args=(child, self.fn, self.memory_limit_mb, self.cpu_limit_s, os.getpid(),
+                                             self.init))
         self._proc.start()
         child.close()
         self._conn = parent
+        try:
+            if parent.poll(self.start_timeout_s):
+                message = parent.recv()
+                if message[0] == "ready":
+                    return None
+        except (EOFError, OSError):
+            pass
+        code = self._proc.exitcode
+        self.close()
+        return ("failure", "worker_crash", f"decode worker did not start (exit code {code})")
 
     def __call__(self, *args):
         if self._proc is None or not self._proc.is_alive():
-            self._start()
+            if self._proc is not None:
+                self.close()
+            failed = self.start()
+            if failed is not None:
+                return failed
         try:
             self._conn.send(args)
+            # the clock starts here: the child is ready, so only the call itself is timed
             if not self._conn.poll(self.timeout_s):
                 self.close()
                 return ("failure", "timeout", f"no result after {self.timeout_s:g} s; worker killed")
             return self._conn.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
-            code = self._proc.exitcode if self._proc is not None else None
+            self._proc.join(timeout=5)
+            code = self._proc.exitcode
             self.close()
+            if code == -signal.SIGXCPU:
+                return ("failure", "timeout", f"CPU-time limit of {self.cpu_limit_s:g} s exceeded; worker killed")
             return ("failure", "worker_crash", f"decode worker died (exit code {code})")
 
     def close(self):

@@ -15,6 +15,12 @@ its span prefix), which teaches the unconditional model that classifier-free gui
 
 Samples whose vtok shape is not (frames, tokens_h, tokens_w), whose codes exceed the codebook, or that do
 not decode are skipped and counted in `stream.skipped` by reason; nothing raises mid-epoch.
+
+Data parallelism: every (rank, DataLoader worker) pair is one "slot" of world_size * num_workers. With at
+least as many shards as slots, each slot reads its own shards; with fewer, every slot reads all shards
+and keeps every n-th sample, so small datasets still split without overlap. Either way the slots see
+disjoint samples. Resuming replays a stream up to a batch count (`resume_at`): the shuffle and the
+caption-dropout draws are seeded, so the replayed stream continues exactly where the killed one stopped.
 """
 from __future__ import annotations
 
@@ -75,12 +81,20 @@ def shard_urls(dataset_dir: str | Path, split: str) -> list[str]:
     return [str(p) for p in sorted((Path(dataset_dir) / "shards").glob(f"{split}-*.tar"))]
 
 
-def in_holdout(key: str, fraction: float) -> bool:
-    """Deterministic held-out split by key hash (used when the dataset has no val-*.tar shards)."""
+def in_holdout(video_id: str, fraction: float) -> bool:
+    """Deterministic held-out split by the source video's id (used when the dataset has no val-*.tar
+    shards). By video, not by clip key: the clips and captions of one video must all fall on one side,
+    or the held-out loss would score frames the model trained on."""
     if fraction <= 0:
         return False
-    h = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big")
+    h = int.from_bytes(hashlib.sha1(video_id.encode("utf-8")).digest()[:8], "big")
     return (h % 1_000_000) < fraction * 1_000_000
+
+
+def video_id_of(sample: dict) -> str:
+    """The sample's source video id from its KEY.json (`video_id`); the clip key for samples without one."""
+    meta = sample.get("meta") if isinstance(sample.get("meta"), dict) else {}
+    return str(meta.get("video_id") or sample.get("__key__", ""))
 
 
 class SequenceBuilder:
@@ -114,55 +128,82 @@ class SequenceBuilder:
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Iterates (tokens, targets) over shards; `repeat` loops over epochs, reshuffling each one.
+    """Iterates (tokens, targets, key) over shards; `repeat` loops over epochs, reshuffling each one.
 
-    split="val" with holdout > 0 takes the held-out keys of the train shards, split="train" with
-    holdout > 0 leaves them out. Works with DataLoader workers (shards are split by worker).
+    split="val" with holdout > 0 takes the held-out videos of the train shards, split="train" with
+    holdout > 0 leaves them out. rank/world_size split the data between data-parallel processes, and
+    DataLoader workers split each rank's share again (see the module docstring).
     """
 
     def __init__(self, urls: list[str], builder: SequenceBuilder, shuffle: bool = True, repeat: bool = True,
                  seed: int = 0, buffer: int = 256, cond_drop: float = 0.0, holdout: float = 0.0,
-                 holdout_side: str = "exclude", modes: tuple | None = None):
+                 holdout_side: str = "exclude", modes: tuple | None = None, rank: int = 0, world_size: int = 1):
         super().__init__()
         self.urls, self.builder = list(urls), builder
         self.shuffle, self.repeat, self.seed, self.buffer = shuffle, repeat, seed, buffer
         self.cond_drop, self.holdout, self.holdout_side = cond_drop, holdout, holdout_side
         self.modes = tuple(modes) if modes else None
+        self.rank, self.world_size = rank, world_size
+        self.skip_batches, self.batch_size = 0, 1
         self.skipped: Counter = Counter()
         self.seen = 0
         self.spans: Counter = Counter()   # (mode, span) of the samples used, for the sampler's default span
 
-    def _keep_key(self, sample: dict) -> bool:
-        if self.holdout <= 0:
-            return True
-        held = in_holdout(sample.get("__key__", ""), self.holdout)
-        return held if self.holdout_side == "only" else not held
+    def resume_at(self, batches: int, batch_size: int) -> None:
+        """Continue after `batches` batches of `batch_size` (per rank) were consumed: iteration replays
+        and drops them. Call before the DataLoader starts its workers."""
+        self.skip_batches, self.batch_size = batches, batch_size
 
-    def _epoch(self, epoch: int) -> Iterator:
-        urls = list(self.urls)
-        if self.shuffle:
-            random.Random(self.seed * 1000 + epoch).shuffle(urls)
-        ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=wds.single_node_only,
-                            workersplitter=wds.split_by_worker, handler=wds.warn_and_continue)
-        ds = ds.select(self._keep_key)
-        if self.shuffle:
-            ds = ds.shuffle(self.buffer, rng=random.Random(self.seed * 1000 + epoch + 1))
-        return iter(ds)
-
-    def __iter__(self):
-        if not wds.split_by_worker(list(self.urls)):  # a DataLoader worker that drew no shard
-            return
+    def _slot(self) -> tuple[int, int, int]:
+        """(slot, slots, worker id) of this rank and DataLoader worker."""
         info = torch.utils.data.get_worker_info()
-        rng = random.Random(self.seed * 7919 + (info.id if info else 0))
-        epoch = 0
-        while True:
-            produced = 0
-            for raw in self._epoch(epoch):
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return self.rank * workers + worker, self.world_size * workers, worker
+
+    def _epoch(self, epoch: int, slot: int, slots: int) -> Iterator:
+        urls = list(self.urls)
+        if self.shuffle:  # the same order on every rank and worker (same seed), so the split is a partition
+            random.Random(self.seed * 1000 + epoch).shuffle(urls)
+        by_shard = len(urls) >= slots
+        if by_shard:
+            urls = urls[slot::slots]
+        ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None,
+                            workersplitter=None, handler=wds.warn_and_continue)
+        for i, raw in enumerate(ds):
+            if by_shard or i % slots == slot:
+                yield raw
+
+    def _samples(self, epoch: int, slot: int, slots: int) -> Iterator[dict]:
+        """Decoded samples of one epoch that pass the checks and the held-out split, shuffled."""
+        def decoded():
+            for raw in self._epoch(epoch, slot, slots):
                 try:
                     sample = decode_sample(raw)
                 except (ValueError, KeyError, UnicodeDecodeError):  # incomplete or unreadable sample
                     self.skipped["decode"] += 1
                     continue
+                if self.holdout > 0:
+                    held = in_holdout(video_id_of(sample), self.holdout)
+                    if held != (self.holdout_side == "only"):
+                        continue
+                yield sample
+
+        samples = decoded()
+        if self.shuffle:
+            rng = random.Random(self.seed * 1000 + epoch + 1 + 7 * slot)
+            samples = wds.filters.shuffle(self.buffer, rng=rng)(samples)
+        return samples
+
+    def __iter__(self):
+        slot, slots, worker = self._slot()
+        workers = slots // self.world_size
+        # batch j of this rank comes from worker j % workers (the DataLoader's round robin)
+        skip = max(0, (self.skip_batches - worker + workers - 1) // workers) * self.batch_size
+        rng = random.Random(self.seed * 7919 + slot)
+        epoch = 0
+        while True:
+            produced = 0
+            for sample in self._samples(epoch, slot, slots):
                 meta = sample["meta"] if isinstance(sample["meta"], dict) else {}
                 mode = meta.get("mode")
                 if self.modes and mode not in self.modes:
@@ -175,12 +216,15 @@ class ShardStream(torch.utils.data.IterableDataset):
                 span = meta.get("span")
                 span = float(span) if isinstance(span, (int, float)) else None
                 drop = self.cond_drop > 0 and rng.random() < self.cond_drop
-                tokens, targets = self.builder(sample["vtok"], sample["ttok"], span, drop)
                 produced += 1
                 self.seen += 1
                 if span is not None and len(self.spans) < 10_000:
                     self.spans[(str(mode), round(span, 2))] += 1
-                yield torch.from_numpy(tokens), torch.from_numpy(targets)
+                if skip:  # replaying up to the resume point: every draw above happened, nothing is yielded
+                    skip -= 1
+                    continue
+                tokens, targets = self.builder(sample["vtok"], sample["ttok"], span, drop)
+                yield torch.from_numpy(tokens), torch.from_numpy(targets), sample["key"]
             if not self.repeat:
                 return
             if produced == 0:

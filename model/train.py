@@ -1,12 +1,18 @@
 """Train the CogVideo-style model on a built dataset: one explicit loop, like nanoGPT's train.py.
 
     train(DATASET, RUN, TrainConfig(stage="sequential", steps=2000, max_minutes=3))
+    train(DATASET, RUN, resume=True)          # continue a killed run from its latest checkpoint
+    torchrun --nproc_per_node=N -m clipforge.jobs.cli train DATASET --out RUN ...   # data parallel
 
 RUN/ after a run:
-    ckpt_{step:06d}.pt    {"model": state_dict, "model_config": dict, "train_config": dict, "step", "stage",
-                           "stages", "train_loss", "val_loss", "spans"}; plain data, torch.load(weights_only=True)
+    ckpt_{step:06d}.pt    {"model": state_dict, "model_config", "train_config", "step", "stage", "stages",
+                           "train_loss", "val_loss", "spans", "dataset", and for resuming "optimizer",
+                           "scheduler", "rng" (one entry per rank), "data" (batches consumed per rank),
+                           "seconds", "world_size", "freeze_base", "joint_image"};
+                           plain data, torch.load(weights_only=True)
     latest.json           the newest checkpoint's name and metadata (step, losses, configs, default span)
     log.jsonl             one JSON object per log line (train and eval)
+    keys/rank{R}.txt      with record_keys: "step key" for every sample rank R trained on
     tokenizers/image/     copy of the image tokenizer (config.json, weights.pt)
     tokenizers/text.model copy of the sentencepiece model
 so model/sample.py rebuilds everything from RUN alone.
@@ -17,12 +23,17 @@ is re-initialised from the base channel and only attention-plus, the mix vectors
 tables train (`freeze_base`, on by default then). Without an image-stage run (the demo) everything
 trains, and `joint_image` adds the image-stage loss (text + frame 0, base channel alone) to every step,
 so that the base channel can draw frame 0 at sampling time.
+
+Data parallel (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK): every rank reads its own share of the data
+(model/data.py), gradients are averaged across ranks before each optimizer step, rank 0 writes the run.
+One optimizer step sees batch_size * grad_accum * world_size samples (`global_batch` sets grad_accum).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import random
 import shutil
 import time
 from collections import Counter
@@ -32,6 +43,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from clipforge.model.data import SequenceBuilder, ShardStream, make_loader, read_dataset_info, shard_urls, tokenizer_paths
 from clipforge.model.gpt import STAGES, CogVideo, CogVideoConfig, default_window
@@ -42,7 +54,10 @@ class TrainConfig:
     stage: str = "sequential"          # image | sequential | interpolation
     steps: int = 2000
     max_minutes: float | None = None   # stop at `steps` or after this long, whichever comes first
-    batch_size: int = 8
+    batch_size: int = 8                # per rank and micro-step
+    grad_accum: int = 1                # micro-batches per optimizer step
+    global_batch: int | None = None    # samples per optimizer step over all ranks (the SPEC's 416); sets
+                                       # grad_accum = global_batch / (batch_size * world_size)
     lr: float | None = None            # None: 2e-4 with init_from (the SPEC's fine-tuning rate), else 1e-3
                                        # (a fresh model; after 1 min of the demo 2e-4 was at val loss 2.8,
                                        # 1e-3 at 1.2). Cosine decay with a short warmup, Adam (0.9, 0.95)
@@ -66,9 +81,10 @@ class TrainConfig:
     joint_image: bool | None = None    # None: True when the base trains (not frozen) and stage != image
     cond_drop: float = 0.1             # caption dropout, for classifier-free guidance
     clip_modes: list | None = None     # only samples whose meta "mode" is listed (None: all)
-    holdout: float = 0.05              # fraction of train keys held out when there are no val shards
+    holdout: float = 0.05              # fraction of source videos held out when there are no val shards
     shuffle_buffer: int = 256
     num_workers: int = 0
+    record_keys: bool = False          # write RUN/keys/rank{R}.txt: which sample each rank trained on, when
     # model shape, for a fresh model (with init_from the model comes from that run)
     n_layer: int = 4
     n_head: int = 4
@@ -80,8 +96,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("steps, batch_size and grad_accum must be >= 1")
 
 
 def default_device() -> str:
@@ -109,6 +125,11 @@ def model_from_checkpoint(ckpt: dict, device="cpu") -> CogVideo:
     model = CogVideo(cfg)
     model.load_state_dict(ckpt["model"])
     return model.to(device)
+
+
+def config_from_checkpoint(ckpt: dict) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in known})
 
 
 def _write_json(path: Path, obj) -> None:
@@ -139,24 +160,105 @@ def default_spans(spans: Counter) -> dict:
     return out
 
 
+def _truncate_jsonl(path: Path, last_step: int, key=lambda line: json.loads(line)["step"]) -> None:
+    """Drop the lines a killed run wrote after its last checkpoint, so a resumed log reads as one run."""
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        path.write_text("".join(l + "\n" for l in lines if l.strip() and key(l) <= last_step), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------------
+# data parallel
+
+
+def dist_context(device_name: str | None) -> tuple[int, int, torch.device, bool]:
+    """(rank, world_size, device, joined). Under torchrun (WORLD_SIZE > 1) this joins the process group
+    unless the caller already did (joined = True when this call did): NCCL on GPUs, gloo on CPUs; each
+    rank takes GPU LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(device_name or default_device())
+    if world <= 1:
+        return 0, 1, device, False
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    joined = not dist.is_initialized()
+    if joined:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device, joined
+
+
+def all_reduce_mean(tensors: list[torch.Tensor], world: int) -> None:
+    """Average tensors across ranks in place, in one flat collective.
+
+    Why not DistributedDataParallel: a step may run two forwards (the joint image loss uses the base
+    channel alone, leaving attention-plus without gradient in that pass), which DDP's reducer only
+    handles with find_unused_parameters and per-forward bookkeeping; averaging after backward is exact
+    and simple. The price is no overlap of communication with the backward pass."""
+    if world <= 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuples(state["python"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _as_tuples(x):
+    # random.setstate wants the nested tuples that a list-preserving round trip may turn into lists
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
 # ----------------------------------------------------------------------------------------------------
 # the loop
 
 
 def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig | None = None,
-          log: Callable[[str], None] | None = print) -> dict:
+          log: Callable[[str], None] | None = print, resume: bool = False) -> dict:
     """Train on DATASET's shards into RUN; returns {"train_loss", "val_loss", "steps", "seconds",
-    "tokens_per_s", "params", "trainable_params", "stage", "ckpt", ...}."""
+    "tokens_per_s", "params", "trainable_params", "stage", "ckpt", ...}.
+
+    resume: continue RUN from its latest checkpoint (model, optimizer, schedule, step, RNG, data
+    position) with the configuration saved there (`device` and `num_workers` of `config` still apply);
+    a RUN without a checkpoint starts afresh."""
     from clipforge.tokenizer.image import ImageTokenizer
     from clipforge.tokenizer.text import TextTokenizer
 
     config = config or TrainConfig()
-    config.validate()
-    log = log or (lambda msg: None)
-    device = torch.device(config.device or default_device())
-    torch.manual_seed(config.seed)
     run = Path(out_dir)
+    state = None
+    if resume and (run / "latest.json").exists():
+        state = load_checkpoint(run)
+        config = TrainConfig(**{**asdict(config_from_checkpoint(state)), "device": config.device,
+                                "num_workers": config.num_workers})
+    config.validate()
+    rank, world, device, joined = dist_context(config.device)
+    master = rank == 0
+    log = (log or (lambda msg: None)) if master else (lambda msg: None)
+    torch.manual_seed(config.seed + rank)  # dropout differs between ranks, as it would with more data
     run.mkdir(parents=True, exist_ok=True)
+    accum = config.grad_accum
+    if config.global_batch:
+        accum, rest = divmod(config.global_batch, config.batch_size * world)
+        if rest or accum < 1:
+            raise ValueError(f"global_batch {config.global_batch} is not a multiple of batch_size "
+                             f"{config.batch_size} x {world} rank(s)")
 
     # --- data and tokenizers ------------------------------------------------------------------------
     info = read_dataset_info(dataset_dir)
@@ -171,16 +273,19 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
     # --- model ----------------------------------------------------------------------------------------
     stages_done: list[str] = []
     init_stage = None
-    if config.init_from:
+    if state is not None:
+        model = model_from_checkpoint(state)
+        mc = model.config
+        stages_done = list(state["stages"])
+        if state.get("world_size", 1) != world:
+            raise ValueError(f"{run} was trained on {state.get('world_size', 1)} rank(s); resume it on as many "
+                             f"(the data position is per rank), not {world}")
+        log(f"resume {run} at step {state['step']}")
+    elif config.init_from:
         ckpt = load_checkpoint(config.init_from)
         model = model_from_checkpoint(ckpt)
         init_stage, stages_done = ckpt["stage"], list(ckpt.get("stages", [ckpt["stage"]]))
         mc = model.config
-        want = (text.vocab_size, image.codebook_size, lay["text_slot"], lay["frames"], lay["tokens_h"], lay["tokens_w"])
-        have = (mc.text_vocab, mc.image_vocab, mc.text_slot, mc.frames, mc.tokens_h, mc.tokens_w)
-        if want != have:
-            raise ValueError(f"{config.init_from} was trained for (text_vocab, image_vocab, text_slot, frames, "
-                             f"tokens_h, tokens_w) = {have}, this dataset has {want}")
         if init_stage == "image" and config.stage != "image":
             model.init_plus_from_base()  # SPEC: attention-plus starts as a copy of the trained base
         log(f"init from {config.init_from} (stage {init_stage}, step {ckpt['step']})")
@@ -192,18 +297,30 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
                             text_slot=lay["text_slot"], frames=lay["frames"], tokens_h=lay["tokens_h"],
                             tokens_w=lay["tokens_w"], window=window, shift=shift)
         model = CogVideo(mc)
-    freeze = config.freeze_base if config.freeze_base is not None else (
-        init_stage == "image" and config.stage != "image")
-    joint = config.joint_image if config.joint_image is not None else (not freeze and config.stage != "image")
+    want = (text.vocab_size, image.codebook_size, lay["text_slot"], lay["frames"], lay["tokens_h"], lay["tokens_w"])
+    have = (mc.text_vocab, mc.image_vocab, mc.text_slot, mc.frames, mc.tokens_h, mc.tokens_w)
+    if want != have:
+        raise ValueError(f"{state and run or config.init_from} was trained for (text_vocab, image_vocab, text_slot, "
+                         f"frames, tokens_h, tokens_w) = {have}, this dataset has {want}")
+    if state is not None:
+        freeze, joint = state["freeze_base"], state["joint_image"]
+    else:
+        freeze = config.freeze_base if config.freeze_base is not None else (
+            init_stage == "image" and config.stage != "image")
+        joint = config.joint_image if config.joint_image is not None else (not freeze and config.stage != "image")
     model.freeze_base(freeze)
     model.gradient_checkpointing = config.grad_checkpoint
     model.to(device)
+    if world > 1 and state is None:  # every rank starts from rank 0's weights
+        for p in model.state_dict().values():
+            dist.broadcast(p, 0)
     n_params = model.get_num_params()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model: {n_params / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable; stage {config.stage}, "
-        f"sequence {mc.seq_len(config.stage)} tokens, freeze_base={freeze}, joint_image={joint}, device {device}")
+        f"sequence {mc.seq_len(config.stage)} tokens, freeze_base={freeze}, joint_image={joint}, device {device}, "
+        f"{world} rank(s) x {config.batch_size} x {accum} accumulation = {world * config.batch_size * accum} per step")
 
-    tokenizers = _copy_tokenizers(tok_paths, run)
+    tokenizers = _copy_tokenizers(tok_paths, run) if master else None
     builder = SequenceBuilder(mc, text, config.stage)
     train_urls, val_urls = shard_urls(dataset_dir, "train"), shard_urls(dataset_dir, "val")
     if not train_urls:
@@ -212,15 +329,16 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
     holdout = 0.0 if val_urls else config.holdout
     train_stream = ShardStream(train_urls, builder, shuffle=True, repeat=True, seed=config.seed,
                                buffer=config.shuffle_buffer, cond_drop=config.cond_drop, holdout=holdout,
-                               holdout_side="exclude", modes=modes)
+                               holdout_side="exclude", modes=modes, rank=rank, world_size=world)
+    start_step = state["step"] if state is not None else 0
+    train_stream.resume_at(start_step * accum, config.batch_size)
     val_stream = ShardStream(val_urls or train_urls, builder, shuffle=False, repeat=False, holdout=holdout,
                              holdout_side="only" if holdout else "exclude", modes=modes)
-    train_iter = iter(make_loader(train_stream, config.batch_size, config.num_workers))
 
     def eval_batches(stream):
         batches = []
-        for batch in make_loader(stream, config.batch_size):
-            batches.append(batch)
+        for tokens, targets, _ in make_loader(stream, config.batch_size):
+            batches.append((tokens, targets))
             if len(batches) >= config.eval_batches:
                 break
         return batches
@@ -230,6 +348,7 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
     if not val_set:  # tiny datasets: nothing held out, evaluate on fixed training batches instead
         eval_split = "train"
         val_set = eval_batches(ShardStream(train_urls, builder, shuffle=False, repeat=False, modes=modes))
+    train_iter = iter(make_loader(train_stream, config.batch_size, config.num_workers))
 
     # --- optimizer and schedule -------------------------------------------------------------------------
     params = [p for p in model.parameters() if p.requires_grad]
@@ -275,28 +394,63 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
             res["val_loss_image"] = sum(out_img) / len(out_img)
         return res
 
-    log_file = open(run / "log.jsonl", "a", encoding="utf-8")
-
-    def record(entry: dict) -> None:
-        log_file.write(json.dumps(entry) + "\n")
-        log_file.flush()
-
     stages = stages_done + ([config.stage] if not stages_done or stages_done[-1] != config.stage else [])
     ckpts: list[Path] = []
+    horizon = config.steps  # where the cosine ends; with max_minutes, re-estimated from the measured speed
+    seconds_before = 0.0
+    if state is not None:  # resume: everything the uninterrupted run would hold at this step
+        optimizer.load_state_dict(state["optimizer"])
+        horizon = state["scheduler"]["horizon"]
+        seconds_before = state["seconds"]
+        set_rng_state(state["rng"][rank], device)
+        for path in sorted(run.glob("ckpt_*.pt")):
+            if int(path.stem.split("_")[1]) > start_step:
+                path.unlink()  # written by the killed run after latest.json's checkpoint
+            else:
+                ckpts.append(path)
+        if master:
+            _truncate_jsonl(run / "log.jsonl", start_step)
+    keys_file = None
+    if config.record_keys:
+        (run / "keys").mkdir(exist_ok=True)
+        keys_path = run / "keys" / f"rank{rank}.txt"
+        if state is not None:
+            _truncate_jsonl(keys_path, start_step, key=lambda line: int(line.split()[0]))
+        keys_file = open(keys_path, "a" if state is not None else "w", encoding="utf-8")
+    log_file = open(run / "log.jsonl", "a", encoding="utf-8") if master else None
+
+    def record(entry: dict) -> None:
+        if log_file:
+            log_file.write(json.dumps(entry) + "\n")
+            log_file.flush()
 
     def checkpoint(step: int, train_loss: float, val: dict, seconds: float) -> str:
+        # every rank's RNG (ranks draw different dropout masks); collective, so all ranks call this
+        rngs = [rng_state(device)]
+        if world > 1:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng_state(device))
         name = f"ckpt_{step:06d}.pt"
+        if not master:
+            return name
         spans = default_spans(train_stream.spans)
         blob = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "model_config": mc.to_dict(), "train_config": asdict(config), "step": step,
                 "stage": config.stage, "stages": stages, "train_loss": train_loss,
-                "val_loss": val.get("val_loss"), "spans": {k: float(v) for k, v in spans.items()}}
+                "val_loss": val.get("val_loss"), "spans": {k: float(v) for k, v in spans.items()},
+                "dataset": str(Path(dataset_dir).resolve()),
+                "optimizer": optimizer.state_dict(), "scheduler": {"horizon": horizon, "warmup": warmup,
+                                                                   "base_lr": base_lr, "min_lr": min_lr},
+                "rng": [{k: v.cpu() if torch.is_tensor(v) else v for k, v in r.items()} for r in rngs],
+                "data": {"batches_per_rank": step * accum, "batch_size": config.batch_size},
+                "seconds": seconds, "world_size": world, "freeze_base": freeze, "joint_image": joint}
         tmp = run / (name + ".tmp")
         torch.save(blob, tmp)
         os.replace(tmp, run / name)
         _write_json(run / "latest.json", {
             "ckpt": name, "step": step, "stage": config.stage, "stages": stages, "train_loss": train_loss,
             **val, "eval_split": eval_split, "seconds": round(seconds, 1), "default_span": spans,
+            "dataset": str(Path(dataset_dir).resolve()),
             "model_config": mc.to_dict(), "train_config": asdict(config), "tokenizers": {
                 "image": {"id": image.tokenizer_id, "sha256": image.sha256, "path": "tokenizers/image"},
                 "text": {"id": text.tokenizer_id, "sha256": text.sha256, "path": "tokenizers/text.model"}}})
@@ -308,47 +462,57 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
 
     # --- loop -------------------------------------------------------------------------------------------
     model.train()
-    t0 = time.time()
+    t0 = time.time() - seconds_before
     tokens_seen = 0
     recent: list[float] = []
     first_loss = None
     val = {}
     ckpt_name = None
-    step = 0
+    step = start_step
     stop_reason = "steps"
     try:
-        horizon = config.steps  # where the cosine ends; with max_minutes, re-estimated from the measured speed
-        for step in range(1, config.steps + 1):
-            if config.max_minutes is not None and step > 10:
-                per_step = (time.time() - t0) / (step - 1)
+        for step in range(start_step + 1, config.steps + 1):
+            if config.max_minutes is not None and step > start_step + 10:
+                per_step = (time.time() - t0 - seconds_before) / (step - 1 - start_step)
                 left = config.max_minutes * 60 - (time.time() - t0)
                 horizon = min(config.steps, max(step, int(step - 1 + left / per_step)))
             lr = lr_at(step - 1, horizon)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            tokens, targets = next(train_iter)
-            tokens, targets = tokens.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            loss, loss_image = losses(tokens, targets)
-            total = loss + loss_image if loss_image is not None else loss
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            loss_sum, image_sum = 0.0, 0.0
+            for _ in range(accum):
+                tokens, targets, keys = next(train_iter)
+                if keys_file:
+                    keys_file.write("".join(f"{step} {k}\n" for k in keys))
+                tokens, targets = tokens.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                loss, loss_image = losses(tokens, targets)
+                total = loss + loss_image if loss_image is not None else loss
+                (total / accum).backward()
+                loss_sum += loss.item() / accum
+                image_sum += loss_image.item() / accum if loss_image is not None else 0.0
+                tokens_seen += world * (tokens.numel() + (tokens[:, :n0].numel() if joint else 0))
+            all_reduce_mean([p.grad for p in params if p.grad is not None], world)
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
-            tokens_seen += tokens.numel() + (tokens[:, :n0].numel() if joint else 0)
-            first_loss = first_loss if first_loss is not None else loss.item()
-            recent = (recent + [loss.item()])[-config.log_interval:]
+            first_loss = first_loss if first_loss is not None else loss_sum
+            recent = (recent + [loss_sum])[-config.log_interval:]
             elapsed = time.time() - t0
             out_of_time = config.max_minutes is not None and elapsed >= config.max_minutes * 60
+            if world > 1 and config.max_minutes is not None:  # ranks must agree on the schedule and the stop
+                flags = torch.tensor([float(horizon), float(out_of_time)], device=device)
+                dist.broadcast(flags, 0)
+                horizon, out_of_time = int(flags[0].item()), bool(flags[1].item())
             last = step == config.steps or out_of_time
             if step % config.log_interval == 0 or step == 1 or last:
-                entry = {"step": step, "loss": round(loss.item(), 5), "lr": lr, "seconds": round(elapsed, 2),
-                         "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9))}
-                if loss_image is not None:
-                    entry["loss_image"] = round(loss_image.item(), 5)
+                entry = {"step": step, "loss": round(loss_sum, 5), "lr": lr, "seconds": round(elapsed, 2),
+                         "tokens_per_s": round(tokens_seen / max(elapsed - seconds_before, 1e-9))}
+                if joint:
+                    entry["loss_image"] = round(image_sum, 5)
                 record(entry)
-                log(f"step {step:6d} loss {loss.item():.4f}" + (f" (image {loss_image.item():.4f})" if loss_image
-                    is not None else "") + f" lr {lr:.2e} {entry['tokens_per_s']} tok/s {elapsed:.0f}s")
+                log(f"step {step:6d} loss {loss_sum:.4f}" + (f" (image {image_sum:.4f})" if joint else "")
+                    + f" lr {lr:.2e} {entry['tokens_per_s']} tok/s {elapsed:.0f}s")
             if step % config.eval_interval == 0 or last:
                 val = evaluate()
                 record({"step": step, "eval": eval_split, **val})
@@ -360,14 +524,21 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
                 stop_reason = "max_minutes"
                 break
     finally:
-        log_file.close()
+        for f in (log_file, keys_file):
+            if f:
+                f.close()
+        if joined:
+            dist.destroy_process_group()
     seconds = time.time() - t0
     summary = {"stage": config.stage, "steps": step, "stopped_by": stop_reason, "seconds": round(seconds, 1),
-               "lr": base_lr,
-               "first_loss": first_loss, "train_loss": sum(recent) / len(recent), **val, "eval_split": eval_split,
-               "tokens_per_s": round(tokens_seen / max(seconds, 1e-9)), "params": n_params,
+               "lr": base_lr, "resumed_from": start_step if state is not None else None,
+               "first_loss": first_loss, "train_loss": sum(recent) / len(recent) if recent else None, **val,
+               "eval_split": eval_split,
+               "tokens_per_s": round(tokens_seen / max(seconds - seconds_before, 1e-9)), "params": n_params,
                "trainable_params": n_train, "freeze_base": freeze, "joint_image": joint, "device": str(device),
+               "world_size": world, "grad_accum": accum, "global_batch": world * config.batch_size * accum,
                "samples_seen": train_stream.seen, "skipped": dict(train_stream.skipped),
                "ckpt": str(run / ckpt_name) if ckpt_name else None, "tokenizers": tokenizers}
-    _write_json(run / "summary.json", summary)
+    if master:
+        _write_json(run / "summary.json", summary)
     return summary

@@ -1,5 +1,8 @@
 """Decoding real files: synthetic H.264 videos, broken files, a hang, and the shared real-world videos."""
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import av
@@ -8,7 +11,9 @@ import pandas as pd
 import pytest
 
 from clipforge.pipeline.video.clips import ClipConfig, orient_and_crop, resize_for_short_side
-from clipforge.pipeline.video.decode import DecodeVideo
+from clipforge.pipeline.schema import REASONS, TRANSIENT
+from clipforge.pipeline.tokenize import image_error_reason
+from clipforge.pipeline.video.decode import DecodeFailure, DecodeVideo
 from clipforge.pipeline.video.isolate import IsolatedCall
 from clipforge.pipeline.manifest import manifest_rows, read_manifest
 from tests.conftest import shared_videos
@@ -24,6 +29,26 @@ def _crash(_):
 
 def _echo(x):
     return x * 2
+
+
+def _slow_start():
+    time.sleep(3)   # stands in for spawn + imports on a loaded machine
+
+
+def _spin(_):
+    """Burns CPU for at most 60 CPU seconds, then returns (so a missing CPU limit shows as "ok")."""
+    start = time.process_time()
+    while time.process_time() - start < 60:
+        pass
+    return "spun"
+
+
+def _bug(_):
+    return {}["missing"]
+
+
+def _bad_input(_):
+    raise DecodeFailure("not_a_video", "no video stream")
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +89,7 @@ def test_clip_rows_carry_the_plan_and_frames(decoded):
     for r in ok:
         assert r["frames"].shape == (5, 64, 64, 3) and r["frames"].dtype == np.uint8
         assert len(r["frame_indices"]) == len(r["timestamps"]) == 5
-        assert r["decoder"] == "decord" and r["span"] == pytest.approx(4 / r["rate"])
+        assert r["decoder"] == "decord" and r["clock"] == "demux" and r["span"] == pytest.approx(4 / r["rate"])
 
 
 def test_frames_match_an_independent_pyav_decode(corpus, decoded):
@@ -102,13 +127,99 @@ def test_error_rows_pass_through(corpus):
 
 def test_isolated_call_times_out_and_recovers():
     call = IsolatedCall(_sleep_forever, timeout_s=1.0)
-    t = time.time()
+    first = call.start()
+    assert first is None
+    killed = call.pid
     assert call(None)[:2] == ("failure", "timeout")
-    assert time.time() - t < 10
+    assert call.pid is None and not _alive(killed)     # the hung worker was killed, not left behind
     call.fn = _echo           # the next call gets a fresh worker
-    call.close()
+    call.timeout_s = 60.0     # recovery is the point here, not speed: no race with a loaded machine
     assert call(21) == ("ok", 42)
+    assert call.pid != killed
     call.close()
+
+
+def test_the_time_limit_starts_when_the_call_starts():
+    """Spawn, imports and warm-up happen before the child reports ready and never count: a 3 s start
+    with a 1 s limit still succeeds."""
+    call = IsolatedCall(_echo, timeout_s=1.0, init=_slow_start)
+    try:
+        assert call(21) == ("ok", 42)
+    finally:
+        call.close()
+
+
+def test_cpu_time_limit_kills_a_spinning_worker():
+    call = IsolatedCall(_spin, timeout_s=600, cpu_limit_s=1)
+    try:
+        outcome = call(None)
+    finally:
+        call.close()
+    assert outcome[:2] == ("failure", "timeout") and "CPU" in outcome[2], outcome
+    assert "timeout" in TRANSIENT
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie waiting for a reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_worker_dies_with_its_parent():
+    """A SIGKILLed parent (as when Ray kills an actor) must not leave its hung decoder running."""
+    script = ("import sys, time\n"
+              "from clipforge.pipeline.video.isolate import IsolatedCall\n"
+              "call = IsolatedCall(time.sleep, timeout_s=600)\n"
+              "assert call.start() is None\n"
+              "print(call.pid, flush=True)\n"
+              "call(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert _alive(child)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=60)
+        for _ in range(300):       # a bound, not a speed requirement: prctl acts at once, the watchdog
+            if not _alive(child):  # within a second
+                break
+            time.sleep(0.1)
+        assert not _alive(child)
+    finally:
+        parent.kill()
+        parent.wait()
+        if "child" in locals() and _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_reasons_are_honest():
+    """Bad input keeps its own reason; a bug in our code is the retryable internal_error."""
+    call = IsolatedCall(_bad_input, timeout_s=60)
+    try:
+        assert call(None) == ("failure", "not_a_video", "no video stream")
+        call.fn = _bug
+        call.close()
+        outcome = call(None)
+    finally:
+        call.close()
+    assert outcome[:2] == ("failure", "internal_error") and "KeyError" in outcome[2]
+    assert "internal_error" in TRANSIENT and "decode_error" not in TRANSIENT
+
+
+def test_device_errors_in_the_image_tokenizer_are_transient():
+    import torch
+
+    assert image_error_reason(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")) \
+        == "tokenize_transient"
+    assert image_error_reason(RuntimeError("CUDA error: an illegal memory access was encountered")) \
+        == "tokenize_transient"
+    assert image_error_reason(MemoryError()) == "tokenize_transient"
+    assert image_error_reason(ValueError("expected 4 dimensions, got 3")) == "tokenize_error"
+    assert "tokenize_transient" in REASONS and "tokenize_transient" in TRANSIENT
+    assert "tokenize_error" not in TRANSIENT
 
 
 def test_isolated_call_survives_a_crash():
@@ -187,3 +298,21 @@ def test_every_shared_video_gives_clips_or_a_reason_and_the_right_frames():
     finally:
         stage.close()
     assert decoders == {"decord", "pyav"}     # AV1, no-duration, multi-stream files go through PyAV
+
+
+def test_the_tokenize_stage_retries_device_errors(image_tokenizer, text_tokenizer):
+    """An out-of-memory error on the GPU is the transient reason, for each row of the failed batch."""
+    import torch
+
+    from clipforge.pipeline.tokenize import TokenizeClips
+
+    stage = TokenizeClips(str(image_tokenizer), str(text_tokenizer), device="cpu")
+
+    def out_of_memory(frames):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    stage.image.encode = out_of_memory
+    rows = [{"status": "ok", "key": f"k{i}", "frames": np.zeros((5, 64, 64, 3), np.uint8), "caption": "a red circle"}
+            for i in range(2)]
+    out = list(stage(rows))
+    assert [(r["status"], r["reason"]) for r in out] == [("error", "tokenize_transient")] * 2

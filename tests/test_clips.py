@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from clipforge.pipeline.video.clips import (ClipConfig, crop_box, display_size, frames_at, orient_and_crop, plan_clips,
-                            resize_for_short_side, sane_timestamps)
+from clipforge.pipeline.video.clips import (ClipConfig, crop_box, display_size, frames_at, orient_and_crop,
+                                            orient_for_display, plan_clips, resize_for_short_side, sane_timestamps)
 
 
 def grid(fps, seconds, start=0.0):
@@ -92,9 +92,38 @@ def test_geometry_short_side_rotation_and_sar():
     assert resize_for_short_side(1280, 720, 1.0, 0, 160) == (284, 160)
     assert resize_for_short_side(568, 320, 1.0, -90, 160) == (284, 160)   # stored orientation
     assert crop_box(1280, 720, 160) == [280.0, 0.0, 720.0, 720.0]
-    frames = np.zeros((2, 160, 284, 3), np.uint8)
+
+
+
+@pytest.mark.parametrize("rotation", [0, -90, 90, 180, -180, 270, -270])
+def test_orientation_maps_every_stored_pixel_to_its_display_position(rotation):
+    """Display matrix angles are counter-clockwise degrees (ffmpeg/PyAV): -90 turns the stored picture
+    90 degrees clockwise for display. Expected positions are written out pixel by pixel, not with numpy's
+    rotation, so a wrong direction or a transpose cannot pass."""
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (2, 3, 5, 3), dtype=np.uint8)       # stored [T, H=3, W=5, 3]
+    _, h, w, _ = frames.shape
+    out = orient_for_display(frames, rotation)
+    turn = (-rotation // 90) % 4                                      # clockwise quarter turns
+    assert out.shape == ((2, w, h, 3) if turn % 2 else (2, h, w, 3))
+    for r in range(h):
+        for c in range(w):
+            # one clockwise quarter turn sends stored (r, c) to display (c, h - 1 - r)
+            y, x, hh, ww = r, c, h, w
+            for _ in range(turn):
+                y, x, hh, ww = x, hh - 1 - y, ww, hh
+            assert (out[:, y, x] == frames[:, r, c]).all(), (rotation, r, c)
+
+
+def test_a_clockwise_display_turn_moves_the_left_edge_to_the_top_and_crops_the_middle():
+    frames = np.zeros((1, 160, 284, 3), np.uint8)                      # stored landscape
     frames[:, :, :10] = 255                                            # a bright left edge
-    out = orient_and_crop(frames, -90, 160)                           # -90: turn clockwise for display
-    assert out.shape == (2, 160, 160, 3)
-    rotated = np.rot90(frames, k=3, axes=(1, 2))
-    assert rotated.shape == (2, 284, 160, 3) and rotated[0, :10].mean() == 255   # left edge went to the top
+    frames[:, 70:90, 132:152] = 100                                    # a grey mark at the centre
+    shown = orient_for_display(frames, -90)                            # -90: turn clockwise for display
+    assert shown.shape == (1, 284, 160, 3)
+    assert shown[0, :10].min() == 255 and shown[0, 10:].max() < 255     # left edge is now the top rows
+    out = orient_and_crop(frames, -90, 160)
+    assert out.shape == (1, 160, 160, 3)
+    assert out.max() == 100 and (out == 100).any()                     # the top edge is cropped away, the
+    ys, xs = np.nonzero(out[0, :, :, 0] == 100)                        # centre mark stays at the centre
+    assert abs(ys.mean() - 79.5) <= 1 and abs(xs.mean() - 79.5) <= 1

@@ -61,4 +61,12 @@ def test_estimate_runs_a_pilot(corpus, image_tokenizer, text_tokenizer):
     assert res.returncode == 0, res.stderr
     est = json.loads(res.stdout)
     assert est["inputs"] == 10 and est["pilot_inputs"] == 4
-    assert est["wall_hours"] > 0 and est["expected_samples"] >= 0 and est["expected_bytes"] is not None
+    # the pilot is the manifest's seeded sample; each good video there (1-3 s) gives one sequential clip,
+    # each broken one a failure: expected samples scale the good fraction to all 10 inputs
+    pilot = __import__("pandas").read_parquet(corpus).sample(n=4, random_state=0)
+    good = int((~pilot["broken"]).sum())
+    assert 0 < good < 4                                    # the sample holds both kinds, or this proves little
+    assert est["pilot"]["clips"] == good and sum(est["pilot"]["failures"].values()) == 4 - good
+    assert est["expected_samples"] == round(good / 4 * 10)
+    assert est["failure_rate"] == (4 - good) / 4
+    assert est["wall_hours"] > 0 and est["expected_bytes"] is not None and est["expected_bytes"] > 0

@@ -24,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clipforge.pipeline.video.clips import ClipConfig  # noqa: E402
-from clipforge.pipeline.video.decode import DecodeFailure, PyAVReader, decode_video, demux_timeline, probe  # noqa: E402
+from clipforge.pipeline.video.decode import (ClockMismatch, DecodeFailure, PyAVReader, decode_video,  # noqa: E402
+                                             demux_timeline, probe)
 
 VIDEO_EXT = {".mp4", ".mkv", ".mov", ".webm", ".avi", ".ogg", ".mpg", ".mpeg", ".flv"}
 
@@ -42,7 +43,7 @@ def gop_minimum(reader: PyAVReader, wanted: list[int]) -> int:
 
 
 def ours(files, config):
-    out = {"files": 0, "seconds": 0.0, "frames_emitted": 0, "decoders": {}, "failed": []}
+    out = {"files": 0, "seconds": 0.0, "frames_emitted": 0, "decoders": {}, "clocks": {}, "failed": []}
     for f in files:
         t = time.perf_counter()
         try:
@@ -54,6 +55,7 @@ def ours(files, config):
         out["files"] += 1
         out["frames_emitted"] += sum(len(c["frames"]) for c in res["clips"])
         out["decoders"][res["decoder"]] = out["decoders"].get(res["decoder"], 0) + 1
+        out["clocks"][res["clock"]] = out["clocks"].get(res["clock"], 0) + 1
     return out
 
 
@@ -72,7 +74,7 @@ def amplification(files, config):
             if not wanted:
                 continue
             reader.read(wanted)
-        except DecodeFailure:
+        except (DecodeFailure, ClockMismatch):   # files off the demux clock are left out of this figure
             continue
         decoded += reader.frames_decoded
         minimum += gop_minimum(reader, wanted)

@@ -10,6 +10,14 @@ audit's worker processes. Other jobs on the machine inflate wall time (load_avg_
 """
 from __future__ import annotations
 
+import os
+import sys
+
+# bench/tokenize.py would shadow the standard library's `tokenize` for every script run from bench/:
+# take the script's folder off the import path before anything imports it.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
 import argparse
 import json
 import random

@@ -11,6 +11,14 @@ at the least), all in this run.
 """
 from __future__ import annotations
 
+import os
+import sys
+
+# bench/tokenize.py would shadow the standard library's `tokenize` for every script run from bench/:
+# take the script's folder off the import path before anything imports it.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
 import argparse
 import hashlib
 import json

@@ -52,14 +52,16 @@ def _cmd_train_image(a):
     from clipforge.jobs.tokenizers import train_image
 
     result = train_image(a.input, a.out, preset=a.preset, steps=a.steps, batch_size=a.batch_size,
-                         max_frames=a.max_frames, seed=a.seed, device=a.device)
+                         max_frames=a.max_frames, seed=a.seed, device=a.device, max_minutes=a.max_minutes,
+                         resume=a.resume, lr=a.lr)
     print(json.dumps(result, default=str))
 
 
 def _cmd_eval_image(a):
     from clipforge.jobs.tokenizers import eval_image
 
-    print(json.dumps(eval_image(a.checkpoint, a.input, a.out, max_frames=a.max_frames), default=str))
+    print(json.dumps(eval_image(a.checkpoint, a.input, a.out, max_frames=a.max_frames, device=a.device,
+                                dtype=a.dtype, seed=a.seed), default=str))
 
 
 def _cmd_build(a):
@@ -69,10 +71,14 @@ def _cmd_build(a):
                             max_span=a.max_span, rates=_floats(a.rates), seed=a.seed,
                             inputs_per_shard=a.inputs_per_shard, text_slot=a.text_slot,
                             decode_timeout_s=a.decode_timeout, decode_workers=a.decode_workers,
-                            tokenize_batch=a.tokenize_batch, runner=a.runner)
+                            tokenize_batch=a.tokenize_batch, tokenize_workers=a.tokenize_workers,
+                            tokenize_gpus=a.tokenize_gpus, tokenize_dtype=a.tokenize_dtype, runner=a.runner,
+                            endpoint=a.endpoint)
     info = build(a.manifest, a.out, a.image_tokenizer, a.text_tokenizer, config, address=a.address,
                  resume=a.resume, retry_failed=a.retry_failed, progress=not a.quiet)
     print(json.dumps({"out": a.out, "funnel": info["funnel"]}, indent=2))
+    if info["funnel"]["inputs"] and not info["funnel"]["samples"]:   # success is checked, never assumed
+        sys.exit(f"clipforge: error: no input produced a sample; see the funnel above and {a.out}/ledger")
 
 
 def _cmd_reshard(a):
@@ -81,7 +87,8 @@ def _cmd_reshard(a):
     config = ReshardConfig(samples_per_shard=a.samples_per_shard, bytes_per_shard=a.bytes_per_shard,
                            shuffle_seed=a.shuffle_seed, filter=a.filter, val_fraction=a.val_fraction,
                            val_seed=a.val_seed)
-    print(json.dumps(reshard(a.inputs, a.output, config, progress=not a.quiet), indent=2))
+    print(json.dumps(reshard(a.inputs, a.output, config, progress=not a.quiet, address=a.address,
+                             endpoint=a.endpoint), indent=2))
 
 
 def _cmd_estimate(a):
@@ -98,18 +105,37 @@ def _cmd_estimate(a):
 def _cmd_verify(a):
     from clipforge.pipeline.storage.verify import verify_dataset
 
-    report = verify_dataset(a.dataset)
+    report = verify_dataset(a.dataset, address=a.address, endpoint=a.endpoint)
     print(json.dumps(report, indent=2, default=str))
     if report["problems"]:
         sys.exit(1)
 
 
 def _cmd_train(a):
+    import os
+
     from clipforge.model.train import TrainConfig, train
 
+    given = {"lr": a.lr, "grad_accum": a.grad_accum, "global_batch": a.global_batch, "dropout": a.dropout,
+             "weight_decay": a.weight_decay, "cond_drop": a.cond_drop, "log_interval": a.log_interval,
+             "eval_interval": a.eval_interval, "ckpt_interval": a.ckpt_interval, "warmup_steps": a.warmup_steps}
     config = TrainConfig(stage=a.stage, steps=a.steps, max_minutes=a.max_minutes, batch_size=a.batch_size,
-                         seed=a.seed, device=a.device, init_from=a.init_from, **_model_overrides(a))
-    print(json.dumps(train(a.dataset, a.out, config), default=str))
+                         seed=a.seed, device=a.device, init_from=a.init_from, num_workers=a.num_workers,
+                         record_keys=a.record_keys, clip_modes=a.clip_modes.split(",") if a.clip_modes else None,
+                         **{k: v for k, v in given.items() if v is not None},
+                         **_model_overrides(a))
+    summary = train(a.dataset, a.out, config, resume=a.resume)
+    if summary.get("world_size", 1) == 1 or int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, default=str))
+
+
+def _cmd_eval_synth(a):
+    from clipforge.jobs.eval_synth import eval_synth
+
+    result = eval_synth(a.run, a.held_manifest, out=a.out, limit=a.limit, seed=a.seed, guidance=a.guidance,
+                        temperature=a.temperature, top_k=a.top_k, train_manifest=a.train_manifest, device=a.device,
+                        log=lambda msg: print(msg, file=sys.stderr))
+    print(json.dumps(result["scores"], indent=2))
 
 
 def _cmd_sample(a):
@@ -180,16 +206,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("input", metavar="IN", help="manifest")
     s.add_argument("--out", required=True, metavar="DIR")
     s.add_argument("--preset", choices=["tiny", "cogview2"], default="tiny")
-    s.add_argument("--steps", type=int, default=300)
-    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--steps", type=int, help="total optimizer steps (default: the preset's)")
+    s.add_argument("--batch-size", type=int, help="frames per step (default: the preset's)")
+    s.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     s.add_argument("--max-frames", type=int, default=4000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    s = cmd("eval-image", _cmd_eval_image, "PSNR, codebook usage and a round-trip contact sheet", toksub)
+    s.add_argument("--max-minutes", type=float, help="wall-time budget of this run; stops, saves, resumable")
+    s.add_argument("--resume", action="store_true", help="continue from DIR/train_state.pt (same settings)")
+    s = cmd("eval-image", _cmd_eval_image, "PSNR, SSIM, codebook usage and a round-trip contact sheet", toksub)
     s.add_argument("checkpoint", metavar="CKPT")
-    s.add_argument("input", metavar="IN", help="manifest")
-    s.add_argument("--out", required=True, metavar="DIR")
+    s.add_argument("input", metavar="IN", help="manifest (frames the tokenizer never saw)")
+    s.add_argument("--out", required=True, metavar="DIR", help="writes metrics.json and roundtrip.png")
     s.add_argument("--max-frames", type=int, default=512)
+    s.add_argument("--seed", type=int, default=0, help="clip-sampling seed")
+    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
 
     s = cmd("build", _cmd_build, "the main job: a Ray pipeline from a manifest to token shards")
     s.add_argument("manifest", metavar="MANIFEST")
@@ -203,7 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-slot", type=int)
     s.add_argument("--decode-timeout", type=float, help="seconds per video before the decoder is killed")
     s.add_argument("--decode-workers", type=int)
-    s.add_argument("--tokenize-batch", type=int)
+    s.add_argument("--tokenize-batch", type=int, help="clips per image-tokenizer call")
+    s.add_argument("--tokenize-workers", type=int, help="GPU tokenizer workers (default: one per GPU share)")
+    s.add_argument("--tokenize-gpus", type=float, help="GPU share of one tokenizer worker, e.g. 0.5 (default 1)")
+    s.add_argument("--tokenize-dtype", choices=["float32", "bfloat16"],
+                   help="encoder precision (recorded in dataset.json: bf16 can flip nearest-code ties)")
+    s.add_argument("--endpoint", help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL)")
     s.add_argument("--runner", choices=["ray", "local"])
     s.add_argument("--quiet", action="store_true")
     _add_clip_flags(s, defaults=False)
@@ -217,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--filter", help='pandas query over the index, e.g. "rate >= 1 and caption_tokens <= 64"')
     s.add_argument("--val-fraction", type=float, default=0.0, help="share of source videos held out")
     s.add_argument("--val-seed", type=int, default=0)
+    s.add_argument("--address", help="Ray cluster address: write the output shards as Ray tasks there")
+    s.add_argument("--endpoint", help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL)")
     s.add_argument("--quiet", action="store_true")
 
     s = cmd("estimate", _cmd_estimate, "pilot run on a sample, then time and cost for the full corpus")
@@ -233,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = cmd("verify", _cmd_verify, "check a dataset end to end")
     s.add_argument("dataset", metavar="DATASET")
+    s.add_argument("--address", help="Ray cluster address: check the shards as Ray tasks there")
+    s.add_argument("--endpoint", help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL)")
 
     s = cmd("train", _cmd_train, "train the bundled CogVideo-style model on shards")
     s.add_argument("dataset", metavar="DATASET")
@@ -247,6 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-layer", type=int)
     s.add_argument("--n-embd", type=int)
     s.add_argument("--n-head", type=int)
+    s.add_argument("--dropout", type=float)
+    s.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 fresh, 2e-4 with --init-from)")
+    s.add_argument("--warmup-steps", type=int)
+    s.add_argument("--weight-decay", type=float)
+    s.add_argument("--cond-drop", type=float, help="caption dropout for classifier-free guidance (default 0.1)")
+    s.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    s.add_argument("--global-batch", type=int, help="samples per optimizer step over all ranks (sets --grad-accum)")
+    s.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per rank")
+    s.add_argument("--clip-modes", help="comma-separated clip modes to train on (default: all)")
+    s.add_argument("--log-interval", type=int)
+    s.add_argument("--eval-interval", type=int)
+    s.add_argument("--ckpt-interval", type=int)
+    s.add_argument("--record-keys", action="store_true", help="write RUN/keys/rankR.txt: the samples each rank used")
+    s.add_argument("--resume", action="store_true",
+                   help="continue RUN from its latest checkpoint with the configuration saved there")
 
     s = cmd("sample", _cmd_sample, "generate a video (mp4 or gif) from text")
     s.add_argument("run", metavar="RUN")
@@ -259,6 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames-out", type=int, help="frames to produce: 5, or 9/17/33 with interpolation rounds")
     s.add_argument("--interp-run", metavar="RUN", help="a run trained with --stage interpolation, for --frames-out > 5")
     s.add_argument("--fps", type=float, help="frame rate of the written video (default: the sampled rate)")
+
+    s = cmd("eval-synth", _cmd_eval_synth, "score samples of RUN for the held-out captions of a synthetic corpus "
+            "(colour, shape, direction), seen vs unseen combinations; JSON and a contact sheet")
+    s.add_argument("run", metavar="RUN")
+    s.add_argument("held_manifest", metavar="HELD_MANIFEST", help="manifest.parquet of `clipforge synth` (held out)")
+    s.add_argument("--out", metavar="DIR", help="where to write scores.json and contact_sheet.png (default RUN/eval-synth)")
+    s.add_argument("--limit", type=int, help="score the first N captions only")
+    s.add_argument("--train-manifest", help="manifest the run trained on (default: the one its dataset names)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--guidance", type=float, default=3.0)
+    s.add_argument("--temperature", type=float, default=1.05)
+    s.add_argument("--top-k", type=int, default=64)
+    s.add_argument("--device")
 
     s = cmd("demo", _cmd_demo, "the whole chain on a synthetic corpus, on this machine")
     s.add_argument("--out", default="demo-out", metavar="DIR")
@@ -285,7 +354,10 @@ def _load_config(path: str) -> dict:
         import yaml
         data = yaml.safe_load(text) or {}
     else:
-        import tomllib
+        try:
+            import tomllib                  # Python 3.11+
+        except ModuleNotFoundError:         # Python 3.10: the same parser, packaged as tomli
+            import tomli as tomllib
         data = tomllib.loads(text)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a table of flag = value")

@@ -78,7 +78,10 @@ def tokenizer_paths(dataset_dir: str | Path, info: dict) -> dict[str, Path]:
 
 
 def shard_urls(dataset_dir: str | Path, split: str) -> list[str]:
-    return [str(p) for p in sorted((Path(dataset_dir) / "shards").glob(f"{split}-*.tar"))]
+    """The committed tars of `split`, as the shards' commit records name them (local path or URL)."""
+    from clipforge.pipeline.storage.shards import shard_urls as committed_shard_urls
+
+    return committed_shard_urls(str(dataset_dir), split)
 
 
 def in_holdout(video_id: str, fraction: float) -> bool:

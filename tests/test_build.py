@@ -1,6 +1,7 @@
 """The build job end to end: real videos → real shards, read back with webdataset; nothing lost."""
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -9,7 +10,7 @@ import webdataset as wds
 
 from clipforge.jobs.build import BuildConfig, build, with_overrides
 from clipforge.pipeline.storage.samples import decode_sample
-from clipforge.pipeline.storage.shards import read_index, read_ledger
+from clipforge.pipeline.storage.shards import read_index, read_ledger, read_records, shard_urls
 from clipforge.pipeline.storage.verify import verify_dataset
 
 
@@ -21,9 +22,10 @@ def _config(runner):
 def _check_dataset(out, manifest):
     df = pd.read_parquet(manifest)
     info = json.loads((out / "dataset.json").read_text())
-    shards = sorted((out / "shards").glob("train-*.tar"))
-    assert [p.name for p in shards] == [f"train-{i:06d}.tar" for i in range((len(df) + 3) // 4)]
-    samples = [decode_sample(s) for s in wds.WebDataset([str(p) for p in shards], shardshuffle=False, empty_check=False)]
+    assert [r["shard"] for r in read_records(out)] == [f"train-{i:06d}" for i in range((len(df) + 3) // 4)]
+    # only committed parts are left: one tar per record
+    assert sorted(map(str, (out / "shards").glob("*.tar"))) == sorted(shard_urls(out))
+    samples = [decode_sample(s) for s in wds.WebDataset(shard_urls(out), shardshuffle=False, empty_check=False)]
     keys = [s["key"] for s in samples]
     assert len(keys) == len(set(keys)) == info["funnel"]["samples"] > 0
     for s in samples:
@@ -58,9 +60,8 @@ def test_ray_build_matches_the_local_build(corpus, image_tokenizer, text_tokeniz
     assert samples
     build(str(corpus), str(local_out), str(image_tokenizer), str(text_tokenizer), _config("local"), progress=False)
     # which sample lands where depends only on the manifest and the configuration
-    for tar in sorted((ray_out / "shards").glob("*.tar")):
-        assert tar.read_bytes() == (local_out / "shards" / tar.name).read_bytes()
-    with tarfile.open(sorted((ray_out / "shards").glob("*.tar"))[0]) as t:   # plain tar reads it too
+    assert _tar_bytes(ray_out) == _tar_bytes(local_out)
+    with tarfile.open(shard_urls(ray_out)[0]) as t:   # plain tar reads it too
         assert all(m.isfile() and "." in m.name for m in t.getmembers())
 
 
@@ -70,22 +71,27 @@ def test_resume_keeps_committed_shards(corpus, image_tokenizer, text_tokenizer, 
     build(str(corpus), str(out), str(image_tokenizer), str(text_tokenizer), cfg, progress=False)
     with pytest.raises(FileExistsError):
         build(str(corpus), str(out), str(image_tokenizer), str(text_tokenizer), cfg, progress=False)
-    first = (out / "shards" / "train-000000.tar")
+    first = Path(shard_urls(out)[0])
     mtime = first.stat().st_mtime_ns
     second = out / "shards" / "train-000001.json"
-    second.unlink()                               # as if killed before shard 1's marker was renamed
+    second.unlink()                               # as if killed before shard 1's record was written
     build(str(corpus), str(out), str(image_tokenizer), str(text_tokenizer), cfg, resume=True, progress=False)
     assert first.stat().st_mtime_ns == mtime       # untouched
     assert second.exists()
+    assert json.loads((out / "dataset.json").read_text())["complete"] is True
     _check_dataset(out, corpus)
 
 
 def test_verify_reports_a_damaged_shard(corpus, image_tokenizer, text_tokenizer, tmp_path):
     out = tmp_path / "ds"
     build(str(corpus), str(out), str(image_tokenizer), str(text_tokenizer), _config("local"), progress=False)
-    tar = out / "shards" / "train-000000.tar"
+    tar = Path(shard_urls(out)[0])
     data = bytearray(tar.read_bytes())
     data[600] ^= 0xFF
     tar.write_bytes(bytes(data))
     problems = verify_dataset(out)["problems"]
     assert any("sha256" in p for p in problems)
+
+
+def _tar_bytes(ds) -> dict:
+    return {r["shard"]: (ds / r["files"]["tar"]["name"]).read_bytes() for r in read_records(ds)}

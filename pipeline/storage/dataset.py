@@ -1,18 +1,18 @@
-"""`dataset.json` and `wids/<split>.json`: rebuilt from the committed shards' stats, index and ledger.
+"""Dataset-level files: the funnel and `wids/<split>.json`, computed from the shards' commit records.
 
-Recomputing from what is on disk (not from the run's memory) keeps them right after `--resume` and
-`--retry-failed`, which only redo some shards.
+Recomputing from the records on disk (not from a run's memory) keeps them right after `--resume` and
+`--retry-failed`, which only redo some shards, and reads no tar or index bytes.
 """
 from __future__ import annotations
 
 import platform
 from collections import Counter
 from importlib import metadata
-from pathlib import Path
 
-from clipforge.pipeline.storage.shards import read_index, read_ledger, read_stats, write_json_atomic
+from clipforge.pipeline.storage.fs import Location
+from clipforge.pipeline.storage.shards import write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PACKAGES = ("clipforge", "torch", "numpy", "decord", "av", "webdataset", "ray", "pandas", "pyarrow", "ftfy",
             "sentencepiece")
 
@@ -27,60 +27,35 @@ def package_versions() -> dict:
     return out
 
 
-def funnel(dataset: Path, inputs: int) -> dict:
-    """inputs → videos decoded → clips → samples written, and failures by stage and reason."""
-    index, ledger = read_index(dataset), read_ledger(dataset)
-    input_failures = ledger[ledger["stage"].isin(["manifest", "captions", "decode", "build"])]
-    clip_failures = ledger[~ledger.index.isin(input_failures.index)]
-    inputs_with_samples = index["row_index"].nunique() if len(index) else 0
-    inputs_without = len(set(ledger["row_index"]) - set(index["row_index"]))
+def funnel_from_records(records: list[dict], inputs: int) -> dict:
+    """inputs → videos decoded → clips → samples written, and failures by stage/reason.
+
+    `videos_decoded` counts inputs whose video was decoded into clips (caption failures were never
+    decoded and are not subtracted from anything else); `clips` counts every clip cut, whether it
+    became a sample or failed later.
+    """
+    with_samples = sum(r["inputs_with_samples"] for r in records)
+    without = sum(r["inputs_failed"] for r in records)
+    failures: Counter = Counter()
+    for r in records:
+        failures.update(r.get("errors_by_stage_reason", {}))
     return {
         "inputs": inputs,
-        "videos_decoded": inputs - len(input_failures),
-        "clips": len(index) + len(clip_failures),
-        "samples": len(index),
-        "inputs_with_samples": int(inputs_with_samples),
-        "inputs_without_samples": int(inputs_without),
-        "accounted": int(inputs_with_samples) + int(inputs_without) == inputs,
-        "failures": {f"{st}/{rs}": int(n) for (st, rs), n in
-                     sorted(Counter(zip(ledger["stage"], ledger["reason"])).items())},
+        "shards": len(records),
+        "videos_decoded": sum(r.get("videos_decoded", 0) for r in records),
+        "clips": sum(r.get("clips", r["samples"]) for r in records),
+        "samples": sum(r["samples"] for r in records),
+        "inputs_with_samples": with_samples,
+        "inputs_without_samples": without,
+        "accounted": with_samples + without == inputs,
+        "failures": dict(sorted(failures.items())),
     }
 
 
-def write_dataset_info(out_dir: Path, manifest: str, config: dict, layout: dict, image_tokenizer: str,
-                       text_tokenizer: str, inputs: int, split: str = "train") -> dict:
-    from clipforge.tokenizer.image import ImageTokenizer
-    from clipforge.tokenizer.text import TextTokenizer
-
-    out_dir = Path(out_dir)
-    stats = read_stats(out_dir, split)
-    img, txt = ImageTokenizer.load(image_tokenizer), TextTokenizer(text_tokenizer)
-    info = {
-        "format": "clipforge-dataset", "format_version": FORMAT_VERSION,
-        "manifest": str(manifest),
-        "config": config,
-        "layout": layout,
-        "sequence": {"text_slot": layout["text_slot"], "frames": layout["frames"],
-                     "tokens_per_frame": layout["tokens_h"] * layout["tokens_w"],
-                     "tokens": layout["text_slot"] + layout["frames"] * layout["tokens_h"] * layout["tokens_w"]},
-        "tokenizers": {
-            "image": {"id": img.tokenizer_id, "sha256": img.sha256, "path": str(Path(image_tokenizer).resolve())},
-            "text": {"id": txt.tokenizer_id, "sha256": txt.sha256, "path": str(Path(text_tokenizer).resolve())},
-        },
-        "packages": package_versions(),
-        "shards": [{"name": s["shard"], "samples": s["samples"], "bytes": s["bytes"], "sha256": s["sha256"]}
-                   for s in stats],
-        "funnel": funnel(out_dir, inputs),
-    }
-    write_json_atomic(out_dir / "dataset.json", info)
-    write_wids_index(out_dir, stats, split)
-    return info
-
-
-def write_wids_index(out_dir: Path, stats: list[dict], split: str = "train") -> None:
-    """The shard list wids reads for random access (empty shards are left out: wids cannot index them)."""
-    (out_dir / "wids").mkdir(exist_ok=True)
-    shardlist = [{"url": f"../shards/{s['shard']}.tar", "nsamples": s["samples"]} for s in stats if s["samples"]]
-    write_json_atomic(out_dir / "wids" / f"{split}.json",
-                      {"__kind__": "wids-shard-index-v1", "name": f"clipforge-{split}", "wids_version": 1,
-                       "shardlist": shardlist})
+def write_wids_index(out: Location, records: list[dict], split: str = "train") -> None:
+    """The shard list wids reads for random access (empty shards are left out: wids cannot index them).
+    URLs are relative to the index file, so the dataset can be moved or read from an object store."""
+    shardlist = [{"url": f"../{r['files']['tar']['name']}", "nsamples": r["samples"]} for r in records if r["samples"]]
+    out.makedirs("wids")
+    write_json(out, f"wids/{split}.json", {"__kind__": "wids-shard-index-v1", "name": f"clipforge-{split}",
+                                            "wids_version": 1, "shardlist": shardlist})

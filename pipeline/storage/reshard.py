@@ -10,11 +10,10 @@ run of adjacent samples), so memory holds the index, never sample data. The vali
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import tarfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,7 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipforge.pipeline.storage.dataset import package_versions, write_wids_index
-from clipforge.pipeline.storage.shards import INDEX_COLUMNS, read_index, read_ledger, shard_name, write_json_atomic
+from clipforge.pipeline.storage.fs import Location
+from clipforge.pipeline.storage.shards import (INDEX_COLUMNS, LEDGER_COLUMNS, commit_shard, parquet_bytes, read_index,
+                                               read_ledger, read_records, shard_name, write_json)
 from clipforge.pipeline.storage.tarwriter import BLOCK, FastTarWriter
 from clipforge.pipeline.storage.verify import safe_member, unsafe_name
 
@@ -37,7 +38,7 @@ class ReshardConfig:
     val_seed: int = 0
 
 
-def _sample_ranges(tar_path: Path) -> dict[str, tuple[int, int]]:
+def _sample_ranges(source: "SourceTar") -> dict[str, tuple[int, int]]:
     """key -> (start, length) of the sample's members (headers, data, padding) in the tar.
 
     A sample's members are contiguous in our shards, so a sample is one positioned read and its bytes
@@ -45,48 +46,64 @@ def _sample_ranges(tar_path: Path) -> dict[str, tuple[int, int]]:
     member); archives with extended headers go through tarfile. Unsafe members are refused either way.
     """
     ranges: dict[str, list[int]] = {}
-    with open(tar_path, "rb") as f:
-        pos = 0
-        while True:
-            header = f.read(BLOCK)
-            if len(header) < BLOCK or header == b"\0" * BLOCK:
-                break
-            kind = header[156:157]
-            if kind not in (b"0", b"\0"):
-                if kind in (b"x", b"g", b"L", b"K"):
-                    return _sample_ranges_tarfile(tar_path)
-                raise ValueError(f"{tar_path.name}: member of type {kind!r} refused (links and devices are not read)")
-            name = (header[345:500].rstrip(b"\0") + b"/" if header[345] else b"") + header[0:100].rstrip(b"\0")
-            name_s = name.decode("utf-8", "replace")
-            problem = unsafe_name(name_s)
-            if problem:
-                raise ValueError(f"{tar_path.name}: {problem}")
-            size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
-            end = pos + BLOCK + size + (-size % BLOCK)
-            key = name_s.rpartition("/")[2].partition(".")[0]
-            span = ranges.get(key)
-            if span is None:
-                ranges[key] = [pos, end]
-            elif span[1] == pos:
-                span[1] = end
-            else:
-                raise ValueError(f"{tar_path.name}: members of {key!r} are not contiguous")
-            f.seek(end)
-            pos = end
+    size_total = source.size()
+    pos = 0
+    while pos + BLOCK <= size_total:
+        header = source.read_at(pos, BLOCK)
+        if len(header) < BLOCK or header == b"\0" * BLOCK:
+            break
+        kind = header[156:157]
+        if kind not in (b"0", b"\0"):
+            if kind in (b"x", b"g", b"L", b"K"):
+                return _sample_ranges_tarfile(source)
+            raise ValueError(f"{source.name}: member of type {kind!r} refused (links and devices are not read)")
+        name = (header[345:500].rstrip(b"\0") + b"/" if header[345] else b"") + header[0:100].rstrip(b"\0")
+        name_s = name.decode("utf-8", "replace")
+        problem = unsafe_name(name_s)
+        if problem:
+            raise ValueError(f"{source.name}: {problem}")
+        size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+        end = pos + BLOCK + size + (-size % BLOCK)
+        key = name_s.rpartition("/")[2].partition(".")[0]
+        span = ranges.get(key)
+        if span is None:
+            ranges[key] = [pos, end]
+        elif span[1] == pos:
+            span[1] = end
+        else:
+            raise ValueError(f"{source.name}: members of {key!r} are not contiguous")
+        pos = end
     return {k: (a, b - a) for k, (a, b) in ranges.items()}
 
 
-def _sample_ranges_tarfile(tar_path: Path) -> dict[str, tuple[int, int]]:
+def _sample_ranges_tarfile(source: "SourceTar") -> dict[str, tuple[int, int]]:
     ranges: dict[str, list[int]] = {}
-    with tarfile.open(tar_path, "r:") as tar:
+    with tarfile.open(fileobj=io.BytesIO(source.read_at(0, source.size())), mode="r:") as tar:
         for m in tar:
             problem = safe_member(m)
             if problem:
-                raise ValueError(f"{tar_path.name}: {problem}")
+                raise ValueError(f"{source.name}: {problem}")
             key = m.name.rpartition("/")[2].partition(".")[0]
             end = m.offset_data + m.size + (-m.size % BLOCK)
             ranges.setdefault(key, [m.offset, end])[1] = end
     return {k: (a, b - a) for k, (a, b) in ranges.items()}
+
+
+class SourceTar:
+    """One input tar on any filesystem, opened once, read by position."""
+
+    def __init__(self, location: Location, name: str):
+        self.name = name
+        self.file = location.open_input(name)
+
+    def size(self) -> int:
+        return self.file.size()
+
+    def read_at(self, offset: int, nbytes: int) -> bytes:
+        return self.file.read_at(nbytes, offset)
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _in_validation(video_id: str, fraction: float, seed: int) -> bool:
@@ -106,21 +123,25 @@ def _check_compatible(infos: list[dict]) -> None:
                 raise ValueError(f"cannot merge datasets with different {field}: {a} vs {b}")
 
 
-def reshard(inputs: list[str], out: str, config: ReshardConfig = ReshardConfig(), progress: bool = True) -> dict:
+def reshard(inputs: list[str], out: str, config: ReshardConfig = ReshardConfig(), progress: bool = True,
+            address: str | None = None, endpoint: str | None = None) -> dict:
+    """Reshard `inputs` into `out` (local paths or URLs). With `address`, each output shard is written by
+    a Ray task on that cluster; the driver holds the index (a few hundred bytes a sample), never sample data."""
     from tqdm import tqdm
 
-    out_dir = Path(out)
-    if (out_dir / "dataset.json").exists():
+    dest = Location(out, endpoint)
+    if dest.exists("dataset.json"):
         raise FileExistsError(f"{out} already holds a dataset")
-    infos = []
-    frames = []
-    for n, path in enumerate(inputs):
-        info_path = Path(path) / "dataset.json"
-        if not info_path.exists():
-            raise FileNotFoundError(f"{path}: not a clipforge dataset (no dataset.json)")
-        infos.append(json.loads(info_path.read_text()))
-        idx = read_index(path)
+    sources = [Location(p, endpoint) for p in inputs]
+    infos, frames = [], []
+    for n, src in enumerate(sources):
+        if not src.exists("dataset.json"):
+            raise FileNotFoundError(f"{src.url}: not a clipforge dataset (no dataset.json)")
+        infos.append(json.loads(src.read_text("dataset.json")))
+        tar_of = {r["shard"]: r["files"]["tar"]["name"] for r in read_records(src, None)}
+        idx = read_index(src)
         idx["src_dataset"] = n
+        idx["src_tar"] = idx["shard"].map(tar_of)
         # the index lists each shard's samples in tar order with their sizes: offsets come for free
         sizes = idx["bytes"].fillna(0).astype("int64")
         idx["src_offset"] = sizes.groupby(idx["shard"]).cumsum() - sizes
@@ -139,135 +160,137 @@ def reshard(inputs: list[str], out: str, config: ReshardConfig = ReshardConfig()
     kept = len(index)
     if config.shuffle_seed is not None:
         index = index.iloc[np.random.default_rng(config.shuffle_seed).permutation(len(index))]
+    # grouped by source video (a hash of its normalised location): a video never lands on both sides
     videos = index["video_id"].astype(str)
     held_out = {v for v in videos.unique() if _in_validation(v, config.val_fraction, config.val_seed)}
     is_val = videos.isin(held_out).to_numpy()
     splits = {"train": index[~is_val], "val": index[is_val]}
 
-    for sub in ("shards", "index", "ledger"):
-        (out_dir / sub).mkdir(parents=True, exist_ok=True)
-    sources = _Sources(inputs)
-    keymap, written = [], {}
+    input_urls = [s.url for s in sources]
+    jobs = [(split, shard_no, chunk) for split, part in splits.items()
+            for shard_no, chunk in enumerate(_chunks(part, config))]
     bar = tqdm(total=kept, desc="reshard", unit="sample", disable=not progress)
-    for split, part in splits.items():
-        stats = []
-        for shard_no, chunk in enumerate(_chunks(part, config)):
-            name = shard_name(split, shard_no)
-            stats.append(_write_shard(out_dir, name, chunk, sources))
-            keymap.append(pd.DataFrame({"key": chunk["key"].to_numpy(),
-                                        "old_dataset": [str(inputs[d]) for d in chunk["src_dataset"]],
-                                        "old_shard": chunk["shard"].to_numpy(), "split": split, "shard": name}))
+    records: dict[str, list] = {"train": [], "val": []}
+    if address is not None:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        task = ray.remote(write_reshard_shard).options(num_cpus=1)
+        refs = [task.remote(dest, shard_name(split, no), _slim(chunk), input_urls, endpoint) for split, no, chunk in jobs]
+        for (split, _, chunk), ref in zip(jobs, refs):
+            records[split].append(ray.get(ref))
             bar.update(len(chunk))
-        write_wids_index(out_dir, stats, split)
-        written[split] = stats
+    else:
+        for split, no, chunk in jobs:
+            records[split].append(write_reshard_shard(dest, shard_name(split, no), _slim(chunk), input_urls, endpoint))
+            bar.update(len(chunk))
     bar.close()
-    sources.close()
-    ledgers = [read_ledger(p) for p in inputs]   # failures of the builds stay on record
-    ledger = pd.concat(ledgers, ignore_index=True) if ledgers else pd.DataFrame()
-    if len(ledger):
-        ledger.to_parquet(out_dir / "ledger" / "inherited.parquet", index=False)
+    for split, recs in records.items():
+        write_wids_index(dest, recs, split)
+    keymap = [pd.DataFrame({"key": chunk["key"].to_numpy(),
+                            "old_dataset": [input_urls[d] for d in chunk["src_dataset"]],
+                            "old_shard": chunk["shard"].to_numpy(), "split": split, "shard": shard_name(split, no)})
+              for split, no, chunk in jobs]
     keymap_df = pd.concat(keymap, ignore_index=True) if keymap else \
         pd.DataFrame(columns=["key", "old_dataset", "old_shard", "split", "shard"])
-    keymap_df.to_parquet(out_dir / "keymap.parquet", index=False)
+    buf = io.BytesIO()
+    keymap_df.to_parquet(buf, index=False)
+    dest.write_bytes("keymap.parquet", buf.getvalue())
+    ledgers = [read_ledger(s) for s in sources]   # failures of the builds stay on record, apart
+    ledger = pd.concat(ledgers, ignore_index=True) if ledgers else pd.DataFrame()
+    if len(ledger):
+        buf = io.BytesIO()
+        ledger.to_parquet(buf, index=False)
+        dest.write_bytes("ledger/inherited.parquet", buf.getvalue())
 
-    counts = {s: sum(x["samples"] for x in st) for s, st in written.items()}
+    counts = {s: sum(r["samples"] for r in recs) for s, recs in records.items()}
     if sum(counts.values()) != kept:
         raise RuntimeError(f"reshard wrote {sum(counts.values())} samples but {kept} were selected")
     info = dict(infos[0])
+    info.pop("fingerprint", None)
+    info.pop("run", None)
     info.update(
-        reshard={"inputs": [str(p) for p in inputs], "config": asdict(config), "samples_in": total_in,
+        complete=True,
+        reshard={"inputs": input_urls, "config": asdict(config), "samples_in": total_in,
                  "samples_selected": kept, "samples_filtered_out": total_in - kept, "splits": counts},
         packages=package_versions(),
-        shards=[{"name": s["shard"], "samples": s["samples"], "bytes": s["bytes"], "sha256": s["sha256"]}
-                for st in written.values() for s in st],
+        shards=[{"name": r["shard"], "tar": r["files"]["tar"]["name"], "samples": r["samples"], "bytes": r["bytes"],
+                 "sha256": r["sha256"]} for recs in records.values() for r in recs],
         funnel={"samples": kept, "splits": counts},
     )
-    write_json_atomic(out_dir / "dataset.json", info)
-    return {"out": str(out_dir), "samples_in": total_in, "samples_out": kept, "splits": counts,
-            "shards": {s: len(st) for s, st in written.items()}}
+    write_json(dest, "dataset.json", info)
+    return {"out": dest.url, "samples_in": total_in, "samples_out": kept, "splits": counts,
+            "shards": {s: len(recs) for s, recs in records.items()}}
 
 
-class _Sources:
-    """Source tars, opened once; byte ranges from the index, or from a header scan when the index has
-    no sizes or disagrees with the tar."""
-
-    def __init__(self, inputs: list[str]):
-        self.inputs = inputs
-        self.files: dict[tuple[int, str], int] = {}
-        self.scanned: dict[tuple[int, str], dict] = {}
-
-    def fd(self, dataset: int, shard: str) -> int:
-        key = (dataset, shard)
-        if key not in self.files:
-            self.files[key] = os.open(self.path(dataset, shard), os.O_RDONLY)
-        return self.files[key]
-
-    def path(self, dataset: int, shard: str) -> Path:
-        return Path(self.inputs[dataset]) / "shards" / f"{shard}.tar"
-
-    def scan(self, dataset: int, shard: str) -> dict:
-        key = (dataset, shard)
-        if key not in self.scanned:
-            self.scanned[key] = _sample_ranges(self.path(dataset, shard))
-        return self.scanned[key]
-
-    def close(self) -> None:
-        for fd in self.files.values():
-            os.close(fd)
-        self.files.clear()
+def _slim(chunk: pd.DataFrame) -> pd.DataFrame:
+    return chunk[list(INDEX_COLUMNS) + ["src_dataset", "src_tar", "src_offset"]].reset_index(drop=True)
 
 
-def _read_samples(sources: _Sources, dataset: int, shard: str, start: int, keys: list, sizes: list) -> bytes:
-    """Bytes of consecutive samples starting at `start`; each sample must begin with its own header."""
-    blob = os.pread(sources.fd(dataset, shard), sum(sizes), start)
-    offset = 0
-    for key, size in zip(keys, sizes):
-        if blob[offset:offset + len(key) + 1] != f"{key}.".encode():
-            break
-        offset += size
-    else:
-        if offset == len(blob):
-            return blob
-    ranges = sources.scan(dataset, shard)   # the index does not describe this tar: trust the headers
-    return b"".join(os.pread(sources.fd(dataset, shard), ranges[k][1], ranges[k][0]) for k in keys)
+def write_reshard_shard(dest: Location, name: str, chunk: pd.DataFrame, inputs: list[str],
+                        endpoint: str | None = None) -> dict:
+    """Copy the chunk's samples verbatim into one new shard and commit it. Runs of samples that sit back
+    to back in one source tar (an unshuffled re-cut or merge) are copied with a single read; each copied
+    sample must begin with its own header, else the source tar's headers are scanned and trusted."""
+    locations = [Location(u, endpoint) for u in inputs]
+    opened: dict[tuple, SourceTar] = {}
+    scanned: dict[tuple, dict] = {}
 
+    def source(dataset: int, tar: str) -> SourceTar:
+        if (dataset, tar) not in opened:
+            opened[(dataset, tar)] = SourceTar(locations[dataset], tar)
+        return opened[(dataset, tar)]
 
-def _write_shard(out_dir: Path, name: str, chunk: pd.DataFrame, sources: _Sources) -> dict:
-    """Copy the chunk's samples verbatim into a new shard; runs of samples that sit back to back in one
-    source tar (an unshuffled re-cut or merge) are copied with a single read."""
-    tar_path = out_dir / "shards" / f"{name}.tar"
-    tmp = tar_path.with_name(tar_path.name + ".tmp")
-    sizes = []
-    run = None   # [dataset, shard, start, end, keys, sizes]
-    with open(tmp, "wb") as stream:
-        writer = FastTarWriter(stream)
-        for dataset, shard, key, start, size in zip(chunk["src_dataset"].tolist(), chunk["shard"].tolist(),
-                                                    chunk["key"].tolist(), chunk["src_offset"].tolist(),
-                                                    chunk["bytes"].tolist()):
+    def ranges(dataset: int, tar: str) -> dict:
+        if (dataset, tar) not in scanned:
+            scanned[(dataset, tar)] = _sample_ranges(source(dataset, tar))
+        return scanned[(dataset, tar)]
+
+    def read_run(dataset, tar, start, keys, sizes) -> bytes:
+        blob = source(dataset, tar).read_at(start, sum(sizes))
+        offset = 0
+        for key, size in zip(keys, sizes):
+            if blob[offset:offset + len(key) + 1] != f"{key}.".encode():
+                break
+            offset += size
+        else:
+            if offset == len(blob):
+                return blob
+        found = ranges(dataset, tar)   # the index does not describe this tar: trust the headers
+        return b"".join(source(dataset, tar).read_at(found[k][0], found[k][1]) for k in keys)
+
+    buffer = io.BytesIO()
+    writer = FastTarWriter(buffer)
+    sizes, run = [], None   # run: [dataset, tar, start, end, keys, sizes]
+    try:
+        for dataset, tar, key, start, size in zip(chunk["src_dataset"].tolist(), chunk["src_tar"].tolist(),
+                                                  chunk["key"].tolist(), chunk["src_offset"].tolist(),
+                                                  chunk["bytes"].tolist()):
             if not size:   # no recorded size: find the range from the headers
-                start, size = sources.scan(dataset, shard)[key]
+                start, size = ranges(dataset, tar)[key]
             sizes.append(size)
-            if run and run[0] == dataset and run[1] == shard and run[3] == start:
+            if run and run[0] == dataset and run[1] == tar and run[3] == start:
                 run[3] += size
                 run[4].append(key)
                 run[5].append(size)
                 continue
             if run:
-                writer.write_raw(_read_samples(sources, run[0], run[1], run[2], run[4], run[5]))
-            run = [dataset, shard, start, start + size, [key], [size]]
+                writer.write_raw(read_run(run[0], run[1], run[2], run[4], run[5]))
+            run = [dataset, tar, start, start + size, [key], [size]]
         if run:
-            writer.write_raw(_read_samples(sources, run[0], run[1], run[2], run[4], run[5]))
+            writer.write_raw(read_run(run[0], run[1], run[2], run[4], run[5]))
         writer.close()
-        stream.flush()
-        os.fsync(stream.fileno())
-    index = chunk.drop(columns=["src_dataset", "src_offset"]).assign(shard=name, bytes=sizes)
+    finally:
+        for src in opened.values():
+            src.close()
+    index = chunk.drop(columns=["src_dataset", "src_offset", "src_tar"]).assign(shard=name, bytes=sizes)
     table = pa.Table.from_pandas(index[list(INDEX_COLUMNS)], schema=pa.schema(list(INDEX_COLUMNS.items())),
                                  preserve_index=False)
-    pq.write_table(table, out_dir / "index" / f"{name}.parquet")
-    os.replace(tmp, tar_path)
-    st = {"shard": name, "samples": len(chunk), "bytes": writer.written, "sha256": writer.sha256, "errors_by_reason": {}}
-    write_json_atomic(out_dir / "shards" / f"{name}.json", st)
-    return st
+    index_buf = io.BytesIO()
+    pq.write_table(table, index_buf)
+    fields = {"samples": len(chunk), "bytes": writer.written, "sha256": writer.sha256, "errors_by_reason": {}}
+    return commit_shard(dest, name, buffer.getvalue(), index_buf.getvalue(), parquet_bytes([], LEDGER_COLUMNS), fields)
 
 
 def _chunks(part: pd.DataFrame, config: ReshardConfig):

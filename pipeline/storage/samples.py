@@ -37,6 +37,66 @@ def npy_load(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+# KEY.json has one typed schema: the same keys with the same types in every sample of every dataset, so
+# readers that infer a schema from the first samples (Hugging Face `datasets`, Ray Data, pandas'
+# json_normalize) get one table. No value is ever null and no list is typed by its first element: a
+# missing number is -1, a missing string "", caption flags are one ";"-joined string, and the manifest's
+# extra columns (whose types differ between corpora) travel as one JSON text. docs/format.md lists it.
+SOURCE_INFO_FIELDS = {"width": int, "height": int, "fps": float, "frames": int, "duration": float,
+                      "rotation": int, "codec": str, "sar": float, "video_streams": int, "stream_index": int}
+LAYOUT_FIELDS = ("frames", "frame_size", "tokens_h", "tokens_w", "text_slot", "image_vocab")
+
+
+def _typed(value, kind):
+    if kind is str:
+        return "" if value is None else str(value)
+    try:
+        out = kind(value)
+    except (TypeError, ValueError):
+        return kind(-1)
+    if kind is float and out != out:   # NaN is not JSON
+        return -1.0
+    return out
+
+
+def sample_metadata(row: dict, layout: dict) -> dict:
+    """KEY.json for one clip row: the fixed, typed schema described above."""
+    info = row.get("source_info") or {}
+    tokenizers = row.get("tokenizers") or {}
+    flags = row.get("caption_flags") or []
+    crop = [int(v) for v in (row.get("crop") or [])] + [-1] * max(0, 4 - len(row.get("crop") or []))
+    return {
+        "key": _typed(row.get("key"), str),
+        "row_id": _typed(row.get("row_id"), str),
+        "video_id": _typed(row.get("video_id"), str),
+        "source": _typed(row.get("source"), str),
+        "row_index": _typed(row.get("row_index"), int),
+        "clip_index": _typed(row.get("clip_index"), int),
+        "clips_total": _typed(row.get("clips_total"), int),
+        "mode": _typed(row.get("mode"), str),
+        "rate": _typed(row.get("rate"), float),
+        "span": _typed(row.get("span"), float),
+        "frame_indices": [int(i) for i in row.get("frame_indices") or []],
+        "timestamps": [float(t) for t in row.get("timestamps") or []],
+        "crop": crop[:4],
+        "decoder": _typed(row.get("decoder"), str),
+        "clock": _typed(row.get("clock"), str),
+        "trim_start": _typed(row.get("start"), float),
+        "trim_end": _typed(row.get("end"), float),
+        "source_info": {k: _typed(info.get(k), kind) for k, kind in SOURCE_INFO_FIELDS.items()},
+        "caption": _typed(row.get("caption"), str),
+        "caption_raw": _typed(row.get("caption_raw"), str),
+        "caption_flags": ";".join(map(str, flags)) if not isinstance(flags, str) else flags,
+        "caption_tokens": _typed(row.get("caption_tokens"), int),
+        "caption_cut": bool(row.get("caption_cut") or False),
+        "extra": json.dumps(row.get("extra") or {}, sort_keys=True, ensure_ascii=False, default=_json_default),
+        "tokenizers": {kind: {"id": _typed((tokenizers.get(kind) or {}).get("id"), str),
+                              "sha256": _typed((tokenizers.get(kind) or {}).get("sha256"), str)}
+                       for kind in ("image", "text")},
+        "layout": {k: _typed(layout.get(k), int) for k in LAYOUT_FIELDS},
+    }
+
+
 def encode_sample(key: str, meta: dict, caption: str, vtok: np.ndarray, ttok: np.ndarray) -> dict[str, Any]:
     """A webdataset sample dict whose values are already bytes (the writer does no encoding)."""
     return {

@@ -1,130 +1,260 @@
-"""Shard commits: a shard's tar, index part, ledger part and stats appear together or not at all.
+"""Shard commits on any filesystem: the commit record names the bytes that count.
 
 The build splits the manifest into fixed groups of input rows; group N becomes `train-N` whatever the
 number of workers or their timing, and its samples are written in (row, clip) order with a fixed tar
-mtime, so the same inputs give byte-identical shards. Everything is written beside its final name and
-renamed into place; the stats JSON is renamed last and is the completion marker that `--resume` checks
-(together with the tar's sha256).
+mtime, so the same inputs give byte-identical tars.
+
+Object stores have no atomic rename, so a commit cannot be "write beside, then rename". Instead every
+attempt writes its parts under names of its own (`shards/train-000000.<attempt>.tar`, `index/…`,
+`ledger/…`), each as one whole object, and then writes the commit record `shards/train-000000.json`
+last. The record names the attempt's parts with their sizes and sha256. Readers, resume and verify trust
+only what a record names; a second attempt of the same shard (a retried or duplicated task) writes a
+complete record of its own, so whichever record is read names a complete, consistent set of parts.
+Parts no record names are stale and `clean_stale` removes them once no attempt can still be running.
+On a local disk each part is also fsynced and its directory fsynced after the rename of the record.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import re
+import uuid
 from collections import Counter
-from pathlib import Path
 from typing import Iterable
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipforge.pipeline.storage.samples import encode_sample
-from clipforge.pipeline.storage.tarwriter import FastTarWriter
 from clipforge.pipeline.schema import TRANSIENT, is_ok
+from clipforge.pipeline.storage.fs import Location
+from clipforge.pipeline.storage.samples import encode_sample, sample_metadata
+from clipforge.pipeline.storage.tarwriter import FastTarWriter
 
 INDEX_COLUMNS = {
-    "key": pa.string(), "shard": pa.string(), "video_id": pa.string(), "source": pa.string(),
-    "row_index": pa.int64(), "clip_index": pa.int64(), "caption": pa.string(), "caption_raw": pa.string(),
-    "caption_tokens": pa.int64(), "caption_cut": pa.bool_(), "mode": pa.string(), "rate": pa.float64(),
-    "span": pa.float64(), "t_start": pa.float64(), "t_end": pa.float64(), "frames": pa.int64(),
-    "decoder": pa.string(), "bytes": pa.int64(),
+    "key": pa.string(), "shard": pa.string(), "video_id": pa.string(), "row_id": pa.string(),
+    "source": pa.string(), "row_index": pa.int64(), "clip_index": pa.int64(), "caption": pa.string(),
+    "caption_raw": pa.string(), "caption_tokens": pa.int64(), "caption_cut": pa.bool_(), "mode": pa.string(),
+    "rate": pa.float64(), "span": pa.float64(), "t_start": pa.float64(), "t_end": pa.float64(),
+    "frames": pa.int64(), "decoder": pa.string(), "bytes": pa.int64(),
 }
 LEDGER_COLUMNS = {
-    "row_index": pa.int64(), "video_id": pa.string(), "source": pa.string(), "key": pa.string(),
-    "shard": pa.string(), "stage": pa.string(), "reason": pa.string(), "message": pa.string(),
-    "attempts": pa.int64(), "transient": pa.bool_(),
+    "row_index": pa.int64(), "video_id": pa.string(), "row_id": pa.string(), "source": pa.string(),
+    "key": pa.string(), "shard": pa.string(), "stage": pa.string(), "reason": pa.string(),
+    "message": pa.string(), "attempts": pa.int64(), "transient": pa.bool_(),
 }
-# metadata kept out of KEY.json: arrays live in their own members, bookkeeping is the index's job
-_NOT_META = {"frames", "vtok", "ttok", "status", "reason", "error", "stage"}
+RECORD_FORMAT = "clipforge-shard-record-v2"
+TEMP_NAME = re.compile(r"\.tmp\d+$")   # `Location.write_bytes` writes `NAME.tmp<pid>` before its rename
 
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def record_name(shard: str) -> str:
+    return f"shards/{shard}.json"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_stream(f, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    while block := f.read(chunk):
+        h.update(block)
     return h.hexdigest()
 
 
-def sample_meta(row: dict, layout: dict) -> dict:
-    meta = {k: v for k, v in row.items() if k not in _NOT_META}
-    meta["layout"] = layout
-    return meta
+def parquet_bytes(rows: list[dict], columns: dict) -> bytes:
+    arrays = [pa.array([r.get(name) for r in rows], type=kind) for name, kind in columns.items()]
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_arrays(arrays, schema=pa.schema(list(columns.items()))), buf)
+    return buf.getvalue()
+
+
+def unique_rows(rows: Iterable[dict]) -> list[dict]:
+    """Rows of one shard with replays removed, in (row, clip) order.
+
+    A retried or duplicated task can deliver the same clip twice; a sample key must appear once. An ok
+    row wins over an error row of the same key (the retry that succeeded), and among rows that are
+    equally good the first in a fixed order wins, so the outcome does not depend on arrival order.
+    A failed input (no clip) yields one ledger row per (stage, reason), not one per replay.
+    """
+    best: dict[tuple, dict] = {}
+    for row in rows:
+        ok = is_ok(row)
+        if row.get("clip_index") is not None:   # a clip, ok or failed after decoding: one per key
+            slot = ("clip", row.get("key"))
+        else:                                    # an input that failed before it became clips
+            slot = ("input", row.get("row_index"), row.get("stage"), row.get("reason"))
+        held = best.get(slot)
+        if held is None or (ok and not is_ok(held)):
+            best[slot] = row
+    inputs_ok = {r.get("row_index") for r in best.values() if is_ok(r)}
+    out = [r for r in best.values()
+           # an input that produced samples on one attempt is not also a failed input
+           if is_ok(r) or r.get("clip_index") is not None or r.get("row_index") not in inputs_ok]
+    return sorted(out, key=lambda r: (r.get("row_index", -1), r.get("clip_index", -1) if r.get("clip_index")
+                                      is not None else -1, r.get("key") or "", r.get("stage") or ""))
 
 
 class ShardCommitter:
-    """Writes one shard from all the rows of its input group, atomically."""
+    """Writes one shard from all the rows of its input group and commits it with a record."""
 
-    def __init__(self, out_dir: str | os.PathLike, layout: dict, split: str = "train"):
-        self.root = Path(out_dir)
+    def __init__(self, out: str | os.PathLike | Location, layout: dict, split: str = "train"):
+        self.out = out if isinstance(out, Location) else Location(out)
         self.layout, self.split = layout, split
         for sub in ("shards", "index", "ledger"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            self.out.makedirs(sub)
 
-    def paths(self, index: int) -> dict[str, Path]:
-        name = shard_name(self.split, index)
-        return {"tar": self.root / "shards" / f"{name}.tar", "stats": self.root / "shards" / f"{name}.json",
-                "index": self.root / "index" / f"{name}.parquet", "ledger": self.root / "ledger" / f"{name}.parquet"}
+    def read_record(self, index: int) -> dict | None:
+        return read_record(self.out, shard_name(self.split, index))
 
     def committed(self, index: int) -> bool:
-        """A shard counts as done when its stats marker exists and the tar still has the recorded sha256."""
-        p = self.paths(index)
-        if not (p["stats"].exists() and p["tar"].exists() and p["index"].exists() and p["ledger"].exists()):
-            return False
-        try:
-            stats = json.loads(p["stats"].read_text())
-        except (OSError, ValueError):
-            return False
-        return stats.get("sha256") == sha256_file(p["tar"])
+        """Done when its record exists and every part it names is there at the recorded size (no bytes
+        are read: hashing every shard is verify's job)."""
+        record = self.read_record(index)
+        return record is not None and record_parts_present(self.out, record)
 
-    def write(self, index: int, rows: Iterable[dict], inputs: int, attempts: dict | None = None) -> dict:
+    def write(self, index: int, rows: Iterable[dict], inputs: int, attempts: dict | None = None,
+              extra: dict | None = None) -> dict:
         """Commit shard `index` from `rows` (ok and error rows of its `inputs` manifest rows)."""
         name = shard_name(self.split, index)
-        p = self.paths(index)
-        rows = sorted(rows, key=lambda r: (r.get("row_index", -1), r.get("clip_index", -1), r.get("key", "")))
-        tmp = {k: v.with_name(v.name + ".tmp") for k, v in p.items()}
+        rows = unique_rows(rows)
         index_rows, ledger_rows, ok_inputs = [], [], set()
-        with open(tmp["tar"], "wb") as stream:
-            writer = FastTarWriter(stream)
-            for row in rows:
-                if not is_ok(row):
-                    ledger_rows.append(_ledger_row(row, name, (attempts or {}).get(row.get("row_index"), 1)))
-                    continue
-                sample = encode_sample(row["key"], sample_meta(row, self.layout), str(row.get("caption") or ""),
-                                       row["vtok"], row["ttok"])
-                size = writer.write(sample)
-                index_rows.append(_index_row(row, name, size))
-                ok_inputs.add(row.get("row_index"))
-            writer.close()
-            stream.flush()
-            os.fsync(stream.fileno())
-        _write_parquet(index_rows, INDEX_COLUMNS, tmp["index"])
-        _write_parquet(ledger_rows, LEDGER_COLUMNS, tmp["ledger"])
+        tar_buffer = io.BytesIO()
+        writer = FastTarWriter(tar_buffer)
+        for row in rows:
+            if not is_ok(row):
+                ledger_rows.append(_ledger_row(row, name, (attempts or {}).get(row.get("row_index"), 1)))
+                continue
+            sample = encode_sample(row["key"], sample_metadata(row, self.layout), str(row.get("caption") or ""),
+                                   row["vtok"], row["ttok"])
+            size = writer.write(sample)
+            index_rows.append(_index_row(row, name, size))
+            ok_inputs.add(row.get("row_index"))
+        writer.close()
         failed_inputs = {r["row_index"] for r in ledger_rows} - ok_inputs
-        stats = {
-            "shard": name, "samples": len(index_rows), "bytes": writer.written,
-            "sha256": writer.sha256, "inputs": inputs, "inputs_with_samples": len(ok_inputs),
+        fields = {
+            "samples": len(index_rows), "bytes": writer.written, "sha256": writer.sha256,
+            "inputs": inputs, "inputs_with_samples": len(ok_inputs),
             "inputs_failed": len(failed_inputs), "clip_failures": len(ledger_rows) - len(failed_inputs),
             "errors_by_reason": dict(sorted(Counter(r["reason"] for r in ledger_rows).items())),
             "errors_by_stage": dict(sorted(Counter(r["stage"] for r in ledger_rows).items())),
+            "errors_by_stage_reason": dict(sorted(Counter(f"{r['stage']}/{r['reason']}" for r in ledger_rows).items())),
             "transient_errors": sum(r["transient"] for r in ledger_rows),
             "decoders": dict(sorted(Counter(r["decoder"] for r in index_rows).items())),
+            **(extra or {}),
         }
-        tmp["stats"].write_text(json.dumps(stats, indent=1, sort_keys=True))
-        for part in ("tar", "index", "ledger", "stats"):   # the stats marker goes last
-            os.replace(tmp[part], p[part])
-        return stats
+        return commit_shard(self.out, name, tar_buffer.getvalue(), parquet_bytes(index_rows, INDEX_COLUMNS),
+                            parquet_bytes(ledger_rows, LEDGER_COLUMNS), fields)
+
+    def clean_stale(self, indices: Iterable[int] | None = None) -> int:
+        """Delete parts that no record names (left by failed or superseded attempts). Call only when no
+        attempt of these shards can still be running."""
+        return clean_stale(self.out, self.split)
+
+
+def commit_shard(out: Location, name: str, tar: bytes, index: bytes, ledger: bytes, fields: dict) -> dict:
+    """Write one attempt's parts under names of its own, then the record that names them (the commit)."""
+    attempt = uuid.uuid4().hex[:10]
+    blobs = {"tar": tar, "index": index, "ledger": ledger}
+    parts = {"tar": f"shards/{name}.{attempt}.tar", "index": f"index/{name}.{attempt}.parquet",
+             "ledger": f"ledger/{name}.{attempt}.parquet"}
+    for part, blob in blobs.items():
+        out.write_bytes(parts[part], blob)
+    record = {"format": RECORD_FORMAT, "shard": name, "attempt": attempt,
+              "files": {part: {"name": parts[part], "bytes": len(blob), "sha256": sha256_bytes(blob)}
+                        for part, blob in blobs.items()},
+              **fields}
+    out.write_text(record_name(name), json.dumps(record, indent=1, sort_keys=True))   # the commit
+    return record
+
+
+def read_record(out: Location, shard: str) -> dict | None:
+    try:
+        record = json.loads(out.read_text(record_name(shard)))
+    except (FileNotFoundError, ValueError):
+        return None
+    except OSError:
+        return None
+    return record if isinstance(record, dict) and record.get("format") == RECORD_FORMAT else None
+
+
+def record_parts_present(out: Location, record: dict) -> bool:
+    try:
+        return all(out.size(f["name"]) == f["bytes"] for f in record["files"].values())
+    except (FileNotFoundError, KeyError, TypeError, OSError):
+        return False
+
+
+def read_records(dataset: str | os.PathLike | Location, split: str | None = "train") -> list[dict]:
+    """The commit records of one split (or of all when `split` is None), in shard order."""
+    out = dataset if isinstance(dataset, Location) else Location(dataset)
+    names = [n for n in out.list("shards", ".json") if split is None or n.startswith(f"{split}-")]
+    records = [read_record(out, n[:-len(".json")]) for n in names]
+    return [r for r in records if r is not None]
+
+
+read_stats = read_records   # the records are the per-shard stats of SPEC §3
+
+
+def _read_parts(dataset, part: str, columns: dict, split: str | None) -> pd.DataFrame:
+    out = dataset if isinstance(dataset, Location) else Location(dataset)
+    frames = [pq.read_table(io.BytesIO(out.read_bytes(r["files"][part]["name"]))).to_pandas()
+              for r in read_records(out, split)]
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
+    return pd.concat(frames, ignore_index=True)
+
+
+def read_ledger_part(out: Location, record: dict) -> pd.DataFrame:
+    return pq.read_table(io.BytesIO(out.read_bytes(record["files"]["ledger"]["name"]))).to_pandas()
+
+
+def read_index(dataset, split: str | None = None) -> pd.DataFrame:
+    """One row per sample, from the index parts that commit records name."""
+    return _read_parts(dataset, "index", INDEX_COLUMNS, split)
+
+
+def read_ledger(dataset, split: str | None = None) -> pd.DataFrame:
+    return _read_parts(dataset, "ledger", LEDGER_COLUMNS, split)
+
+
+def shard_urls(dataset, split: str | None = "train") -> list[str]:
+    """URLs (or local paths) of the committed tars, for webdataset and other readers."""
+    out = dataset if isinstance(dataset, Location) else Location(dataset)
+    return [out.child_url(r["files"]["tar"]["name"]) for r in read_records(out, split)]
+
+
+def clean_stale(out: Location, split: str | None = None) -> int:
+    named = set()
+    for r in read_records(out, split):
+        named.update(f["name"] for f in r["files"].values())
+    removed = 0
+    for folder in ("", "shards", "index", "ledger", "wids"):   # temporary files of killed writers (local disks)
+        for n in out.list(folder):
+            if TEMP_NAME.search(n):
+                out.delete(f"{folder}/{n}" if folder else n)
+                removed += 1
+    for folder, suffix in (("shards", ".tar"), ("index", ".parquet"), ("ledger", ".parquet")):
+        for n in out.list(folder, suffix):
+            if split is not None and not n.startswith(f"{split}-"):
+                continue
+            if n.count(".") >= 2 and f"{folder}/{n}" not in named:   # only attempt parts, never foreign files
+                out.delete(f"{folder}/{n}")
+                removed += 1
+    return removed
 
 
 def _index_row(row: dict, shard: str, size: int) -> dict:
     ts = row.get("timestamps") or [None]
-    return {"key": row["key"], "shard": shard, "video_id": row.get("video_id"), "source": row.get("source"),
-            "row_index": row.get("row_index"), "clip_index": row.get("clip_index"),
+    return {"key": row["key"], "shard": shard, "video_id": row.get("video_id"), "row_id": row.get("row_id"),
+            "source": row.get("source"), "row_index": row.get("row_index"), "clip_index": row.get("clip_index"),
             "caption": row.get("caption"), "caption_raw": row.get("caption_raw"),
             "caption_tokens": row.get("caption_tokens"), "caption_cut": row.get("caption_cut"),
             "mode": row.get("mode"), "rate": row.get("rate"), "span": row.get("span"),
@@ -133,37 +263,11 @@ def _index_row(row: dict, shard: str, size: int) -> dict:
 
 
 def _ledger_row(row: dict, shard: str, attempts: int) -> dict:
-    return {"row_index": row.get("row_index"), "video_id": row.get("video_id"), "source": row.get("source"),
-            "key": row.get("key"), "shard": shard, "stage": row.get("stage"), "reason": row.get("reason"),
-            "message": row.get("error"), "attempts": attempts, "transient": row.get("reason") in TRANSIENT}
+    return {"row_index": row.get("row_index"), "video_id": row.get("video_id"), "row_id": row.get("row_id"),
+            "source": row.get("source"), "key": row.get("key"), "shard": shard, "stage": row.get("stage"),
+            "reason": row.get("reason"), "message": row.get("error"), "attempts": attempts,
+            "transient": row.get("reason") in TRANSIENT}
 
 
-def _write_parquet(rows: list[dict], columns: dict, path: Path) -> None:
-    arrays = [pa.array([r.get(name) for r in rows], type=kind) for name, kind in columns.items()]
-    pq.write_table(pa.Table.from_arrays(arrays, schema=pa.schema(list(columns.items()))), path)
-
-
-def read_index(dataset: str | os.PathLike) -> pd.DataFrame:
-    files = sorted((Path(dataset) / "index").glob("*.parquet"))
-    if not files:
-        return pd.DataFrame({c: pd.Series(dtype=object) for c in INDEX_COLUMNS})
-    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-
-
-def read_ledger(dataset: str | os.PathLike) -> pd.DataFrame:
-    files = sorted((Path(dataset) / "ledger").glob("*.parquet"))
-    if not files:
-        return pd.DataFrame({c: pd.Series(dtype=object) for c in LEDGER_COLUMNS})
-    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-
-
-def read_stats(dataset: str | os.PathLike, split: str | None = "train") -> list[dict]:
-    """Per-shard stats of one split, or of every split when `split` is None."""
-    pattern = f"{split}-*.json" if split else "*-*.json"
-    return [json.loads(p.read_text()) for p in sorted((Path(dataset) / "shards").glob(pattern))]
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+def write_json(out: Location, name: str, payload: dict) -> None:
+    out.write_text(name, json.dumps(payload, indent=2, sort_keys=True, default=str))

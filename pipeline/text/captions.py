@@ -434,7 +434,7 @@ def clean_manifest(in_path, out_path, config: CleanConfig = CleanConfig(), chunk
     second run writes the same file. Other columns are carried unchanged. Returns a small summary.
     """
     out_path = Path(out_path)
-    out_fmt = table_format(out_path)
+    out_fmt = table_format(out_path, must_exist=False)
     if out_fmt in ("txt", "dataset"):
         raise ValueError(f"{out_path}: write the cleaned manifest as parquet, csv, tsv, jsonl or json")
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -33,11 +33,15 @@ def _open(path, errors: str = "strict"):
     return open(path, encoding="utf-8", errors=errors)
 
 
-def table_format(path) -> str:
+def table_format(path, must_exist: bool = True) -> str:
+    """The format of a table from its name: parquet, csv, tsv, jsonl, json, txt, or a dataset folder.
+    A local input that does not exist is a FileNotFoundError (`must_exist=False` for outputs)."""
     url = _is_url(path)
     path = str(path) if url else Path(path)
     if not url and path.is_dir():
         return "dataset"
+    if must_exist and not url and not path.exists():   # say what is wrong, not what the name's extension looks like
+        raise FileNotFoundError(f"{path}: no such file or directory")
     suffix = Path(path).suffix
     fmt = _FORMATS.get(suffix.lower())
     if fmt is None:
@@ -63,7 +67,12 @@ def _sniff_sep(path: Path) -> str:
 
 
 def _dataset_files(path: Path) -> list[Path]:
-    files = sorted((path / "index").glob("*.parquet")) or sorted(path.glob("*.parquet"))
+    """A built dataset's index parts named by its shards' commit records (never a stale attempt's), or
+    a plain folder of Parquet files."""
+    from clipforge.pipeline.storage.shards import read_records
+
+    records = read_records(path, None)
+    files = [path / r["files"]["index"]["name"] for r in records] or sorted(path.glob("*.parquet"))
     if not files:
         raise ValueError(f"{path}: a directory without index/*.parquet (not a built dataset)")
     return files

@@ -1,0 +1,129 @@
+"""The unit of work of `clipforge build`: one shard, from its slice of the manifest to its commit record.
+
+`BuildShard` is a stage over shard descriptors (`{"shard", "start", "stop"}`): for each, it reads rows
+[start, stop) of the manifest itself, runs the row stages (clean captions → decode → tokenize) in this
+process, and commits the shard with `ShardCommitter`, the record written last. It yields that record,
+with per-stage time and the worker's identity, which is all the driver ever receives: the driver holds
+descriptors and records, never rows, so its memory does not grow with the corpus (datatrove's executor
+works the same way: each task owns its output and a completion record).
+
+Nothing here imports Ray; `clipforge.jobs.build` runs `BuildShard` in process or as Ray tasks.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Callable, Iterable, Iterator
+
+from clipforge.pipeline.manifest import manifest_rows, read_manifest_slice
+from clipforge.pipeline.schema import is_ok, mark_error
+from clipforge.pipeline.storage.shards import ShardCommitter, read_ledger_part
+
+
+class TimedStage:
+    """Wraps a stage's output iterator and counts the time spent producing its rows, upstream included;
+    the exclusive time of a stage is its total minus its upstream's."""
+
+    def __init__(self, rows: Iterator[dict]):
+        self.rows, self.seconds, self.count = rows, 0.0, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t = time.perf_counter()
+        try:
+            row = next(self.rows)
+        finally:
+            self.seconds += time.perf_counter() - t
+        self.count += 1
+        return row
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class BuildShard:
+    """Stage over shard descriptors; yields each shard's commit record.
+
+    `stages` is a list of (name, stage) where each stage is a callable over an iterator of row dicts
+    (`CleanCaption`, `DecodeVideo`, `TokenizeClips`). `roundtrip_qa` clips per shard are marked for a
+    decode-back PSNR by the tokenizer stage.
+    """
+
+    def __init__(self, manifest: str, committer: ShardCommitter, stages: list[tuple[str, Callable]],
+                 roundtrip_qa: int = 2, describe_worker: Callable[[], dict] | None = None):
+        self.manifest, self.committer, self.stages = manifest, committer, stages
+        self.roundtrip_qa = roundtrip_qa
+        self.describe_worker = describe_worker or (lambda: {})
+
+    def __call__(self, descriptors: Iterable[dict]) -> Iterator[dict]:
+        for d in descriptors:
+            yield self.build(d)
+
+    def build(self, d: dict) -> dict:
+        t0 = time.perf_counter()
+        df = read_manifest_slice(self.manifest, d["start"], d["stop"])
+        inputs = list(manifest_rows(df, first_index=d["start"]))
+        read_s = time.perf_counter() - t0
+        stream: Iterator[dict] = iter(inputs)
+        timed: list[tuple[str, TimedStage]] = []
+        decoded_inputs: set[int] = set()
+        for name, stage in self.stages:
+            stream = TimedStage(iter(stage(stream)))
+            timed.append((name, stream))
+            if name == "decode":
+                stream = self._after_decode(stream, decoded_inputs)
+        rows = list(stream)
+        rows += lost_inputs(inputs, rows)
+        stage_seconds, upstream = {"manifest": read_s}, 0.0
+        for name, t in timed:
+            stage_seconds[name] = max(0.0, t.seconds - upstream)
+            upstream = t.seconds
+        qa = [r["roundtrip_psnr"] for r in rows if is_ok(r) and r.get("roundtrip_psnr") is not None]
+        t1 = time.perf_counter()
+        record = self.committer.write(
+            d["shard"], rows, inputs=len(inputs), attempts=d.get("attempts"),
+            extra={"videos_decoded": len(decoded_inputs),
+                   "clips": sum(1 for r in rows if r.get("clip_index") is not None),
+                   "roundtrip_psnr": [round(float(v), 3) for v in qa],
+                   "rows": [d["start"], d["stop"]]})
+        stage_seconds["commit"] = time.perf_counter() - t1
+        # run facts: not part of the record (which must not depend on timing), but returned to the driver
+        return {**record, "run": {"seconds": stage_seconds, "worker": worker_identity(),
+                                  "tokenize_workers": self._tokenize_workers(), **self.describe_worker()}}
+
+    def _after_decode(self, rows: Iterator[dict], decoded_inputs: set) -> Iterator[dict]:
+        marked = 0
+        for row in rows:
+            if is_ok(row) and row.get("clip_index") is not None:
+                decoded_inputs.add(row["row_index"])
+                if marked < self.roundtrip_qa:
+                    row = {**row, "roundtrip_qa": True}
+                    marked += 1
+            yield row
+
+    def _tokenize_workers(self) -> dict:
+        for name, stage in self.stages:
+            counts = getattr(getattr(stage, "image", None), "calls_by_worker", None)
+            if counts is not None:
+                return dict(counts)
+        return {}
+
+
+def lost_inputs(inputs: list[dict], rows: list[dict]) -> list[dict]:
+    """Ledger rows for inputs that no stage returned (a bug): nothing may vanish silently."""
+    seen = {r.get("row_index") for r in rows}
+    return [mark_error(r, "build", "internal_error", "the input's rows never came back from the pipeline")
+            for r in inputs if r["row_index"] not in seen]
+
+
+def previous_attempts(committer: ShardCommitter, shard: int) -> dict[int, int]:
+    """row_index -> attempts so far, for inputs that failed in the committed attempt of a shard redone."""
+    record = committer.read_record(shard)
+    if record is None:
+        return {}
+    ledger = read_ledger_part(committer.out, record)
+    return {int(i): int(n) + 1 for i, n in zip(ledger["row_index"], ledger["attempts"])}

@@ -1,0 +1,268 @@
+"""Paths on any filesystem: local folders, `file://`, `s3://`, `gs://` (through pyarrow.fs) and, for
+reading only, `http(s)://` (the standard library).
+
+Every place that reads or writes a dataset goes through `Location` (a folder) or `open_url` (one file), so
+the same code serves a laptop's disk and an object store. Two facts shape the API:
+- object stores have no atomic rename, so `Location.write_bytes` is atomic only as one whole object
+  (a local write goes to a temporary name, is fsynced and renamed; a store's PUT appears whole or not
+  at all); multi-part commits are made safe by a commit record written last (see `shards.py`);
+- S3-compatible stores other than AWS need an endpoint: the `endpoint` argument, else the standard
+  `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`) environment variable.
+"""
+from __future__ import annotations
+
+import os
+import time
+import urllib.error
+import urllib.request
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+REMOTE_SCHEMES = ("s3", "gs", "gcs")
+READ_ONLY_SCHEMES = ("http", "https")
+
+
+def is_remote(url: str) -> bool:
+    return "://" in str(url) and urlparse(str(url)).scheme not in ("file", "")
+
+
+def is_url(value: str) -> bool:
+    return isinstance(value, str) and "://" in value
+
+
+def endpoint_from_env() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+@lru_cache(maxsize=16)
+def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    kwargs: dict = {"allow_bucket_creation": True, "region": region or os.environ.get("AWS_DEFAULT_REGION")
+                    or os.environ.get("AWS_REGION") or "us-east-1"}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem(url: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a local path or a URL."""
+    url = str(url)
+    if not is_url(url):
+        return pafs.LocalFileSystem(), os.path.abspath(url)
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return pafs.LocalFileSystem(), parsed.path
+    if parsed.scheme == "s3":
+        return _s3(endpoint or endpoint_from_env(), None), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    if parsed.scheme in ("gs", "gcs"):
+        return pafs.GcsFileSystem(), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    if parsed.scheme in READ_ONLY_SCHEMES:
+        raise ValueError(f"{url}: http(s) locations can be read with open_url, not used as a folder")
+    raise ValueError(f"{url}: unsupported scheme {parsed.scheme!r} (use a local path, file://, s3:// or gs://)")
+
+
+class Location:
+    """A folder on some filesystem. Relative names use `/`."""
+
+    def __init__(self, url: str | os.PathLike, endpoint: str | None = None):
+        self.url = str(url).rstrip("/") if is_url(str(url)) else os.path.abspath(str(url))
+        self.endpoint = endpoint
+        self.fs, self.root = filesystem(self.url, endpoint)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def __repr__(self) -> str:
+        return f"Location({self.url!r})"
+
+    def __reduce__(self):   # pyarrow filesystems travel to Ray workers as the URL they came from
+        return (Location, (self.url, self.endpoint))
+
+    def path(self, name: str = "") -> str:
+        return f"{self.root}/{name}" if name else self.root
+
+    def child_url(self, name: str) -> str:
+        """The URL (or local path) of `name`, for readers that take URLs."""
+        return f"{self.url}/{name}" if name else self.url
+
+    def sub(self, name: str) -> "Location":
+        return Location(self.child_url(name), self.endpoint)
+
+    def makedirs(self, name: str = "") -> None:
+        if self.local:
+            os.makedirs(self.path(name), exist_ok=True)
+        # object stores have no folders: a key's prefix exists once an object is written under it
+
+    def exists(self, name: str) -> bool:
+        return self.fs.get_file_info(self.path(name)).type != pafs.FileType.NotFound
+
+    def size(self, name: str) -> int:
+        info = self.fs.get_file_info(self.path(name))
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(self.child_url(name))
+        return int(info.size)
+
+    def list(self, folder: str = "", suffix: str = "") -> list[str]:
+        """Names (relative to `folder`) of the files directly in `folder`, sorted."""
+        sel = pafs.FileSelector(self.path(folder), allow_not_found=True, recursive=False)
+        names = [info.base_name for info in self.fs.get_file_info(sel) if info.type == pafs.FileType.File]
+        return sorted(n for n in names if n.endswith(suffix))
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open_input_stream(self.path(name)) as f:
+            return f.read()
+
+    def read_text(self, name: str) -> str:
+        return self.read_bytes(name).decode("utf-8")
+
+    def open_input(self, name: str):
+        """A random-access file (seek, read_at) on any filesystem."""
+        return self.fs.open_input_file(self.path(name))
+
+    def open_output(self, name: str):
+        """A plain output stream; not atomic on its own (see `write_bytes` and the shard commit)."""
+        if self.local:
+            os.makedirs(os.path.dirname(self.path(name)), exist_ok=True)
+            return open(self.path(name), "wb")
+        return self.fs.open_output_stream(self.path(name))
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write one file so that readers see all of it or none of it."""
+        if self.local:
+            target = self.path(name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = f"{target}.tmp{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+            fsync_dir(os.path.dirname(target))
+        else:
+            with self.fs.open_output_stream(self.path(name)) as f:
+                f.write(data)
+
+    def write_text(self, name: str, text: str) -> None:
+        self.write_bytes(name, text.encode("utf-8"))
+
+    def delete(self, name: str) -> None:
+        try:
+            self.fs.delete_file(self.path(name))
+        except FileNotFoundError:
+            pass
+        except OSError as err:   # pyarrow reports a missing key on some stores as a plain OSError
+            if self.exists(name):
+                raise err
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename in `path` durable (POSIX: the directory entry lives in the directory's own blocks)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass   # some filesystems refuse fsync on a directory; the file data itself was fsynced
+    finally:
+        os.close(fd)
+
+
+class FetchError(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def fetch(url: str, dest: str, max_bytes: int = 4 << 30, timeout_s: float = 120.0, retries: int = 3,
+          endpoint: str | None = None) -> int:
+    """Copy a remote file (s3://, gs://, http(s)://) to the local path `dest`; returns its size.
+
+    Raises FetchError("missing", …) only when the object is really not there (404 / not found), and
+    FetchError("fetch_error", …) for what a retry may fix (timeouts, 5xx, connection errors) once the
+    retries are spent, or for a file over `max_bytes`.
+    """
+    last = ""
+    for attempt in range(retries):
+        try:
+            return _fetch_once(url, dest, max_bytes, timeout_s, endpoint)
+        except FetchError:
+            raise
+        except (OSError, urllib.error.URLError, TimeoutError) as err:
+            last = f"{type(err).__name__}: {err}"
+            time.sleep(min(2.0 ** attempt * 0.2, 5.0))
+    raise FetchError("fetch_error", f"{url}: {retries} attempts failed; last: {last}")
+
+
+def _fetch_once(url: str, dest: str, max_bytes: int, timeout_s: float, endpoint: str | None) -> int:
+    scheme = urlparse(url).scheme
+    deadline = time.monotonic() + timeout_s
+    if scheme in READ_ONLY_SCHEMES:
+        try:
+            src = urllib.request.urlopen(url, timeout=timeout_s)
+        except urllib.error.HTTPError as err:
+            if err.code in (404, 410):
+                raise FetchError("missing", f"{url}: HTTP {err.code}") from None
+            raise
+    else:
+        fs, path = filesystem(url, endpoint)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise FetchError("missing", f"no such object: {url}")
+        if info.size is not None and info.size > max_bytes:
+            raise FetchError("fetch_error", f"{url}: {info.size} bytes is over the {max_bytes}-byte limit")
+        src = fs.open_input_stream(path)
+    written = 0
+    with src, open(dest, "wb") as out:
+        while True:
+            chunk = src.read(1 << 20)
+            if not chunk:
+                break
+            written += len(chunk)
+            if written > max_bytes:
+                raise FetchError("fetch_error", f"{url}: over the {max_bytes}-byte limit")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fetch took longer than {timeout_s} s")
+            out.write(chunk)
+    return written
+
+
+def open_url(url: str, mode: str = "rb", endpoint: str | None = None):
+    """Open one file for reading by path or URL (local, file://, s3://, gs://, http(s)://)."""
+    if mode != "rb":
+        raise ValueError("open_url reads only; write through a Location")
+    if is_url(url) and urlparse(url).scheme in READ_ONLY_SCHEMES:
+        return urllib.request.urlopen(url, timeout=120)
+    fs, path = filesystem(url, endpoint)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return open(path, "rb")
+    return fs.open_input_file(path)
+
+
+def register_webdataset_schemes(endpoint: str | None = None) -> None:
+    """Let webdataset (and wids) open `s3://` and `gs://` shard URLs through pyarrow, with no CLI tools.
+
+    webdataset picks an opener by URL scheme from `webdataset.gopen.gopen_schemes`; ours stream through
+    the same filesystem code as the rest of clipforge (so `AWS_ENDPOINT_URL` works the same way).
+    """
+    import sys
+
+    import webdataset  # noqa: F401 — makes the gopen module importable by name
+
+    gopen_module = sys.modules["webdataset.gopen"]
+
+    def opener(url, mode="rb", bufsize=8192, **kw):
+        return open_url(url, "rb", endpoint)
+
+    for scheme in ("s3", "gs", "gcs"):
+        gopen_module.gopen_schemes[scheme] = opener
+
+
+def local_path(url: str) -> Path | None:
+    """The local path behind a plain path or file:// URL, or None for a remote URL."""
+    if not is_url(url):
+        return Path(url)
+    parsed = urlparse(url)
+    return Path(parsed.path) if parsed.scheme == "file" else None

@@ -1,0 +1,240 @@
+"""The build at cluster scale: exactly-once shard assembly, object storage in and out, a worker node lost
+mid-build, declared GPUs used by the tokenizer workers."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import webdataset as wds
+
+from clipforge.jobs.build import BuildConfig, build, with_overrides
+from clipforge.pipeline.storage.fs import Location, register_webdataset_schemes
+from clipforge.pipeline.storage.samples import decode_sample
+from clipforge.pipeline.storage.shards import (ShardCommitter, clean_stale, read_index, read_ledger, read_records,
+                                               shard_urls)
+from clipforge.pipeline.storage.verify import verify_dataset
+
+LAYOUT = {"frames": 5, "frame_size": 64, "tokens_h": 8, "tokens_w": 8, "text_slot": 24, "image_vocab": 64}
+
+
+def _clip_row(row_index: int, clip: int, **extra) -> dict:
+    rng = np.random.default_rng(row_index * 10 + clip)
+    return {"row_index": row_index, "clip_index": clip, "clips_total": 2, "key": f"v{row_index}_seq{clip:02d}",
+            "video_id": f"vid{row_index}", "row_id": f"r{row_index}", "source": f"/videos/{row_index}.mp4",
+            "caption": f"caption {row_index}", "status": "ok", "mode": "sequential", "rate": 1.0, "span": 4.0,
+            "frame_indices": [0, 1, 2, 3, 4], "timestamps": [0.0, 1.0, 2.0, 3.0, 4.0], "decoder": "pyav",
+            "vtok": rng.integers(0, 64, (5, 8, 8)).astype(np.uint16),
+            "ttok": rng.integers(0, 300, 6).astype(np.int32), **extra}
+
+
+def test_shard_assembly_keeps_one_row_per_key_under_replays(tmp_path):
+    good = [_clip_row(i, c) for i in range(3) for c in range(2)]
+    failed_input = {"row_index": 3, "key": "v3_input", "video_id": "vid3", "source": "/videos/3.mp4",
+                    "status": "error", "stage": "decode", "reason": "not_a_video", "error": "no video stream"}
+    timed_out = dict(_clip_row(2, 1), status="error", stage="tokenize", reason="tokenize_transient", error="oom")
+    # a replayed task delivers every clip again, in another order; a retried clip first failed, then worked
+    replayed = good[::-1] + good + [failed_input, dict(failed_input), timed_out]
+    committer = ShardCommitter(tmp_path / "a", LAYOUT)
+    record = committer.write(0, replayed, inputs=4)
+    reference = ShardCommitter(tmp_path / "b", LAYOUT).write(0, good + [failed_input], inputs=4)
+    assert record["samples"] == 6 and record["inputs_failed"] == 1 and record["inputs_with_samples"] == 3
+    assert record["sha256"] == reference["sha256"]           # the same bytes as a build without replays
+    index, ledger = read_index(tmp_path / "a"), read_ledger(tmp_path / "a")
+    assert sorted(index.key) == sorted(r["key"] for r in good) and not index.key.duplicated().any()
+    assert list(ledger.reason) == ["not_a_video"]
+    # a duplicated task commits the same shard again: one record, one set of parts once stale ones go
+    committer.write(0, good + [failed_input], inputs=4)
+    assert len(read_records(tmp_path / "a")) == 1
+    assert clean_stale(Location(tmp_path / "a")) == 3
+    assert len(list((tmp_path / "a" / "shards").glob("*.tar"))) == 1
+    samples = list(wds.WebDataset(shard_urls(tmp_path / "a"), shardshuffle=False, empty_check=False))
+    assert sorted(s["__key__"] for s in samples) == sorted(r["key"] for r in good)
+    assert verify_dataset(tmp_path / "a")["problems"] == [f"{(tmp_path / 'a').as_posix()}/dataset.json is missing"]
+
+
+def _config(**changes) -> BuildConfig:
+    return with_overrides(BuildConfig(), size=64, mode="sequential", inputs_per_shard=2, text_slot=24,
+                          tokenize_batch=8, **changes)
+
+
+def _facts(ds) -> tuple[list, list]:
+    """What must not depend on how the build ran: the index rows (without attempt-specific names) and
+    the ledger's (input, stage, reason) rows."""
+    index = read_index(ds).drop(columns=[]).sort_values("key").reset_index(drop=True)
+    ledger = read_ledger(ds)
+    return (index.to_dict("records"),
+            sorted(zip(ledger.row_index.tolist(), ledger.stage.tolist(), ledger.reason.tolist())))
+
+
+@pytest.fixture
+def fresh_ray():
+    import ray
+
+    ray.shutdown()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def wide_manifest(corpus, tmp_path_factory) -> Path:
+    """40 inputs: the corpus's rows repeated (a video under several captions, as MSR-VTT has)."""
+    df = pd.read_parquet(corpus)
+    rows = pd.concat([df] * (40 // len(df) + 1), ignore_index=True).iloc[:40].copy()
+    rows["caption"] = [f"{c} (take {i})" if isinstance(c, str) else c for i, c in enumerate(rows["caption"])]
+    path = tmp_path_factory.mktemp("wide") / "manifest.parquet"
+    rows.drop(columns=[c for c in ("id",) if c in rows.columns]).to_parquet(path)
+    return path
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_declared_gpus_tokenize_and_decode_spreads(wide_manifest, image_tokenizer, text_tokenizer, tmp_path,
+                                                   fresh_ray):
+    import ray
+
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    out = tmp_path / "ds"
+    info = build(str(wide_manifest), str(out), str(image_tokenizer), str(text_tokenizer),
+                 _config(runner="ray"), progress=False)
+    progress = json.loads((out / "progress.json").read_text())
+    # 2 tokenizer workers take 0.5 CPU each: 3 CPUs are left for shard tasks, and all 3 decoded
+    assert len(progress["workers"]["decode"]) == 3, progress["workers"]
+    tokenizers = progress["workers"]["tokenize"]
+    assert sorted(name.rsplit(":", 1)[1] for name in tokenizers) == ["gpu0", "gpu1"], tokenizers
+    assert all(calls > 0 for calls in tokenizers.values())
+    assert info["funnel"]["accounted"] and info["funnel"]["inputs"] == 40 and info["funnel"]["samples"] > 0
+    ray.shutdown()
+    local = tmp_path / "local"
+    build(str(wide_manifest), str(local), str(image_tokenizer), str(text_tokenizer), _config(runner="local"),
+          progress=False)
+    assert _facts(out) == _facts(local)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_losing_a_worker_node_mid_build_loses_and_duplicates_nothing(wide_manifest, image_tokenizer,
+                                                                     text_tokenizer, tmp_path, fresh_ray):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    out = tmp_path / "ds"
+    removed = threading.Event()
+
+    def remove_a_worker_when_shards_commit():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if len(list((out / "shards").glob("*.json"))) >= 2:
+                cluster.remove_node(workers[0], allow_graceful=False)   # not gracefully: as if it died
+                removed.set()
+                return
+            time.sleep(0.05)
+
+    try:
+        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+        killer = threading.Thread(target=remove_a_worker_when_shards_commit, daemon=True)
+        killer.start()
+        info = build(str(wide_manifest), str(out), str(image_tokenizer), str(text_tokenizer),
+                     _config(runner="ray"), address=cluster.address, progress=False)
+        killer.join(timeout=5)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert removed.is_set(), "the node was not removed while the build ran"
+    assert len(read_records(out)) == 20
+    assert info["funnel"]["accounted"] and info["funnel"]["inputs"] == 40
+    local = tmp_path / "local"
+    build(str(wide_manifest), str(local), str(image_tokenizer), str(text_tokenizer), _config(runner="local"),
+          progress=False)
+    assert _facts(out) == _facts(local)
+    index = read_index(out)
+    assert not index.key.duplicated().any()
+    assert verify_dataset(out)["problems"] == []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A real S3-compatible server (moto's server mode) on loopback, for this test only."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    import pyarrow.fs as pafs
+    fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
+                           secret_key="testing", region="us-east-1", allow_bucket_creation=True)
+    for bucket in ("videos", "datasets"):
+        fs.create_dir(bucket)
+    yield endpoint
+    server.stop()
+
+
+def test_build_from_s3_videos_to_an_s3_dataset(corpus, image_tokenizer, text_tokenizer, s3_server, tmp_path,
+                                               monkeypatch):
+    monkeypatch.chdir(tmp_path)   # anything written "locally" by mistake would land here
+    videos = Location("s3://videos/corpus")
+    df = pd.read_parquet(corpus)
+    urls = []
+    for path in df["video"]:
+        name = Path(path).name
+        if Path(path).exists():
+            videos.write_bytes(name, Path(path).read_bytes())
+        urls.append(f"s3://videos/corpus/{name}")   # a row whose file never existed stays missing
+    df["video"] = urls
+    manifest = Location("s3://videos")
+    import io
+    buf = io.BytesIO()
+    df.to_parquet(buf)
+    manifest.write_bytes("manifest.parquet", buf.getvalue())
+
+    info = build("s3://videos/manifest.parquet", "s3://datasets/ds", str(image_tokenizer), str(text_tokenizer),
+                 _config(runner="local"), progress=False)
+    funnel = info["funnel"]
+    assert funnel["accounted"] and funnel["inputs"] == len(df) and funnel["samples"] > 0
+    # the broken rows fail for their own reasons; the row whose object is absent is `missing`
+    ledger = read_ledger("s3://datasets/ds")
+    missing_rows = [i for i, p in enumerate(pd.read_parquet(corpus)["video"]) if not Path(p).exists()]
+    assert set(ledger.loc[ledger.reason == "missing", "row_index"]) == set(missing_rows)
+
+    register_webdataset_schemes()
+    samples = [decode_sample(s) for s in wds.WebDataset(shard_urls("s3://datasets/ds"), shardshuffle=False,
+                                                          empty_check=False)]
+    assert len(samples) == funnel["samples"] and all(s["vtok"].shape == (5, 8, 8) for s in samples)
+    assert all(s["meta"]["source"].startswith("s3://videos/corpus/") for s in samples)
+
+    env = dict(os.environ)
+    cli = [sys.executable, "-m", "clipforge.jobs.cli"]
+    verify = subprocess.run(cli + ["verify", "s3://datasets/ds"], capture_output=True, text=True, env=env)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert json.loads(verify.stdout)["samples"] == funnel["samples"]
+    reshard = subprocess.run(cli + ["reshard", "s3://datasets/ds", "s3://datasets/re", "--samples-per-shard", "2",
+                                    "--shuffle-seed", "3", "--val-fraction", "0.4", "--quiet"],
+                             capture_output=True, text=True, env=env)
+    assert reshard.returncode == 0, reshard.stderr
+    index = read_index("s3://datasets/re")
+    assert sorted(index.key) == sorted(s["key"] for s in samples)
+    assert not set(index[index.shard.str.startswith("train")].video_id) & set(index[index.shard.str.startswith("val")].video_id)
+    verify = subprocess.run(cli + ["verify", "s3://datasets/re"], capture_output=True, text=True, env=env)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert list(tmp_path.iterdir()) == []          # nothing was created on local disk

@@ -372,6 +372,7 @@ class CogVideo(nn.Module):
                  top_k: int | None = None, rounds: int = 0, round_texts=None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Text slot (text_slot,) -> image codes (T, h, w), T = frames, then 2T-1 per interpolation round.
+        A batch of slots (N, text_slot) gives (N, T, h, w), all N sampled together.
 
         Frame 0 comes from the image stage (base channel alone), frames 1.. from the sequential stage.
         With `null_text` (the slot of an empty caption) every sampled token uses classifier-free
@@ -382,18 +383,24 @@ class CogVideo(nn.Module):
         """
         cfg = self.config
         device = self.wte.weight.device
-        text = text.to(device).view(1, -1)
-        null_text = None if null_text is None else null_text.to(device).view(1, -1)
+        batched = text.dim() == 2
+        text = text.to(device).view(-1, cfg.text_slot)                           # (N, slot)
+        N = text.shape[0]
+        null_text = None if null_text is None else null_text.to(device).view(-1, cfg.text_slot).expand(N, -1)
         kw = dict(guidance=guidance, temperature=temperature, top_k=top_k, generator=generator)
         (f0,) = self._complete("image", text, null_text, [], 1, **kw)
         rest = self._complete("sequential", text, null_text, [f0], cfg.frames - 1, **kw)
-        frames = torch.cat([f0] + rest)                                          # (frames, h, w)
-        for r in range(rounds):
-            t, nt = (round_texts[r] if round_texts else (text, null_text))
-            t = t.to(device).view(1, -1)
-            nt = None if nt is None else nt.to(device).view(1, -1)
-            frames = self.interpolate(frames, t, nt, **kw)
-        return frames
+        videos = torch.stack([f0] + rest, dim=1)                                 # (N, frames, h, w)
+        out = []
+        for n in range(N):
+            frames = videos[n]
+            for r in range(rounds):
+                t, nt = (round_texts[r] if round_texts else (text[n], None if null_text is None else null_text[n]))
+                t = t.to(device).view(1, -1)
+                nt = None if nt is None else nt.to(device).view(1, -1)
+                frames = self.interpolate(frames, t, nt, **kw)
+            out.append(frames)
+        return torch.stack(out) if batched else out[0]
 
     @torch.no_grad()
     def interpolate(self, frames, text, null_text=None, **kw) -> torch.Tensor:

@@ -30,10 +30,12 @@ One optimizer step sees batch_size * grad_accum * world_size samples (`global_ba
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
+import resource
 import shutil
 import time
 from collections import Counter
@@ -204,6 +206,14 @@ def all_reduce_mean(tensors: list[torch.Tensor], world: int) -> None:
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of every parameter's bytes: equal on all ranks exactly when their weights are identical."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def rng_state(device: torch.device) -> dict:
@@ -425,11 +435,16 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
             log_file.flush()
 
     def checkpoint(step: int, train_loss: float, val: dict, seconds: float) -> str:
-        # every rank's RNG (ranks draw different dropout masks); collective, so all ranks call this
-        rngs = [rng_state(device)]
+        # every rank's RNG (ranks draw different dropout masks) and a digest of its weights, which must
+        # agree on all ranks; collective, so all ranks call this
+        mine = (rng_state(device), weights_digest(model))
+        gathered = [mine]
         if world > 1:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state(device))
+            gathered = [None] * world
+            dist.all_gather_object(gathered, mine)
+        rngs, digests = [g[0] for g in gathered], [g[1] for g in gathered]
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"data-parallel ranks hold different weights at step {step}: {digests}")
         name = f"ckpt_{step:06d}.pt"
         if not master:
             return name
@@ -443,7 +458,8 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
                                                                    "base_lr": base_lr, "min_lr": min_lr},
                 "rng": [{k: v.cpu() if torch.is_tensor(v) else v for k, v in r.items()} for r in rngs],
                 "data": {"batches_per_rank": step * accum, "batch_size": config.batch_size},
-                "seconds": seconds, "world_size": world, "freeze_base": freeze, "joint_image": joint}
+                "seconds": seconds, "world_size": world, "rank_weights_sha256": digests,
+                "freeze_base": freeze, "joint_image": joint}
         tmp = run / (name + ".tmp")
         torch.save(blob, tmp)
         os.replace(tmp, run / name)
@@ -462,6 +478,8 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
 
     # --- loop -------------------------------------------------------------------------------------------
     model.train()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = usage.ru_utime + usage.ru_stime
     t0 = time.time() - seconds_before
     tokens_seen = 0
     recent: list[float] = []
@@ -530,7 +548,10 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
         if joined:
             dist.destroy_process_group()
     seconds = time.time() - t0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     summary = {"stage": config.stage, "steps": step, "stopped_by": stop_reason, "seconds": round(seconds, 1),
+               # CPU time of this process (all its threads): on a shared machine, what the run really cost
+               "cpu_seconds": round(usage.ru_utime + usage.ru_stime - cpu0, 1),
                "lr": base_lr, "resumed_from": start_step if state is not None else None,
                "first_loss": first_loss, "train_loss": sum(recent) / len(recent) if recent else None, **val,
                "eval_split": eval_split,

@@ -444,3 +444,41 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(dataset, tmp_path
         assert torch.equal(value, b["model"][name]), name
     assert b["optimizer"]["state"] and b["data"]["batches_per_rank"] == 8
     assert sorted(p.name for p in cut.glob("ckpt_*.pt")) == ["ckpt_000003.pt", "ckpt_000006.pt", "ckpt_000008.pt"]
+
+
+# -------------------------------------------------------------------------------------------- eval-synth
+
+def test_eval_synth_scores_samples_against_the_manifest(run, corpus, tmp_path, capsys):
+    """The whole command on a real run and a real synthetic manifest: JSON per attribute and all three,
+    seen/unseen split against the training manifest, the tokenizer ceiling, a contact sheet."""
+    import pandas as pd
+    from PIL import Image
+
+    from clipforge.jobs.cli import main
+
+    out = tmp_path / "eval"
+    main(["eval-synth", str(run[0]), str(corpus), "--train-manifest", str(corpus), "--limit", "3",
+          "--out", str(out), "--top-k", "8"])
+    printed = json.loads(capsys.readouterr().out)                       # stdout is the scores JSON alone
+    scores = json.loads((out / "scores.json").read_text())
+    assert printed == scores["scores"]
+    good = pd.read_parquet(corpus).query("not broken")
+    assert scores["scores"]["overall"]["n"] == 3 and scores["scores"]["seen"]["n"] == 3
+    assert scores["scores"]["unseen"] == {"n": 0}                       # trained on the same manifest
+    assert scores["scores"]["ceiling"]["n"] == 3
+    for key in ("color", "shape", "direction", "all"):
+        assert 0.0 <= scores["scores"]["overall"][key] <= 1.0
+    rows = scores["rows"]
+    assert [r["caption"] for r in rows] == good["caption"].tolist()[:3]
+    assert rows[0]["truth"]["color"] == good["color"].iloc[0] and set(rows[0]["detected"]) >= {"color", "shape"}
+    sheet = np.asarray(Image.open(out / "contact_sheet.png"))
+    assert sheet.shape[0] == 3 * (32 + 2) + 2 and sheet.shape[1] == 5 * (32 + 2) + 2
+    # another held-out manifest whose combinations are not in the training one counts them as unseen
+    other = tmp_path / "other.parquet"
+    changed = good.head(2).assign(color="not-a-colour")
+    changed.to_parquet(other)
+    from clipforge.jobs.eval_synth import eval_synth
+
+    result = eval_synth(str(run[0]), str(other), out=str(tmp_path / "eval2"), train_manifest=str(corpus),
+                        ceiling=False, log=None)
+    assert result["scores"]["unseen"]["n"] == 2 and result["scores"]["unseen"]["color"] == 0.0

@@ -1,0 +1,166 @@
+"""Training and sampling throughput of the CogVideo-style model; JSON out.
+
+    python bench/train.py                         # the demo's shape on this machine (CPU or GPU)
+    python bench/train.py --preset 100m --device cuda --peak-tflops 989   # ~100M parameters, 160x160, 5 frames
+
+Measures, on random tokens (the model's speed does not depend on what the tokens mean):
+  train      tokens/s of the sequential stage (forward, backward, AdamW step), and on a GPU the model
+             FLOPs utilisation: MFU = flops_per_token * tokens/s / peak
+  sample     tokens/s of generating one video's codes with the KV cache (model.generate, guidance on)
+             and without it (every new token re-runs the whole prefix, no guidance), over the
+             first `--nocache-tokens` codes so the slow path stays short
+
+FLOPs per token are counted from the config (nanoGPT's estimate, PaLM appendix B): 6 x the parameters
+a token passes through (both attention channels' QKV and projections, the MLP, the head; not the
+embedding tables) + 6 x 2 x n_layer x n_embd x L for the attention scores and values of both channels,
+computed densely over the whole L x L mask (the masked entries are computed too).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from clipforge.model.gpt import CogVideo, CogVideoConfig
+
+PRESETS = {
+    # the demo's model: 64x64 frames -> 8x8 codes, text slot 24, 512 codes, ~1.3M parameters
+    "demo": dict(text_vocab=400, image_vocab=512, n_layer=4, n_head=4, n_embd=128, text_slot=24,
+                 tokens_h=8, tokens_w=8, window=4, shift=2),
+    # the issue's GPU target: ~100M parameters at 160x160 (20x20 codes), 5 frames, SPEC vocabularies
+    "100m": dict(text_vocab=8000, image_vocab=20000, n_layer=12, n_head=12, n_embd=640, text_slot=64,
+                 tokens_h=20, tokens_w=20, window=10, shift=5),
+}
+# dense bf16 peak of common accelerators, TFLOP/s, for MFU when --peak-tflops is not given
+PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def flops_per_token(cfg: CogVideoConfig, stage: str = "sequential") -> float:
+    C, L = cfg.n_embd, cfg.seq_len(stage)
+    per_layer = 2 * (4 * C * C) + 8 * C * C          # base + plus (QKV, proj), MLP (4x)
+    matmul_params = cfg.n_layer * per_layer + C * cfg.image_vocab
+    channels = 1 if stage == "image" else 2
+    return 6 * matmul_params + 6 * channels * cfg.n_layer * C * L
+
+
+def peak_tflops(device: torch.device, given: float | None) -> float | None:
+    if given:
+        return given
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAKS.items() if k in name), None)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_train(model, cfg, device, batch, steps, warmup, amp):
+    L = cfg.seq_len("sequential")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
+                            **({"fused": True} if device.type == "cuda" else {}))
+    tokens = torch.randint(0, cfg.vocab_size, (batch, L), device=device)
+    targets = torch.randint(0, cfg.image_vocab, (batch, L), device=device)
+    model.train()
+    times = []
+    for i in range(warmup + steps):
+        sync(device)
+        t = time.perf_counter()
+        if amp:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = model(tokens, targets, stage="sequential")
+        else:
+            _, loss = model(tokens, targets, stage="sequential")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    per_step = sorted(times)[len(times) // 2]                 # median: robust to a busy neighbour
+    return {"batch": batch, "seq_len": L, "steps": steps, "step_s": round(per_step, 4),
+            "tokens_per_s": round(batch * L / per_step, 1)}
+
+
+@torch.no_grad()
+def bench_sample(model, cfg, device, nocache_tokens):
+    model.eval()
+    text = torch.randint(0, cfg.text_vocab, (cfg.text_slot,), device=device)
+    null = torch.zeros(cfg.text_slot, dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    sync(device)
+    t = time.perf_counter()
+    codes = model.generate(text, null, guidance=3.0, top_k=64, generator=gen)
+    sync(device)
+    cached_s = time.perf_counter() - t
+    n_cached = codes.numel()
+    # without the cache: the whole prefix again for every new token (the sequential stage's first frames)
+    seq = torch.cat([text, torch.tensor([cfg.boi_id], device=device)]).view(1, -1)
+    frame_len = cfg.tokens_h * cfg.tokens_w
+    sync(device)
+    t = time.perf_counter()
+    made = 0
+    while made < nocache_tokens:
+        logits, _ = model(seq, stage="sequential")
+        code = torch.multinomial(torch.softmax(logits[:, -1].float(), -1), 1, generator=gen)
+        seq = torch.cat([seq, code + cfg.text_vocab], dim=1)
+        made += 1
+        if made % frame_len == 0:
+            seq = torch.cat([seq, torch.tensor([[cfg.boi_id]], device=device)], dim=1)
+    sync(device)
+    nocache_s = time.perf_counter() - t
+    return {"kv_cache": {"tokens": n_cached, "seconds": round(cached_s, 3), "tokens_per_s": round(n_cached / cached_s, 1),
+                         "guidance_rows": 2},
+            "no_cache": {"tokens": made, "seconds": round(nocache_s, 3), "tokens_per_s": round(made / nocache_s, 1),
+                         "guidance_rows": 1}}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--peak-tflops", type=float, help="dense peak of the device for MFU (default: by GPU name)")
+    p.add_argument("--nocache-tokens", type=int, default=64)
+    p.add_argument("--grad-checkpoint", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model before timing")
+    p.add_argument("--out", help="also write the JSON here")
+    a = p.parse_args(argv)
+
+    device = torch.device(a.device)
+    torch.manual_seed(0)
+    cfg = CogVideoConfig(**PRESETS[a.preset])
+    model = CogVideo(cfg).to(device)
+    model.gradient_checkpointing = a.grad_checkpoint
+    amp = device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    run_model = torch.compile(model) if a.compile else model
+    train = bench_train(run_model, cfg, device, a.batch, a.steps, a.warmup, amp)
+    fpt = flops_per_token(cfg)
+    peak = peak_tflops(device, a.peak_tflops)
+    train["flops_per_token"] = fpt
+    train["achieved_tflops"] = round(fpt * train["tokens_per_s"] / 1e12, 4)
+    train["mfu"] = round(fpt * train["tokens_per_s"] / (peak * 1e12), 4) if peak else None
+    sample = bench_sample(model, cfg, device, a.nocache_tokens)
+    result = {"preset": a.preset, "params": model.get_num_params(), "config": cfg.to_dict(), "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+              "threads": torch.get_num_threads(), "amp_bf16": amp, "peak_tflops": peak, "train": train,
+              "sample": sample, "torch": torch.__version__}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if a.out:
+        with open(a.out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

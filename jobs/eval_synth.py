@@ -1,0 +1,217 @@
+"""`clipforge eval-synth RUN HELD_MANIFEST`: does the model draw what the caption says?
+
+For every good row of a held-out synthetic corpus (`clipforge synth`, whose manifest keeps the ground
+truth `color`, `shape`, `direction`), sample one video from RUN for the row's caption and score it with a
+pixel detector that knows nothing about the model:
+
+    foreground  pixels far from the background colour (the median of the frame borders), largest
+                connected blob per frame
+    colour      the nearest synth palette colour to the blob's median RGB over all frames
+    shape       the blob's fill of its bounding box, voted over frames: a square fills ~1.0, a circle
+                pi/4 ~ 0.79, a triangle 0.5 (frames whose blob touches the border are not counted)
+    direction   the dominant axis and sign of the blob centroid's least-squares motion across frames;
+                less than MIN_MOTION of the frame side in total counts as "none" (always wrong)
+
+A caption's combination (colour, shape, direction) is "seen" when some row of the training manifest has
+it, else "unseen"; scores are reported overall and for each group. As a ceiling, the same detector runs on
+the held-out videos themselves, passed through the run's image tokenizer (encode, decode): what a
+perfect model could score through this tokenizer.
+
+Writes OUT/scores.json ({"scores": {...}, "rows": [...]}) and OUT/contact_sheet.png (one row of frames
+per caption, in manifest order); returns the same dict.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+MIN_MOTION = 0.08         # of the frame side: the synth shapes cross most of the frame in a sequential clip
+FG_DISTANCE = 70          # max channel difference from the background that makes a pixel foreground
+ATTRIBUTES = ("color", "shape", "direction")
+
+
+# ----------------------------------------------------------------------------------------- detector
+
+
+def _largest_blob(mask: np.ndarray) -> np.ndarray | None:
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return None
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == (1 + int(np.argmax(sizes)))
+
+
+def detect(frames: np.ndarray, palette: dict[str, tuple] | None = None) -> dict:
+    """frames uint8 [T, S, S, 3] -> {"color", "shape", "direction", "fill", "motion": [dx, dy] px, "found"}."""
+    if palette is None:
+        from clipforge.pipeline.video.synth import COLORS as palette
+    frames = np.asarray(frames)
+    T, H, W, _ = frames.shape
+    border = np.concatenate([frames[:, 0], frames[:, -1], frames[:, :, 0], frames[:, :, -1]]).reshape(-1, 3)
+    background = np.median(border, axis=0)
+    fg = np.abs(frames.astype(np.int16) - background.astype(np.int16)).max(axis=-1) > FG_DISTANCE  # (T, H, W)
+    pixels, fills, centroids = [], [], []
+    for t in range(T):
+        blob = _largest_blob(fg[t])
+        if blob is None or blob.sum() < 4:
+            continue
+        ys, xs = np.nonzero(blob)
+        pixels.append(frames[t][blob])
+        centroids.append((t, xs.mean(), ys.mean()))
+        touches = ys.min() == 0 or xs.min() == 0 or ys.max() == H - 1 or xs.max() == W - 1
+        if not touches:
+            fills.append(blob.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)))
+    if not pixels:
+        return {"color": None, "shape": None, "direction": None, "fill": None, "motion": None, "found": False}
+    rgb = np.median(np.concatenate(pixels), axis=0)
+    names = list(palette)
+    color = names[int(np.argmin([np.sum((rgb - np.asarray(palette[n], float)) ** 2) for n in names]))]
+    fill = float(np.median(fills)) if fills else None
+    shape = None if fill is None else ("square" if fill >= 0.89 else "circle" if fill >= 0.65 else "triangle")
+    direction, motion = None, None
+    if len(centroids) >= 2:
+        t, cx, cy = (np.asarray(c, float) for c in zip(*centroids))
+        span = t.max() - t.min()
+        dx = np.polyfit(t, cx, 1)[0] * span                  # total displacement along the fitted line
+        dy = np.polyfit(t, cy, 1)[0] * span
+        motion = [round(float(dx), 2), round(float(dy), 2)]
+        if max(abs(dx), abs(dy)) >= MIN_MOTION * max(H, W):
+            if abs(dx) >= abs(dy):
+                direction = "right" if dx > 0 else "left"
+            else:
+                direction = "down" if dy > 0 else "up"      # image rows grow downwards
+        else:
+            direction = "none"
+    return {"color": color, "shape": shape, "direction": direction, "fill": None if fill is None else round(fill, 3),
+            "motion": motion, "found": True}
+
+
+def score(rows: list[dict]) -> dict:
+    """Fractions right per attribute and all three, over rows with "truth" and "detected"."""
+    out = {"n": len(rows)}
+    if not rows:
+        return out
+    for a in ATTRIBUTES:
+        out[a] = round(sum(r["detected"][a] == r["truth"][a] for r in rows) / len(rows), 4)
+    out["all"] = round(sum(all(r["detected"][a] == r["truth"][a] for a in ATTRIBUTES) for r in rows) / len(rows), 4)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- ceiling
+
+
+def read_clip(path: str, size: int, frames: int) -> np.ndarray:
+    """`frames` frames evenly spread over the middle 90% of a video, short side resized to `size` and
+    centre-cropped: close to a sequential training clip, decoded with PyAV alone."""
+    import av
+    from PIL import Image
+
+    with av.open(path) as container:
+        pictures = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
+    n = len(pictures)
+    picks = np.linspace(0.05 * (n - 1), 0.95 * (n - 1), frames).round().astype(int)
+    out = []
+    for i in picks:
+        img = Image.fromarray(pictures[i])
+        w, h = img.size
+        scale = size / min(w, h)
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        out.append(np.asarray(img.crop((left, top, left + size, top + size))))
+    return np.stack(out)
+
+
+# ------------------------------------------------------------------------------------------- job
+
+
+def train_manifest_of(run: Path) -> str | None:
+    """The manifest RUN's dataset was built from (latest.json -> dataset -> dataset.json -> manifest)."""
+    latest = json.loads((run / "latest.json").read_text(encoding="utf-8"))
+    dataset = latest.get("dataset")
+    if not dataset or not (Path(dataset) / "dataset.json").exists():
+        return None
+    return json.loads((Path(dataset) / "dataset.json").read_text(encoding="utf-8")).get("manifest")
+
+
+def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: int | None = None, seed: int = 0,
+               guidance: float = 3.0, temperature: float = 1.05, top_k: int | None = 64,
+               train_manifest: str | None = None, device: str | None = None, batch: int = 16,
+               ceiling: bool = True, log=print) -> dict:
+    import pandas as pd
+    import torch
+
+    from clipforge.model.train import default_device, load_checkpoint, model_from_checkpoint
+    from clipforge.tokenizer.image import ImageTokenizer
+    from clipforge.tokenizer.image_train import contact_sheet, write_png
+    from clipforge.tokenizer.text import TextTokenizer
+
+    log = log or (lambda msg: None)
+    t0 = time.time()
+    run = Path(run_dir)
+    out_dir = Path(out) if out else run / "eval-synth"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    held = pd.read_parquet(held_manifest)
+    missing = [c for c in ("caption", *ATTRIBUTES) if c not in held.columns]
+    if missing:
+        raise ValueError(f"{held_manifest}: no ground truth columns {missing} (write it with `clipforge synth`)")
+    if "broken" in held.columns:
+        held = held[~held["broken"].astype(bool)]
+    held = held.reset_index(drop=True)
+    if limit:
+        held = held.iloc[:limit]
+    train_manifest = train_manifest or train_manifest_of(run)
+    if not train_manifest:
+        raise ValueError(f"{run}: cannot tell which manifest it trained on; pass --train-manifest")
+    trained = pd.read_parquet(train_manifest)
+    if "broken" in trained.columns:
+        trained = trained[~trained["broken"].astype(bool)]
+    seen = set(zip(*(trained[a] for a in ATTRIBUTES)))
+    leaked = set(held["caption"]) & set(trained["caption"])
+
+    device = torch.device(device or default_device())
+    ckpt = load_checkpoint(run, device="cpu")
+    model = model_from_checkpoint(ckpt, device).eval()
+    cfg = model.config
+    text = TextTokenizer(run / "tokenizers" / "text.model")
+    image = ImageTokenizer.load(run / "tokenizers" / "image", device=device)
+    span = (ckpt.get("spans") or {}).get("sequential", (ckpt.get("spans") or {}).get("all"))
+    null = torch.from_numpy(text.build_slot([], span, cfg.text_slot)[0])
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    rows, videos = [], []
+    for start in range(0, len(held), batch):
+        part = held.iloc[start:start + batch]
+        slots = torch.stack([torch.from_numpy(text.build_slot(text.encode_caption(c)[0], span, cfg.text_slot)[0])
+                             for c in part["caption"]])
+        codes = model.generate(slots, null if guidance != 1.0 else None, guidance=guidance,
+                               temperature=temperature, top_k=top_k, generator=gen)   # (N, T, h, w)
+        for (_, r), c in zip(part.iterrows(), codes.cpu().numpy().astype(np.uint16)):
+            frames = image.decode(c)                                                  # (T, S, S, 3)
+            truth = {a: str(r[a]) for a in ATTRIBUTES}
+            rows.append({"caption": r["caption"], "truth": truth, "detected": detect(frames),
+                         "combination": "seen" if tuple(truth.values()) in seen else "unseen"})
+            videos.append(frames)
+        log(f"eval-synth: {len(rows)}/{len(held)} sampled ({time.time() - t0:.0f}s)")
+
+    scores = {"overall": score(rows), "seen": score([r for r in rows if r["combination"] == "seen"]),
+              "unseen": score([r for r in rows if r["combination"] == "unseen"])}
+    if ceiling:  # the held-out videos themselves, through the run's image tokenizer
+        truth_rows = []
+        for (_, r) in held.iterrows():
+            frames = image.decode(image.encode(read_clip(r["video"], image.image_size, cfg.frames)))
+            truth_rows.append({"truth": {a: str(r[a]) for a in ATTRIBUTES}, "detected": detect(frames)})
+        scores["ceiling"] = score(truth_rows)
+    scores.update({"run": str(run), "step": ckpt["step"], "stages": ckpt.get("stages"), "held_manifest": str(held_manifest),
+                   "train_manifest": str(train_manifest), "captions_also_in_training": len(leaked), "span": span,
+                   "guidance": guidance, "temperature": temperature, "top_k": top_k, "seed": seed,
+                   "seconds": round(time.time() - t0, 1)})
+    write_png(out_dir / "contact_sheet.png", contact_sheet(videos))
+    result = {"scores": scores, "rows": rows}
+    (out_dir / "scores.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return result

@@ -1,6 +1,7 @@
 """`clipforge tokenizer train-text | train-image | eval-image`: wiring from a manifest to the tokenizers."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from clipforge.pipeline.video.clips import ClipConfig
 from clipforge.pipeline.video.decode import DecodeVideo
 from clipforge.pipeline.manifest import manifest_rows, read_manifest
 from clipforge.pipeline.schema import is_ok
+from clipforge.tokenizer.image import TRAIN_LOG_FILE
 
 
 def clean_captions(manifest: str, config: CleanConfig = CleanConfig()) -> list[str]:
@@ -50,26 +52,36 @@ def sample_frames(manifest: str, size: int, max_frames: int = 4000, seed: int = 
     return np.concatenate(frames)[:max_frames]
 
 
-def train_image(manifest: str, out: str, preset: str = "tiny", steps: int = 300, batch_size: int = 32,
-                max_frames: int = 4000, seed: int = 0, device: str | None = None, progress: bool = True,
-                log=print) -> dict:
+def train_image(manifest: str, out: str, preset: str = "tiny", steps: int | None = None,
+                batch_size: int | None = None, max_frames: int = 4000, seed: int = 0, device: str | None = None,
+                max_minutes: float | None = None, resume: bool = False, lr: float | None = None,
+                progress: bool = True, log=print) -> dict:
+    """Sample frames from the manifest, train (or, with `resume`, continue) the preset, evaluate on a spread
+    of the training frames. steps / batch_size / lr default to the preset's; `max_minutes` bounds this run."""
     from clipforge.tokenizer.image import PRESETS
     from clipforge.tokenizer.image_train import evaluate_image_tokenizer, train_image_tokenizer
 
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     frames = sample_frames(manifest, PRESETS[preset].image_size, max_frames, seed, progress)
-    log(f"image tokenizer: training {preset} on {len(frames)} frames for {steps} steps")
-    tok = train_image_tokenizer(frames, out, preset=preset, steps=steps, batch_size=batch_size, seed=seed,
-                                device=device, log=log)
-    held_out = frames[:: max(1, len(frames) // 256)][:256]
-    metrics = evaluate_image_tokenizer(tok, held_out, Path(out) / "eval")
-    log(f"image tokenizer: PSNR {metrics.get('psnr', float('nan')):.2f} dB -> {out}")
-    return {"out": str(out), "frames": int(len(frames)), **metrics}
+    log(f"image tokenizer: training {preset} on {len(frames)} frames")
+    tok = train_image_tokenizer(frames, out, preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                                device=device, log=log, max_minutes=max_minutes, resume=resume)
+    train_log = json.loads((Path(out) / TRAIN_LOG_FILE).read_text(encoding="utf-8"))
+    seen = frames[:: max(1, len(frames) // 256)][:256]
+    metrics = evaluate_image_tokenizer(tok, seen, Path(out) / "eval")
+    log(f"image tokenizer: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f} on training frames; "
+        f"step {train_log['steps_done']}/{train_log['steps']} -> {out}")
+    return {"out": str(out), "frames": int(len(frames)), "steps_done": train_log["steps_done"],
+            "finished": train_log["finished"], "train_seconds": train_log["seconds"], **metrics}
 
 
-def eval_image(checkpoint: str, manifest: str, out: str, max_frames: int = 512, progress: bool = True) -> dict:
+def eval_image(checkpoint: str, manifest: str, out: str, max_frames: int = 512, device: str | None = None,
+               dtype: str = "float32", seed: int = 0, progress: bool = True) -> dict:
+    """PSNR / SSIM / codebook usage of a trained tokenizer on frames of a manifest (use one it never saw)."""
     from clipforge.tokenizer.image import ImageTokenizer
     from clipforge.tokenizer.image_train import evaluate_image_tokenizer
 
-    tok = ImageTokenizer.load(checkpoint)
-    frames = sample_frames(manifest, tok.image_size, max_frames, progress=progress)
-    return evaluate_image_tokenizer(tok, frames, out)
+    tok = ImageTokenizer.load(checkpoint, device=device, dtype=dtype)
+    frames = sample_frames(manifest, tok.image_size, max_frames, seed=seed, progress=progress)
+    return {"manifest": str(manifest), **evaluate_image_tokenizer(tok, frames, out)}

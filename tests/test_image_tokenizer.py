@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from clipforge.tokenizer.image import PRESETS, EMAQuantizer, ImageTokenizer, VQConfig
-from clipforge.tokenizer.image_train import codebook_stats, evaluate_image_tokenizer, psnr, train_image_tokenizer
+from clipforge.tokenizer.image_train import STATE_FILE, codebook_stats, evaluate_image_tokenizer, train_image_tokenizer
+from clipforge.tokenizer.metrics import psnr, ssim
 
 SMALL = VQConfig(image_size=32, downsample=8, codebook_size=64, code_dim=8, channels=16, stem_channels=8,
                  res_blocks=1, name="small")
@@ -48,7 +49,7 @@ def trained(tmp_path_factory):
 
 def test_round_trip_shapes_and_dtypes():
     torch.manual_seed(0)
-    tok = ImageTokenizer(SMALL)
+    tok = ImageTokenizer(SMALL, device="cpu")
     frames = shape_frames(2, 3, size=32)
     codes = tok.encode(frames)
     assert codes.dtype == np.uint16 and codes.shape == (6, 4, 4)
@@ -65,7 +66,7 @@ def test_round_trip_shapes_and_dtypes():
 
 
 def test_bad_inputs_raise():
-    tok = ImageTokenizer(SMALL)
+    tok = ImageTokenizer(SMALL, device="cpu")
     with pytest.raises(ValueError):
         tok.encode(np.zeros((2, 32, 32, 3), np.float32))
     with pytest.raises(ValueError):
@@ -76,6 +77,8 @@ def test_bad_inputs_raise():
         train_image_tokenizer(np.zeros((4, 32, 32, 3), np.uint8), "unused", preset="tiny", steps=1, log=None)
     with pytest.raises(ValueError):
         VQConfig(image_size=30, downsample=8).validate()
+    with pytest.raises(ValueError):
+        ImageTokenizer(SMALL, device="cpu", dtype="float16")
 
 
 def test_presets():
@@ -83,6 +86,34 @@ def test_presets():
     big = PRESETS["cogview2"]
     assert (big.image_size, big.downsample, big.codebook_size, big.code_dim) == (160, 8, 20000, 256)
     assert big.tokens_hw == (20, 20)
+
+
+def test_codes_do_not_depend_on_the_callers_batch(trained):
+    """The build encodes whatever number of frames its rows bring: a frame's codes must not change with
+    the call's size or the frame's position in it (micro-batches are padded to one fixed shape)."""
+    tok, out = trained
+    tok = ImageTokenizer.load(out, device="cpu", batch_size=16)
+    frames = shape_frames(7, 5, seed=3)                                  # 35 frames: 2 micro-batches + 3
+    codes = tok.encode(frames)
+    assert np.array_equal(np.concatenate([tok.encode(f) for f in frames]), codes)           # one at a time
+    assert np.array_equal(tok.encode(frames[5:]), codes[5:])             # shifted within the micro-batches
+    assert np.array_equal(np.concatenate([tok.encode(frames[i:i + 9]) for i in range(0, 35, 9)]), codes)
+    assert np.array_equal(tok.encode(frames[::-1]), codes[::-1])
+
+
+def test_bfloat16_encode_and_decode(trained):
+    tok, out = trained
+    fp32 = ImageTokenizer.load(out, device="cpu")
+    bf16 = ImageTokenizer.load(out, device="cpu", dtype="bfloat16")
+    assert bf16.dtype == "bfloat16" and bf16.encode_settings["dtype"] == "bfloat16"
+    assert bf16.sha256 == fp32.sha256                                    # same weights: same tokenizer id
+    frames = shape_frames(6, 4, seed=4)
+    codes16, codes32 = bf16.encode(frames), fp32.encode(frames)
+    assert codes16.dtype == np.uint16 and codes16.shape == codes32.shape
+    assert (codes16 == codes32).mean() > 0.8                             # bf16 may flip near-ties, not most codes
+    assert psnr(bf16.decode(codes16), fp32.decode(codes32)) > 25
+    channels_last = ImageTokenizer.load(out, device="cpu", channels_last=True)
+    assert np.array_equal(channels_last.encode(frames), codes32)
 
 
 def test_trained_tokenizer_reconstructs_shapes(trained, tmp_path):
@@ -97,6 +128,7 @@ def test_trained_tokenizer_reconstructs_shapes(trained, tmp_path):
     assert stats["usage"] > 0.3 and stats["perplexity"] > 50
     log = json.loads((out / "train_log.json").read_text())
     assert log["steps"] == 150 and log["history"][-1]["step"] == 149 and log["tokenizer_id"] == tok.tokenizer_id
+    assert log["finished"] and log["steps_done"] == 150
 
 
 def test_save_load_gives_identical_codes(trained, tmp_path):
@@ -124,6 +156,8 @@ def test_evaluate_writes_metrics_and_contact_sheet(trained, tmp_path):
     assert saved["psnr"] == pytest.approx(metrics["psnr"]) and saved["tokenizer_id"] == tok.tokenizer_id
     assert metrics["frames"] == 16 and metrics["psnr"] > 15 and 0 < metrics["usage"] <= 1
     assert metrics["tokens_hw"] == [8, 8] and metrics["perplexity"] >= 1
+    assert saved["ssim"] == pytest.approx(metrics["ssim"]) and 0.3 < metrics["ssim"] <= 1
+    assert metrics["encode"]["dtype"] == "float32" and metrics["encode"]["device"] == "cpu"
     from PIL import Image
     sheet = np.asarray(Image.open(tmp_path / "eval" / "roundtrip.png"))
     assert sheet.shape == (2 + 2 * 66, 2 + 8 * 66, 3)                 # originals over reconstructions
@@ -132,7 +166,47 @@ def test_evaluate_writes_metrics_and_contact_sheet(trained, tmp_path):
 def test_codebook_stats():
     stats = codebook_stats(np.array([[0, 0], [1, 1]]), 4)
     assert stats["codes_used"] == 2 and stats["usage"] == 0.5 and stats["perplexity"] == pytest.approx(2.0)
-    assert psnr(np.zeros((2, 2), np.uint8), np.zeros((2, 2), np.uint8)) == float("inf")
+
+
+def test_psnr_and_ssim():
+    a = shape_frames(2, 2, size=32)
+    assert psnr(a, a) == float("inf") and ssim(a, a) == pytest.approx(1.0)
+    off = a.astype(np.int16) + np.where(a < 128, 1, -1)                 # every value off by exactly one
+    assert psnr(a, off.astype(np.uint8)) == pytest.approx(10 * np.log10(255 ** 2), abs=1e-9)
+    rng = np.random.default_rng(0)
+    noisy = np.clip(a + rng.normal(0, 12, a.shape), 0, 255).astype(np.uint8)
+    blurred = ((a.astype(np.float64) + np.roll(a, 1, axis=2) + np.roll(a, -1, axis=2)) / 3).astype(np.uint8)
+    assert 0 < ssim(a, noisy) < 0.9 and ssim(a, blurred) > ssim(a, noisy)
+    per = ssim(np.concatenate([a[:1], a[1:]]), np.concatenate([a[:1], noisy[1:]]), per_frame=True)
+    assert per.shape == (4,) and per[0] == pytest.approx(1.0) and (per[1:] < 0.9).all()
+    assert ssim(a[0], a[0]) == pytest.approx(1.0)                         # one [H, W, 3] frame
+    with pytest.raises(ValueError):
+        psnr(a, a[:1])
+    with pytest.raises(ValueError):
+        ssim(a, a[:1])
+
+
+def test_training_resumes_exactly_where_it_stopped(tmp_path):
+    """A budgeted run stops, saves optimizer + step + RNG, and a resumed run ends with the very weights of an
+    uninterrupted one (same batches, same learning-rate schedule, same restarts)."""
+    frames = shape_frames(8, 4, size=32, seed=6)
+    args = dict(preset=SMALL, steps=12, batch_size=8, log=None, ae_warmup=0.25, restart_every=2, device="cpu")
+    whole = train_image_tokenizer(frames, tmp_path / "whole", **args)
+    part = train_image_tokenizer(frames, tmp_path / "part", stop_at=7, **args)
+    log = json.loads((tmp_path / "part" / "train_log.json").read_text())
+    assert log["steps_done"] == 7 and not log["finished"] and (tmp_path / "part" / STATE_FILE).exists()
+    assert part.sha256 != whole.sha256
+    state = torch.load(tmp_path / "part" / STATE_FILE, weights_only=True)   # no pickle needed to resume
+    assert state["step"] == 7 and "optimizer" in state
+    resumed = train_image_tokenizer(frames, tmp_path / "part", resume=True, **args)
+    assert resumed.sha256 == whole.sha256
+    log = json.loads((tmp_path / "part" / "train_log.json").read_text())
+    assert log["steps_done"] == 12 and log["finished"]
+    # a budget of zero minutes still makes one step, then stops resumably
+    train_image_tokenizer(frames, tmp_path / "budget", max_minutes=0, **args)
+    assert json.loads((tmp_path / "budget" / "train_log.json").read_text())["steps_done"] == 1
+    with pytest.raises(ValueError, match="another run"):
+        train_image_tokenizer(frames, tmp_path / "part", resume=True, **{**args, "steps": 20})
 
 
 def test_dead_codes_restart_on_badly_served_vectors():

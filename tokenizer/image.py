@@ -48,7 +48,12 @@ class VQConfig:
     normalize: bool = False         # l2-normalise encoder outputs and codes (cosine lookup); off: it
                                     # slowed learning badly here (an autoencoder reached 17 vs 26 dB)
     ema_decay: float = 0.99         # EMA decay of the codebook statistics (lower: follows a fast encoder)
+    stem_res_blocks: int = 0        # residual blocks at S/2 in the decoder only (edges; encode cost unchanged)
     name: str = "custom"            # preset name, part of the tokenizer id
+    # training defaults of the preset (train_image_tokenizer's steps / batch_size / lr when not given)
+    train_steps: int = 300
+    train_batch: int = 32
+    train_lr: float = 3e-3
 
     @property
     def tokens_hw(self) -> tuple[int, int]:
@@ -118,6 +123,7 @@ class Decoder(nn.Module):
             nn.Conv2d(cfg.code_dim, cfg.channels, 3, padding=1),                              # (N, c, h, w)
             *[ResBlock(cfg.channels) for _ in range(cfg.res_blocks)],
             nn.SiLU(), nn.Conv2d(cfg.channels, cfg.stem_channels * r * r, 1), nn.PixelShuffle(r),  # (N, c1, S/2, S/2)
+            *[ResBlock(cfg.stem_channels) for _ in range(cfg.stem_res_blocks)],
             nn.SiLU(), nn.Conv2d(cfg.stem_channels, 12, 3, padding=1), nn.PixelShuffle(2))   # (N, 3, S, S)
 
     def forward(self, z):  # (N, D, h, w) -> (N, 3, S, S)
@@ -143,11 +149,12 @@ class EMAQuantizer(nn.Module):
         return F.normalize(z, dim=1) if self.normalize else z
 
     def indices(self, z: torch.Tensor) -> torch.Tensor:
-        """(M, D) prepared vectors -> (M,) nearest code ids, in chunks of at most ~2**24 distances
-        (a 20,000-code book against a batch of 160x160 frames would otherwise need gigabytes)."""
+        """(M, D) prepared vectors -> (M,) nearest code ids, in chunks of at most ~2**24 distances (2**26
+        on a GPU): a 20,000-code book against a batch of 160x160 frames would otherwise need gigabytes."""
         e = self.codebook
         e2 = e.pow(2).sum(1)[None, :]                                                   # (1, K)
-        step = max(1, (1 << 24) // e.shape[0])
+        # a GPU has room for 4x larger chunks, and fewer, larger GEMMs keep it busy
+        step = max(1, (1 << (26 if z.is_cuda else 24)) // e.shape[0])
         out = [((z[i:i + step] @ e.t()).mul_(-2).add_(e2)).argmin(1) for i in range(0, z.shape[0], step)]
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=z.device)
 
@@ -246,12 +253,13 @@ class VQVAE(nn.Module):
 
 
 def frames_to_tensor(frames: np.ndarray, device) -> torch.Tensor:
-    """uint8 (N, S, S, 3) -> float (N, 3, S, S) in [-1, 1]."""
+    """uint8 (N, S, S, 3) -> float (N, 3, S, S) in [-1, 1] (training path; the tokenizer's encode path
+    copies uint8 and converts on the device, see `ImageTokenizer.encode`)."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
     return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
+def to_uint8(x: torch.Tensor) -> np.ndarray:
     """float (N, 3, S, S) in [-1, 1] -> uint8 (N, S, S, 3)."""
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
@@ -268,6 +276,13 @@ def check_frames(frames: np.ndarray, cfg: VQConfig) -> np.ndarray:
     return frames
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 # ----------------------------------------------------------------------------------------------------
 # the tokenizer
 
@@ -278,16 +293,33 @@ class ImageTokenizer:
     encode: uint8 [N, S, S, 3] -> uint16 [N, h, w];  decode: ints [N, h, w] -> uint8 [N, S, S, 3].
     The network is fully convolutional, so any frame size that is a multiple of `downsample` encodes, but
     the tokenizer was trained at `image_size` and is meant to be used there.
+
+    Encoding runs in fixed micro-batches of `batch_size` frames (the last one padded), so every frame goes
+    through kernels of the same shapes whatever the caller's batch: the codes of a frame do not depend on
+    how many frames come with it (convolution and GEMM libraries pick algorithms, and so summation orders,
+    by shape; a flipped nearest-code tie would change a token). `dtype="bfloat16"` runs the encoder and
+    decoder convolutions in bf16 (autocast) while the nearest-code search stays in float32; it can still flip
+    near-ties, which is why the build records `encode_settings` with the dataset.
     """
 
-    def __init__(self, config: VQConfig, model: VQVAE | None = None, device: str | torch.device = "cpu",
-                 sha256: str | None = None, batch_size: int = 256):
+    def __init__(self, config: VQConfig, model: VQVAE | None = None, device: str | torch.device | None = None,
+                 sha256: str | None = None, batch_size: int = 64, dtype: str = "float32",
+                 channels_last: bool | None = None):
         config.validate()
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.config = config
-        self.device = torch.device(device)
+        self.device = torch.device(device or default_device())
+        self.dtype = dtype
+        # channels-last suits NHWC uint8 input and GPU convolutions (tensor cores want NHWC); on CPU the
+        # default layout measured as fast or faster here (bench/tokenize.py sweeps both)
+        self.channels_last = self.device.type == "cuda" if channels_last is None else bool(channels_last)
         self.model = (model or VQVAE(config)).to(self.device).eval()
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.batch_size = batch_size
         self._sha256 = sha256
+        self._staging: list[torch.Tensor] = []     # reusable (pinned on CUDA) host buffers, see encode
 
     # --- identity -----------------------------------------------------------------------------------
     @property
@@ -310,29 +342,40 @@ class ImageTokenizer:
     def sha256(self) -> str:
         """sha256 of weights.pt as saved (computed from the serialised state_dict if never saved)."""
         if self._sha256 is None:
-            self._sha256 = hashlib.sha256(self._weights_bytes()).hexdigest()
+            self._sha256 = hashlib.sha256(self.weights_bytes()).hexdigest()
         return self._sha256
 
     @property
     def tokenizer_id(self) -> str:
         return f"vq-{self.config.name}-{self.sha256[:12]}"
 
-    def _weights_bytes(self) -> bytes:
+    @property
+    def encode_settings(self) -> dict:
+        """What can change codes besides the weights: record it beside the tokens (bf16 and the device
+        class can flip nearest-code near-ties)."""
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {"dtype": self.dtype, "device": self.device.type, "device_name": name,
+                "micro_batch": self.batch_size, "torch": torch.__version__}
+
+    def weights_bytes(self) -> bytes:
         buf = io.BytesIO()
-        torch.save({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, buf)
+        torch.save({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, buf)
         return buf.getvalue()
 
     # --- persistence --------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        blob = self._weights_bytes()
+        blob = self.weights_bytes()
         atomic_write(directory / WEIGHTS_FILE, blob)
         atomic_write(directory / CONFIG_FILE, json.dumps(asdict(self.config), indent=2).encode("utf-8"))
         self._sha256 = hashlib.sha256(blob).hexdigest()
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "ImageTokenizer":
+    def load(cls, directory: str | os.PathLike, device: str | torch.device | None = None,
+             dtype: str = "float32", **kwargs) -> "ImageTokenizer":
+        """Load config.json + weights.pt; device None picks CUDA when present. Extra keyword arguments
+        (batch_size, channels_last) go to the constructor."""
         directory = Path(directory)
         raw = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
         known = {f.name for f in fields(VQConfig)}
@@ -341,25 +384,79 @@ class ImageTokenizer:
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
         model = VQVAE(config)
         model.load_state_dict(state)
-        return cls(config, model, device=device, sha256=hashlib.sha256(blob).hexdigest())
+        return cls(config, model, device=device, sha256=hashlib.sha256(blob).hexdigest(), dtype=dtype, **kwargs)
 
     # --- encode / decode ----------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bfloat16")
+
+    def _staging_buffers(self, shape: tuple) -> list[torch.Tensor]:
+        """Two host buffers of one micro-batch of uint8 frames, pinned on CUDA so that the copy to the
+        device is a true asynchronous DMA; reused across calls (pinning is slow)."""
+        if not self._staging or tuple(self._staging[0].shape) != shape:
+            pin = self.device.type == "cuda"
+            self._staging = [torch.empty(shape, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        return self._staging
+
+    def codes_from_device_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, S, S, 3) already on the device -> int64 codes (B, h, w) on the device."""
+        # NHWC uint8 -> NCHW view with channels-last strides: the float conversion keeps that layout
+        x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        with self._autocast():
+            z = self.model.encoder(x)                                                  # (B, D, h, w)
+        b, d, h, w = z.shape
+        quantizer = self.model.quantizer
+        flat = quantizer.prepare(z.float().permute(0, 2, 3, 1).reshape(-1, d))         # (B*h*w, D) float32
+        return quantizer.indices(flat).view(b, h, w)
+
     @torch.no_grad()
     def encode(self, frames: np.ndarray) -> np.ndarray:
-        """uint8 [N, S, S, 3] -> uint16 codes [N, S/8, S/8] (a single [S, S, 3] frame gives [1, h, w])."""
+        """uint8 [N, S, S, 3] -> uint16 codes [N, S/8, S/8] (a single [S, S, 3] frame gives [1, h, w]).
+
+        The host side only copies uint8 into a staging buffer (4x fewer bytes cross the bus than float32);
+        on CUDA the copy of micro-batch i+1 runs on a side stream while micro-batch i computes, and codes
+        stay on the device until the end, so the GPU never waits on the host in between."""
         frames = check_frames(frames, self.config)
         self.model.eval()
+        n, hh, ww = len(frames), frames.shape[1] // self.downsample, frames.shape[2] // self.downsample
+        if n == 0:
+            return np.zeros((0, hh, ww), dtype=np.uint16)
+        bs = self.batch_size
+        buffers = self._staging_buffers((bs,) + frames.shape[1:])
+        cuda = self.device.type == "cuda"
+        copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        copied = [None, None]                          # per buffer: the event that ends its last copy
+
+        def stage(k: int, start: int):
+            """Fill buffer k with frames[start:start+bs] and start its copy to the device."""
+            buf = buffers[k]
+            if copied[k] is not None:
+                copied[k].synchronize()                # the previous copy out of this buffer is done
+            part = frames[start:start + bs]
+            buf[:len(part)].copy_(torch.from_numpy(np.ascontiguousarray(part)))
+            # rows past len(part) keep stale frames: they pad the micro-batch and their codes are dropped
+            if not cuda:
+                return buf, None
+            with torch.cuda.stream(copy_stream):
+                x = buf.to(self.device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(copy_stream)
+            copied[k] = event
+            return x, event
+
         out = []
-        for i in range(0, len(frames), self.batch_size):
-            z = self.model.encoder(frames_to_tensor(frames[i:i + self.batch_size], self.device))  # (n, D, h, w)
-            n, d, h, w = z.shape
-            quantizer = self.model.quantizer
-            idx = quantizer.indices(quantizer.prepare(z.permute(0, 2, 3, 1).reshape(-1, d)))
-            out.append(idx.view(n, h, w).cpu().numpy().astype(np.uint16))
-        if not out:
-            h, w = frames.shape[1] // self.downsample, frames.shape[2] // self.downsample
-            return np.zeros((0, h, w), dtype=np.uint16)
-        return np.concatenate(out)
+        nxt = stage(0, 0)
+        for i, start in enumerate(range(0, n, bs)):
+            x, event = nxt
+            if cuda:
+                torch.cuda.current_stream(self.device).wait_event(event)
+                x.record_stream(torch.cuda.current_stream(self.device))   # allocated on the copy stream
+            if start + bs < n:
+                nxt = stage((i + 1) % 2, start + bs)   # queue the next copy before this batch computes
+            codes = self.codes_from_device_frames(x)[:min(bs, n - start)]
+            out.append(codes.to(torch.int32) if cuda else codes)
+        return torch.cat(out).cpu().numpy().astype(np.uint16)
 
     @torch.no_grad()
     def decode(self, codes: np.ndarray) -> np.ndarray:
@@ -377,7 +474,11 @@ class ImageTokenizer:
         for i in range(0, n, self.batch_size):
             idx = torch.from_numpy(codes[i:i + self.batch_size].astype(np.int64)).to(self.device)
             q = self.model.quantizer.lookup(idx).permute(0, 3, 1, 2)  # (n, D, h, w)
-            out.append(_to_uint8(self.model.decoder(q)))
+            if self.channels_last:
+                q = q.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                y = self.model.decoder(q)
+            out.append(to_uint8(y))
         if not out:
             return np.zeros((0, h * self.downsample, w * self.downsample, 3), dtype=np.uint8)
         return np.concatenate(out)

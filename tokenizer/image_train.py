@@ -1,6 +1,8 @@
-"""Training and evaluation of the VQ image tokenizer (the model itself is in `tokenizer/image.py`)."""
+"""Training and evaluation of the VQ image tokenizer (the model itself is in `tokenizer/image.py`, PSNR and
+SSIM in `tokenizer/metrics.py`)."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -13,46 +15,56 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipforge.tokenizer.image import (PRESETS, TRAIN_LOG_FILE, VQVAE, ImageTokenizer, VQConfig, atomic_write, check_frames,
-                             frames_to_tensor)
+from clipforge.tokenizer.image import (PRESETS, TRAIN_LOG_FILE, VQVAE, ImageTokenizer, VQConfig, atomic_write,
+                                       check_frames, default_device, frames_to_tensor)
+from clipforge.tokenizer.metrics import psnr, ssim
 
-
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+STATE_FILE = "train_state.pt"   # what a resumed run needs beyond weights.pt: optimizer, step, RNG
 
 
 def train_image_tokenizer(frames: np.ndarray, out_dir: str | os.PathLike, preset: str | VQConfig = "tiny",
-                          steps: int = 300, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
-                          device: str | None = None, log: Callable[[str], None] | None = print,
+                          steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
+                          seed: int = 0, device: str | None = None, log: Callable[[str], None] | None = print,
                           restart_every: int = 10, restart_min_usage: float = 1.0,
-                          ae_warmup: float = 0.3) -> ImageTokenizer:
+                          ae_warmup: float = 0.3, max_minutes: float | None = None, resume: bool = False,
+                          stop_at: int | None = None, checkpoint_minutes: float = 5.0) -> ImageTokenizer:
     """Train a VQ-VAE on uint8 frames [N, S, S, 3] (already at the preset's image_size) and save it.
 
-    Writes out_dir/config.json, out_dir/weights.pt and out_dir/train_log.json (loss curve, codebook
-    usage, restarts, seconds).
+    Writes out_dir/config.json, out_dir/weights.pt, out_dir/train_log.json (loss curve, codebook usage,
+    restarts, seconds) and out_dir/train_state.pt (optimizer, step, RNG: what `resume` needs).
+
+    steps, batch_size and lr default to the preset's `train_steps`, `train_batch` and `train_lr`.
+    `max_minutes` bounds this invocation's wall time: the run stops after the step that crosses it,
+    saves everything, and `resume=True` later continues from out_dir/train_state.pt to `steps`, with
+    the same batches and learning-rate schedule an uninterrupted run would have had (batches are drawn
+    from an RNG seeded by (seed, step); the torch RNG state is saved). `stop_at` stops after that global
+    step, the same way. State is also saved every `checkpoint_minutes`, so a killed run loses little.
 
     The first `ae_warmup` fraction of the steps trains a plain autoencoder (no quantisation), then the
     codebook starts on k-means centroids of the encodings: quantising from step 0 collapsed onto a few
     codes that carried brightness but no colour (measured: ~20 dB, every shape decoded grey-pink).
-    Loss: MSE reconstruction in [-1, 1] + beta * commitment; the codebook
-    follows an EMA of its assigned encoder outputs; every `restart_every` steps, codes assigned fewer than
-    `restart_min_usage` times since the previous check are moved onto random encoder outputs of the
-    current batch (not in the last 10% of steps, so the final codebook is settled).
+    Loss: MSE reconstruction in [-1, 1] + beta * commitment; the codebook follows an EMA of its assigned
+    encoder outputs; every `restart_every` steps, codes assigned fewer than `restart_min_usage` times
+    since the previous check are moved onto encoder outputs of the current batch (not in the last 10% of
+    steps, so the final codebook is settled).
     """
     cfg = PRESETS[preset] if isinstance(preset, str) else preset
     cfg.validate()
+    steps = cfg.train_steps if steps is None else steps
+    batch_size = cfg.train_batch if batch_size is None else batch_size
+    lr = cfg.train_lr if lr is None else lr
     frames = check_frames(frames, cfg)
     if frames.shape[1] != cfg.image_size or frames.shape[2] != cfg.image_size:
         raise ValueError(f"frames are {frames.shape[1]}x{frames.shape[2]}, the preset wants "
                          f"{cfg.image_size}x{cfg.image_size} (resize and center-crop first)")
     if len(frames) == 0:
         raise ValueError("no frames to train on")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
     device = torch.device(device or default_device())
     log = log or (lambda msg: None)
+    out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     model = VQVAE(cfg).to(device).train()
     opt = torch.optim.Adam(list(model.encoder.parameters()) + list(model.decoder.parameters()), lr=lr)
     warmup = max(1, min(20, steps // 10))
@@ -64,10 +76,50 @@ def train_image_tokenizer(frames: np.ndarray, out_dir: str | os.PathLike, preset
         t = (step - warmup) / max(1, steps - warmup)
         return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
-    history = []
-    restarts_total = 0
+    history: list[dict] = []
+    restarts_total, first_step, seconds_before = 0, 0, 0.0
+    if resume and (out_dir / STATE_FILE).exists():
+        state = torch.load(out_dir / STATE_FILE, map_location="cpu", weights_only=True)
+        saved_cfg = VQConfig(**state["config"])
+        if saved_cfg != cfg or state["steps"] != steps or state["seed"] != seed:
+            raise ValueError(f"{out_dir / STATE_FILE}: saved for another run (config, steps or seed differ); "
+                             f"use a fresh --out or the same settings")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        model.quantizer.usage.copy_(state["usage"])
+        first_step, restarts_total = int(state["step"]), int(state["restarts"])
+        seconds_before, history = float(state["seconds"]), list(state["history"])
+        log(f"vq: resuming {out_dir} at step {first_step}/{steps}")
+
+    def save(step_done: int, elapsed: float) -> ImageTokenizer:
+        """Tokenizer files (weights.pt stays a plain state_dict, so its hash is the tokenizer's id) plus the
+        resumable state and the log."""
+        was_training = model.training
+        tok = ImageTokenizer(cfg, model, device=device, channels_last=False)   # this sets eval mode
+        tok.save(out_dir)
+        model.train(was_training)
+        state = {"config": asdict(cfg), "steps": steps, "seed": seed, "step": step_done,
+                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                 "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "usage": model.quantizer.usage.detach().cpu(),    # dead-code bookkeeping since the last check
+                 "restarts": restarts_total, "seconds": elapsed, "history": history}
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write(out_dir / STATE_FILE, buf.getvalue())
+        train_log = {"config": asdict(cfg), "steps": steps, "steps_done": step_done, "finished": step_done >= steps,
+                     "batch_size": batch_size, "lr": lr, "seed": seed, "device": str(device),
+                     "frames": int(len(frames)), "seconds": round(elapsed, 2), "restarts": restarts_total,
+                     "tokenizer_id": tok.tokenizer_id, "history": history}
+        atomic_write(out_dir / TRAIN_LOG_FILE, json.dumps(train_log, indent=2).encode("utf-8"))
+        return tok
+
+    out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    for step in range(steps):
+    last_save = t0
+    step = first_step
+    while step < steps:
+        rng = np.random.default_rng([seed, step])   # batches depend on (seed, step) only: resumable
         batch = frames[rng.integers(0, len(frames), size=min(batch_size, len(frames)))]
         x = frames_to_tensor(batch, device)
         if step == ae_steps:  # end of the autoencoder warm-up: codebook = k-means of current encodings
@@ -93,29 +145,26 @@ def train_image_tokenizer(frames: np.ndarray, out_dir: str | os.PathLike, preset
             flat = model.quantizer.prepare(z.detach().permute(0, 2, 3, 1).reshape(-1, cfg.code_dim))
             restarted = model.quantizer.restart_dead(flat, restart_min_usage)
             restarts_total += restarted
+        elapsed = seconds_before + time.time() - t0
         if step % 25 == 0 or step == steps - 1:
-            psnr = 10 * math.log10(4.0 / max(rec_loss.item(), 1e-10))  # range [-1, 1] has peak-to-peak 2
+            train_psnr = 10 * math.log10(4.0 / max(rec_loss.item(), 1e-10))  # range [-1, 1]: peak-to-peak 2
             used = int(torch.unique(idx).numel())
             history.append({"step": step, "loss": round(loss.item(), 6), "recon_mse": round(rec_loss.item(), 6),
-                            "psnr": round(psnr, 2), "batch_codes_used": used, "restarted": restarted,
-                            "seconds": round(time.time() - t0, 2)})
-            log(f"vq step {step:5d}/{steps} loss {loss.item():.4f} psnr {psnr:5.2f} dB "
-                f"codes in batch {used}/{cfg.codebook_size} ({time.time() - t0:.1f}s)")
-    seconds = time.time() - t0
-    tok = ImageTokenizer(cfg, model.eval(), device=device)
-    out_dir = Path(out_dir)
-    tok.save(out_dir)
-    train_log = {"config": asdict(cfg), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-                 "device": str(device), "frames": int(len(frames)), "seconds": round(seconds, 2),
-                 "restarts": restarts_total, "tokenizer_id": tok.tokenizer_id, "history": history}
-    atomic_write(out_dir / TRAIN_LOG_FILE, json.dumps(train_log, indent=2).encode("utf-8"))
-    return tok
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB between two uint8 arrays of the same shape (over all pixels together)."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+                            "psnr": round(train_psnr, 2), "batch_codes_used": used, "restarted": restarted,
+                            "seconds": round(elapsed, 2)})
+            log(f"vq step {step:5d}/{steps} loss {loss.item():.4f} psnr {train_psnr:5.2f} dB "
+                f"codes in batch {used}/{cfg.codebook_size} ({elapsed:.1f}s)")
+        step += 1
+        out_of_time = max_minutes is not None and time.time() - t0 >= 60 * max_minutes
+        if step < steps and (out_of_time or (stop_at is not None and step >= stop_at)):
+            log(f"vq: stopping at step {step}/{steps} ({'time budget' if out_of_time else 'stop_at'}); "
+                f"rerun with resume to continue")
+            break
+        if step < steps and time.time() - last_save >= 60 * checkpoint_minutes:
+            save(step, elapsed)
+            last_save = time.time()
+    model.eval()
+    return save(step, seconds_before + time.time() - t0)
 
 
 def codebook_stats(codes: np.ndarray, codebook_size: int) -> dict:
@@ -145,21 +194,26 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
 
 def evaluate_image_tokenizer(tok: ImageTokenizer, frames: np.ndarray, out_dir: str | os.PathLike,
                              sheet_frames: int = 8) -> dict:
-    """PSNR, codebook usage and a round-trip contact sheet (originals above reconstructions).
+    """PSNR, SSIM, codebook usage and a round-trip contact sheet (originals above reconstructions).
 
     Writes out_dir/metrics.json and out_dir/roundtrip.png; returns the metrics.
     """
     frames = check_frames(frames, tok.config)
+    if len(frames) == 0:
+        raise ValueError("no frames to evaluate")
     t0 = time.time()
     codes = tok.encode(frames)
     recon = tok.decode(codes)
     per_frame = [psnr(a, b) for a, b in zip(frames, recon)]
     finite = [p for p in per_frame if math.isfinite(p)]
+    ssim_frames = ssim(frames, recon, per_frame=True)
     metrics = {"tokenizer_id": tok.tokenizer_id, "frames": int(len(frames)), "psnr": psnr(frames, recon),
                "psnr_mean_per_frame": float(np.mean(finite)) if finite else float("inf"),
-               "psnr_min_frame": float(np.min(per_frame)) if per_frame else float("nan"),
+               "psnr_min_frame": float(np.min(per_frame)),
+               "ssim": float(np.mean(ssim_frames)), "ssim_min_frame": float(np.min(ssim_frames)),
                **codebook_stats(codes, tok.codebook_size), "codebook_size": tok.codebook_size,
-               "tokens_hw": list(codes.shape[1:]), "seconds": round(time.time() - t0, 3)}
+               "tokens_hw": list(codes.shape[1:]), "encode": tok.encode_settings,
+               "seconds": round(time.time() - t0, 3)}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     idx = np.linspace(0, len(frames) - 1, num=min(sheet_frames, len(frames))).round().astype(int)

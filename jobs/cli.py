@@ -121,7 +121,8 @@ def _cmd_train(a):
              "eval_interval": a.eval_interval, "ckpt_interval": a.ckpt_interval, "warmup_steps": a.warmup_steps}
     config = TrainConfig(stage=a.stage, steps=a.steps, max_minutes=a.max_minutes, batch_size=a.batch_size,
                          seed=a.seed, device=a.device, init_from=a.init_from, num_workers=a.num_workers,
-                         record_keys=a.record_keys, clip_modes=a.clip_modes.split(",") if a.clip_modes else None,
+                         record_keys=a.record_keys, image_tokenizer=a.image_tokenizer, text_tokenizer=a.text_tokenizer,
+                         clip_modes=a.clip_modes.split(",") if a.clip_modes else None,
                          **{k: v for k, v in given.items() if v is not None},
                          **_model_overrides(a))
     summary = train(a.dataset, a.out, config, resume=a.resume)
@@ -297,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--global-batch", type=int, help="samples per optimizer step over all ranks (sets --grad-accum)")
     s.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per rank")
     s.add_argument("--clip-modes", help="comma-separated clip modes to train on (default: all)")
+    s.add_argument("--image-tokenizer", metavar="DIR", help="the dataset's image tokenizer (default: as dataset.json names)")
+    s.add_argument("--text-tokenizer", metavar="FILE", help="the dataset's text tokenizer (default: as dataset.json names)")
     s.add_argument("--log-interval", type=int)
     s.add_argument("--eval-interval", type=int)
     s.add_argument("--ckpt-interval", type=int)

@@ -52,18 +52,21 @@ def read_dataset_info(dataset_dir: str | Path) -> dict:
     return info
 
 
-def tokenizer_paths(dataset_dir: str | Path, info: dict) -> dict[str, Path]:
-    """{"image": image tokenizer directory, "text": spm model file}; relative paths are taken relative to
-    the dataset directory. Checks the files against the sha256 recorded in dataset.json when present."""
+def tokenizer_paths(dataset_dir: str | Path, info: dict, image: str | None = None, text: str | None = None
+                    ) -> dict[str, Path]:
+    """{"image": image tokenizer directory, "text": spm model file}: `image`/`text` when given, else the
+    paths dataset.json names (relative ones are taken relative to the dataset directory). Checks the
+    files against the sha256 recorded in dataset.json, so a dataset is never read with other tokenizers."""
     from clipforge.tokenizer.image import WEIGHTS_FILE
 
     out = {}
-    for kind in ("image", "text"):
+    for kind, given in (("image", image), ("text", text)):
         entry = (info.get("tokenizers") or {}).get(kind) or {}
-        if "path" not in entry:
-            raise ValueError(f"dataset.json names no {kind} tokenizer path")
-        path = Path(entry["path"])
-        if not path.is_absolute():
+        if given is None and "path" not in entry:
+            raise ValueError(f"dataset.json names no {kind} tokenizer path; pass the {kind} tokenizer the "
+                             f"dataset was built with (--{kind}-tokenizer)")
+        path = Path(given if given is not None else entry["path"])
+        if given is None and not path.is_absolute():
             path = Path(dataset_dir) / path
         blob_path = path / WEIGHTS_FILE if kind == "image" else path
         if not blob_path.exists():

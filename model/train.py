@@ -87,6 +87,8 @@ class TrainConfig:
     shuffle_buffer: int = 256
     num_workers: int = 0
     record_keys: bool = False          # write RUN/keys/rank{R}.txt: which sample each rank trained on, when
+    image_tokenizer: str | None = None # the tokenizers the dataset was built with, when dataset.json does not
+    text_tokenizer: str | None = None  # name their paths (checked against its sha256 either way)
     # model shape, for a fresh model (with init_from the model comes from that run)
     n_layer: int = 4
     n_head: int = 4
@@ -257,6 +259,8 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
         state = load_checkpoint(run)
         config = TrainConfig(**{**asdict(config_from_checkpoint(state)), "device": config.device,
                                 "num_workers": config.num_workers})
+        config.image_tokenizer = config.image_tokenizer or str(run / "tokenizers" / "image")
+        config.text_tokenizer = config.text_tokenizer or str(run / "tokenizers" / "text.model")
     config.validate()
     rank, world, device, joined = dist_context(config.device)
     master = rank == 0
@@ -273,7 +277,7 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
     # --- data and tokenizers ------------------------------------------------------------------------
     info = read_dataset_info(dataset_dir)
     lay = info["layout"]
-    tok_paths = tokenizer_paths(dataset_dir, info)
+    tok_paths = tokenizer_paths(dataset_dir, info, config.image_tokenizer, config.text_tokenizer)
     text = TextTokenizer(tok_paths["text"])
     image = ImageTokenizer.load(tok_paths["image"])
     if (image.tokens_hw[0], image.tokens_hw[1]) != (lay["tokens_h"], lay["tokens_w"]):

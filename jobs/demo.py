@@ -63,17 +63,31 @@ def run_demo(out: str = "demo-out", videos: int = 24, train_minutes: float = 3.0
     step("train")
     result = train(str(paths["dataset"]), str(paths["run"]),
                    TrainConfig(stage="sequential", steps=2000, max_minutes=train_minutes, batch_size=8,
-                               n_layer=4, n_head=4, n_embd=128))
+                               n_layer=4, n_head=4, n_embd=128, image_tokenizer=str(paths["image_tokenizer"]),
+                               text_tokenizer=str(paths["text_tokenizer"])))
     log(json.dumps(result, default=str))
     done("train")
     step("sample")
     # a caption the small model has seen: three minutes on two dozen videos memorise rather than
     # generalise, so an unseen colour-shape pairing would show little (see docs/model.md)
+    import pandas as pd
+
+    from clipforge.jobs.eval_synth import detect, read_clip
     from clipforge.pipeline.storage.shards import read_index
-    prompt = str(read_index(paths["dataset"]).caption.iloc[0])
+    index = read_index(paths["dataset"])
+    first = index[index["mode"] == "sequential"].iloc[0] if (index["mode"] == "sequential").any() else index.iloc[0]
+    prompt = str(first.caption)
     log(f"prompt: {prompt!r}")
-    sampled = sample(str(paths["run"]), prompt, str(paths["video"]), seed=0)
+    # temperature 0.7 and top-k 16 rather than the SPEC's 1.05 / 64: a model this small spreads its
+    # probability over many codes, and sampling that tail scatters stray blobs over the frame
+    sampled = sample(str(paths["run"]), prompt, str(paths["video"]), seed=0, temperature=0.7, top_k=16)
     log(json.dumps(sampled, default=str))
+    rows = pd.read_parquet(manifest)
+    truth = rows[rows["video"] == first.source]
+    seen = detect(read_clip(sampled["out"], 64, sampled["frames"]))
+    log("sample check (pixel detector, as in `clipforge eval-synth`): " + ", ".join(
+        f"{a} {seen[a]}" + ("" if truth.empty else f" ({'right' if seen[a] == truth[a].iloc[0] else 'wanted ' + str(truth[a].iloc[0])})")
+        for a in ("color", "shape", "direction")))
     done("sample")
 
     log("\n== outputs ==")

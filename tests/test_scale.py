@@ -148,6 +148,13 @@ def test_losing_a_worker_node_mid_build_loses_and_duplicates_nothing(wide_manife
         info = build(str(wide_manifest), str(out), str(image_tokenizer), str(text_tokenizer),
                      _config(runner="ray"), address=cluster.address, progress=False)
         killer.join(timeout=5)
+        # resharding and verifying run as Ray tasks on the (now smaller) cluster too
+        from clipforge.pipeline.storage.reshard import ReshardConfig, reshard
+        resharded = tmp_path / "re"
+        report = reshard([str(out)], str(resharded), ReshardConfig(samples_per_shard=5, shuffle_seed=2,
+                                                                    val_fraction=0.3), progress=False,
+                         address=cluster.address)
+        checked = verify_dataset(resharded, address=cluster.address)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -161,6 +168,8 @@ def test_losing_a_worker_node_mid_build_loses_and_duplicates_nothing(wide_manife
     index = read_index(out)
     assert not index.key.duplicated().any()
     assert verify_dataset(out)["problems"] == []
+    assert checked["problems"] == [] and checked["samples"] == len(index) == report["samples_out"]
+    assert sorted(read_index(resharded).key) == sorted(index.key)
 
 
 def _free_port() -> int:

@@ -127,8 +127,10 @@ class Location:
             return open(self.path(name), "wb")
         return self.fs.open_output_stream(self.path(name))
 
-    def write_bytes(self, name: str, data: bytes) -> None:
-        """Write one file so that readers see all of it or none of it."""
+    def write_bytes(self, name: str, data: bytes, sync_dir: bool = True) -> None:
+        """Write one file so that readers see all of it or none of it. On a local disk the data is
+        fsynced before the rename and the directory after it (`sync_dir=False` leaves the directory to a
+        later write in the same folder that syncs it)."""
         if self.local:
             target = self.path(name)
             os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -138,7 +140,8 @@ class Location:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
-            fsync_dir(os.path.dirname(target))
+            if sync_dir:
+                fsync_dir(os.path.dirname(target))
         else:
             with self.fs.open_output_stream(self.path(name)) as f:
                 f.write(data)

@@ -48,15 +48,41 @@ LAYOUT_FIELDS = ("frames", "frame_size", "tokens_h", "tokens_w", "text_slot", "i
 
 
 def _typed(value, kind):
-    if kind is str:
-        return "" if value is None else str(value)
+    if value is None:
+        return "" if kind is str else kind(-1)
+    if kind is float:
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            return -1.0
+        return out if out == out else -1.0   # NaN is not JSON
     try:
-        out = kind(value)
+        return kind(value)
     except (TypeError, ValueError):
-        return kind(-1)
-    if kind is float and out != out:   # NaN is not JSON
-        return -1.0
-    return out
+        return "" if kind is str else kind(-1)
+
+
+_TYPED_CACHE: dict = {}
+
+
+def _typed_once(kind: str, value: dict, build):
+    """Layout and tokenizer ids are the same object for every row of a shard: type them once."""
+    key = (kind, id(value))
+    hit = _TYPED_CACHE.get(key)
+    if hit is None or hit[0] is not value:
+        if len(_TYPED_CACHE) > 64:
+            _TYPED_CACHE.clear()
+        hit = _TYPED_CACHE[key] = (value, build(value))
+    return hit[1]
+
+
+def _typed_tokenizers(tokenizers: dict) -> dict:
+    return {kind: {"id": _typed((tokenizers.get(kind) or {}).get("id"), str),
+                   "sha256": _typed((tokenizers.get(kind) or {}).get("sha256"), str)} for kind in ("image", "text")}
+
+
+def _typed_layout(layout: dict) -> dict:
+    return {k: _typed(layout.get(k), int) for k in LAYOUT_FIELDS}
 
 
 def sample_metadata(row: dict, layout: dict) -> dict:
@@ -90,10 +116,8 @@ def sample_metadata(row: dict, layout: dict) -> dict:
         "caption_tokens": _typed(row.get("caption_tokens"), int),
         "caption_cut": bool(row.get("caption_cut") or False),
         "extra": json.dumps(row.get("extra") or {}, sort_keys=True, ensure_ascii=False, default=_json_default),
-        "tokenizers": {kind: {"id": _typed((tokenizers.get(kind) or {}).get("id"), str),
-                              "sha256": _typed((tokenizers.get(kind) or {}).get("sha256"), str)}
-                       for kind in ("image", "text")},
-        "layout": {k: _typed(layout.get(k), int) for k in LAYOUT_FIELDS},
+        "tokenizers": _typed_once("tokenizers", tokenizers, _typed_tokenizers),
+        "layout": _typed_once("layout", layout, _typed_layout),
     }
 
 

@@ -165,7 +165,8 @@ def commit_shard(out: Location, name: str, tar: bytes, index: bytes, ledger: byt
     parts = {"tar": f"shards/{name}.{attempt}.tar", "index": f"index/{name}.{attempt}.parquet",
              "ledger": f"ledger/{name}.{attempt}.parquet"}
     for part, blob in blobs.items():
-        out.write_bytes(parts[part], blob)
+        # the tar sits in shards/ beside the record, whose write syncs that folder after both renames
+        out.write_bytes(parts[part], blob, sync_dir=part != "tar")
     record = {"format": RECORD_FORMAT, "shard": name, "attempt": attempt,
               "files": {part: {"name": parts[part], "bytes": len(blob), "sha256": sha256_bytes(blob)}
                         for part, blob in blobs.items()},

@@ -5,7 +5,7 @@ Near-duplicates follow datasketch exactly: the signatures equal `datasketch.MinH
 hashfunc=identity).update_batch(shingle_hashes)`, and bands use `MinHashLSH`'s (b, r) for the
 threshold, so a band collision here is a `MinHashLSH.query` candidate there (tests check both). What
 differs is scale: `MinHashLSH` keeps a Python dict entry per caption per band (~1.5 GB per million
-captions at b=5), whereas sorting each band's 64-bit hashes finds the same collisions with flat arrays.
+captions at the default 8 bands), whereas sorting each band's 64-bit hashes finds the same collisions with flat arrays.
 Candidates are then verified on the full signatures (estimated Jaccard >= threshold) and joined into
 connected components; a cluster's id is its first-seen member's row number.
 """

@@ -148,16 +148,23 @@ def _rules_table(summary: dict, config: dict | None) -> str:
     return "".join(out) + "</table>"
 
 
+def _short(text, limit: int = 48) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def _dup_table(summary: dict) -> str:
     top = summary["duplicates"]["top"]
     if not top:
         return "<p class='muted'>No duplicate clusters.</p>"
-    out = ["<table><tr><th>cluster</th><th>size</th><th>first caption</th><th>other members</th></tr>"]
+    # a person reads a cluster by its repeated text; the cluster id stays as a small reference for
+    # captions.parquet's `dup_cluster` column
+    out = ["<table><tr><th>repeated caption</th><th>size</th><th>other members</th><th>cluster id</th></tr>"]
     for c in top:
         others = "".join(f'<div class="ex">{_esc(e)}</div>' for e in c["examples"]) or \
             "<span class='muted'>identical after normalization</span>"
-        out.append(f'<tr><td class="n">{c["cluster"]}</td><td class="n">{c["size"]:,}</td>'
-                   f'<td class="ex">{_esc(c["caption"])}</td><td>{others}</td></tr>')
+        out.append(f'<tr><td class="ex">{_esc(c["caption"])}</td><td class="n">{c["size"]:,}</td>'
+                   f'<td>{others}</td><td class="n muted">{c["cluster"]}</td></tr>')
     return "".join(out) + "</table>"
 
 
@@ -182,7 +189,7 @@ def render_report(summary: dict, path) -> None:
     scripts = list(summary["scripts"].items())[:12]
     cut = "".join(f'<div class="ex">[{e["tokens"]} tokens] {_esc(e["caption"])}</div>'
                   for e in summary["cut_after_prefix_examples"]) or "<p class='muted'>No caption exceeds the slot.</p>"
-    sizes = [(f"#{c['cluster']}", c["size"]) for c in d["top"]]
+    sizes = [(_short(c["caption"]), c["size"]) for c in d["top"]]
     body = f"""
 <h1>Caption audit</h1>
 <p class="muted">{_esc(summary['input'])} · {summary['kind']} · caption column

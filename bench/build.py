@@ -1,0 +1,127 @@
+"""Where does a build's time go? The whole build against its slowest stage alone, on the same videos.
+
+Prints JSON with, on the same synthetic corpus (default 300 videos, 64 px, tiny tokenizer):
+- `decode_alone`: `DecodeVideo` (isolated child, as in the build) over every input in one process;
+- `tokenize_alone`: `TokenizeClips` over the decoded clips in one process;
+- `build_local`: `clipforge build --runner local` (one process does everything, in shard tasks);
+- `build_ray`: the Ray build on this machine, with Ray's start-up timed apart;
+- per-stage seconds summed over shard tasks (manifest, captions, decode, transfer, tokenize, commit)
+  from the build's `progress.json`, and `ratio_ray_to_slowest_stage`, videos/s of the Ray build over
+  videos/s of its slowest stage alone in one process, times the shard slots (goal ≥ 0.8).
+
+    .venv/bin/python bench/build.py [--videos 300] [--dir /tmp/clipforge-bench-build]
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# bench/tokenize.py would shadow the standard library's `tokenize` for every script run from bench/:
+# take the script's folder off the import path before anything imports it.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def prepare(work: Path, videos: int) -> tuple[Path, Path, Path]:
+    from clipforge.pipeline.video.synth import COLORS, DIRECTIONS, SHAPES, SynthConfig, make_caption, render_frame, \
+        write_synthetic_corpus
+    from clipforge.tokenizer.image_train import train_image_tokenizer
+    from clipforge.tokenizer.text import train_text_tokenizer
+
+    manifest = work / "corpus" / "manifest.parquet"
+    if not manifest.exists():
+        write_synthetic_corpus(work / "corpus", SynthConfig(videos=videos, seed=3, max_seconds=6.0,
+                                                            sizes=((96, 64), (64, 96)))))
+    text = work / "text.model"
+    if not text.exists():
+        rng = np.random.default_rng(0)
+        train_text_tokenizer([make_caption(c, s, d, rng) for c in COLORS for s in SHAPES for d in DIRECTIONS], text,
+                             vocab_size=300)
+    image = work / "vq"
+    if not image.exists():
+        rng = np.random.default_rng(0)
+        frames = np.stack([render_frame("circle", rgb, (int(rng.integers(10, 54)), int(rng.integers(10, 54))), 10, 64,
+                                        64, (20, 20, 30)) for rgb in list(COLORS.values()) * 4])
+        train_image_tokenizer(frames, image, preset="tiny", steps=5, batch_size=8, log=None)
+    return manifest, image, text
+
+
+def stages_alone(manifest: Path, image: Path, text: Path, config) -> dict:
+    from clipforge.pipeline.manifest import manifest_rows, read_manifest
+    from clipforge.pipeline.schema import is_ok
+    from clipforge.pipeline.text.captions import CleanCaption
+    from clipforge.pipeline.tokenize import TokenizeClips
+    from clipforge.pipeline.video.decode import DecodeVideo
+
+    rows = list(CleanCaption(config.captions)(manifest_rows(read_manifest(str(manifest)))))
+    decode = DecodeVideo(config.clips, config.decode_timeout_s, config.decode_memory_mb)
+    decode([rows[0]]).__next__()   # the child's start-up is not decoding time
+    t = time.perf_counter()
+    clips = list(decode(iter(rows)))
+    decode_s = time.perf_counter() - t
+    decode.close()
+    tokenize = TokenizeClips(str(image), str(text), config.text_slot, config.tokenize_batch)
+    t = time.perf_counter()
+    out = list(tokenize(iter(clips)))
+    tokenize_s = time.perf_counter() - t
+    return {"inputs": len(rows), "clips": sum(1 for c in clips if is_ok(c)), "samples": sum(1 for o in out if is_ok(o)),
+            "decode_alone_s": round(decode_s, 3), "decode_alone_videos_per_s": round(len(rows) / decode_s, 2),
+            "tokenize_alone_s": round(tokenize_s, 3), "tokenize_alone_videos_per_s": round(len(rows) / tokenize_s, 2)}
+
+
+def run_build(manifest: Path, image: Path, text: Path, config, out: Path) -> dict:
+    from clipforge.jobs.build import build
+
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.perf_counter()
+    info = build(str(manifest), str(out), str(image), str(text), config, progress=False, log=lambda *_: None)
+    seconds = time.perf_counter() - t
+    progress = json.loads((out / "progress.json").read_text())
+    return {"seconds": round(seconds, 3), "videos_per_s": round(info["funnel"]["inputs"] / seconds, 2),
+            "samples": info["funnel"]["samples"], "stage_seconds": progress["stage_seconds"],
+            "decode_workers": len(progress["workers"]["decode"])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--videos", type=int, default=300)
+    parser.add_argument("--dir", default="/tmp/clipforge-bench-build")
+    parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
+    a = parser.parse_args()
+    from clipforge.jobs.build import BuildConfig, with_overrides
+
+    work = Path(a.dir)
+    work.mkdir(parents=True, exist_ok=True)
+    manifest, image, text = prepare(work, a.videos)
+    config = with_overrides(BuildConfig(), size=64, text_slot=24, inputs_per_shard=16)
+    alone = stages_alone(manifest, image, text, config)
+    local = run_build(manifest, image, text, with_overrides(config, runner="local"), work / "ds-local")
+
+    import ray
+    t = time.perf_counter()
+    ray.init(num_cpus=a.cpus, include_dashboard=False, log_to_driver=False)
+    ray_start = time.perf_counter() - t
+    on_ray = run_build(manifest, image, text, with_overrides(config, runner="ray"), work / "ds-ray")
+    ray.shutdown()
+    slowest = min(alone["decode_alone_videos_per_s"], alone["tokenize_alone_videos_per_s"])
+    slots = on_ray["decode_workers"] or 1
+    print(json.dumps({
+        "videos": alone["inputs"], "cpus": a.cpus, "stages_alone_one_process": alone,
+        "build_local": local, "ray_start_s": round(ray_start, 3), "build_ray": on_ray,
+        "ratio_local_to_slowest_stage": round(local["videos_per_s"] / slowest, 3),
+        "ratio_ray_to_slowest_stage_times_slots": round(on_ray["videos_per_s"] / (slowest * slots), 3),
+        "goal": "the build >= 0.8x its slowest stage alone (per slot)",
+        "load_average": os.getloadavg(),
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -116,6 +116,9 @@ CASES = [
     Case("flv-h264-vfr-drops", "flv", "flv", "libx264", Fraction(1, 1000), tuple(vfr_with_drops()), {"bf": "2"}),
     Case("flv-sorenson", "flv", "flv", "flv", Fraction(1, 25), tuple(cfr(25))),
     Case("ogg-theora", "ogg", "ogg", "libtheora", Fraction(1, 25), tuple(cfr(25)), decoder="pyav"),
+    # the Ogg container (no seek index) even where Theora cannot be encoded: VP8 in Ogg
+    Case("ogg-vp8-offset", "ogg", "ogg", "libvpx", Fraction(1, 25), tuple(cfr(25, 0.4)),
+         {"deadline": "realtime", "cpu-used": "8"}, decoder="pyav"),
 ]
 
 

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from clipforge.pipeline.video.clips import ClipConfig, resize_for_short_side
-from clipforge.pipeline.video.decode import (DecodeVideo, PyAVReader, decode_video, demux_timeline, probe,
-                                             read_with_decord)
+from clipforge.pipeline.video.decode import (ClockMismatch, DecodeVideo, PyAVReader, decode_video, demux_timeline,
+                                             probe, read_with_decord)
 
 W, H = 192, 144          # 4:3, so the centre crop really cuts
 SIDE = min(W, H)
@@ -63,6 +63,19 @@ def read_counter(frame: np.ndarray) -> int | None:
     return n
 
 
+def with_gaps(every=9):
+    """25 fps slots; after every `every`-th frame one slot stays empty (a dropped frame)."""
+    return tuple((n + n // every) / 25 for n in range(N))
+
+
+def not_coded_vop(time_increment: int, bits: int = 5) -> bytes:
+    """An MPEG-4 Part 2 N-VOP: a P-VOP header with vop_coded = 0, the placeholder packed B-frames and
+    frame-rate padding put in a packet that must give no picture (`bits`: 5 for a time base of 1/25)."""
+    header = "01" + "0" + "1" + format(time_increment, f"0{bits}b") + "1" + "0"
+    header += "0" + "1" * ((8 - (len(header) + 1) % 8) % 8)     # next_start_code stuffing
+    return bytes([0, 0, 1, 0xB6]) + int(header, 2).to_bytes(len(header) // 8, "big")
+
+
 def cfr(fps=25.0, start=0.0):
     return [start + n / fps for n in range(N)]
 
@@ -90,6 +103,7 @@ class Case:
     gop: int = 12
     decoder: str = "decord"   # the decoder decode_video must choose, and why is in docs/decode.md
     clock: str = "demux"
+    nvops: bool = False       # MPEG-4 Part 2 only: a not-coded VOP (no picture) in every skipped slot
 
 
 CASES = [
@@ -100,8 +114,13 @@ CASES = [
          {"deadline": "realtime", "cpu-used": "8"}),
     Case("mov-h264-offset", "mov", "mov", "libx264", Fraction(1, 600), tuple(cfr(30, 0.5)), {"bf": "2"}),
     # AVI is constant-rate: a dropped frame is a skipped slot (every 9th here)
-    Case("avi-mpeg4-bframes-drops", "avi", "avi", "mpeg4", Fraction(1, 25),
-         tuple((n + n // 9) / 25 for n in range(N)), b_frames=2, decoder="pyav"),
+    Case("avi-mpeg4-bframes-drops", "avi", "avi", "mpeg4", Fraction(1, 25), with_gaps(), b_frames=2,
+         decoder="pyav", clock="decode"),
+    # a packet that gives no picture, the class of packed B-frames: in AVI (no pts) and in Matroska (pts)
+    Case("avi-mpeg4-nvop", "avi", "avi", "mpeg4", Fraction(1, 25), with_gaps(), b_frames=0, nvops=True,
+         decoder="pyav", clock="decode"),
+    Case("mkv-mpeg4-nvop", "mkv", "matroska", "mpeg4", Fraction(1, 25), with_gaps(), b_frames=0, nvops=True,
+         decoder="pyav", clock="decode"),
     # H.264 in AVI: pictures come out in display order carrying decode-order pts, so no pts is usable
     Case("avi-h264-bframes", "avi", "avi", "libx264", Fraction(1, 25), tuple(cfr(25)), {"bf": "3"},
          decoder="pyav", clock="grid"),
@@ -142,6 +161,12 @@ def write(path, case: Case) -> None:
             frame = av.VideoFrame.from_ndarray(paint(n), format="rgb24")
             frame.pts, frame.time_base = int(round(t / case.time_base)), case.time_base
             for packet in stream.encode(frame):
+                container.mux(packet)
+            if case.nvops and n + 1 < N and case.times[n + 1] - t > 1.5 * case.time_base:
+                slot = frame.pts + 1
+                packet = av.Packet(not_coded_vop(slot % case.time_base.denominator))
+                packet.pts = packet.dts = slot
+                packet.time_base, packet.stream = case.time_base, stream
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -253,3 +278,15 @@ def test_pyav_reader_identifies_pictures_by_pts_not_by_count(files):
     wanted = [0, 8, 9, 17, 41, 79]                       # around dropped slots, and the last picture
     frames = PyAVReader(path, 0, W, H, timeline).read(wanted)
     assert [read_counter(_crop(f)) for f in frames] == wanted
+
+
+def test_a_packet_without_a_picture_abandons_the_demux_clock(files):
+    """In the Matroska N-VOP file, demux position 9 is a placeholder packet: the picture after it (counter
+    9) sits at demux position 10. Reading position 10 on the demux clock must refuse (the caller then
+    plans on the decode clock) rather than call counter 9 "frame 10"."""
+    path = str(files["mkv-mpeg4-nvop"])
+    facts = probe(path)
+    timeline = demux_timeline(path, facts["stream_index"], facts["fps"], facts["duration"])
+    assert timeline.clock == "demux" and len(timeline.pts) > N       # the placeholders have packets
+    with pytest.raises(ClockMismatch):
+        PyAVReader(path, facts["stream_index"], W, H, timeline).read([10])

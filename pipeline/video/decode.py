@@ -30,6 +30,10 @@ STAGE = "decode"
 # elementary streams seek by bisection or not at all. Names are ffmpeg demuxer names (probe's `container`).
 NO_SEEK_INDEX = frozenset({"mpeg", "mpegts", "mpegtsraw", "mpegvideo", "vob", "svcd", "vcd", "dvd", "ogg",
                            "h264", "hevc", "m4v", "h263", "cavsvideo", "vc1"})
+# Containers whose packet times are chunk counters, not presentation times: AVI. A chunk is not a picture
+# there (N-VOP placeholders of packed B-frames, empty chunks for dropped frames), so the plan is made on
+# the decoded pictures (the decode clock) from the start.
+NO_PTS = frozenset({"avi"})
 # decord's first planned picture against PyAV's, same size: mean absolute difference in grey levels.
 # Different scalers and chroma paths measured at most 3.4 on the shared real files; a picture one frame
 # off on a moving scene differs by tens, a GOP off by more.
@@ -196,7 +200,7 @@ def decode_video(path: str, config: ClipConfig, key: str = "", start=None, end=N
     size = config.size
     fps, duration = facts["fps"], facts["duration"]
     timeline = demux_timeline(path, facts["stream_index"], fps, duration)
-    if timeline.clock != "demux":
+    if timeline.clock != "demux" or facts["container"] in NO_PTS:
         timeline = decode_timeline(path, facts["stream_index"], fps, duration)
     plans, wanted = _plan(timeline, config, key, start, end, fps)
     stored_w, stored_h = resize_for_short_side(facts["width"], facts["height"], facts["sar"], facts["rotation"], size)
@@ -312,8 +316,8 @@ class PyAVReader:
     (`frames_decoded` counts them). Every picture is identified by its own pts, never by counting (except
     on the grid clock, where there is no pts). On the demux clock, `ClockMismatch` is raised for a picture
     with a pts the demux pass does not know, for pictures whose pts go backwards in output order (H.264
-    in AVI: pictures come out in display order carrying decode-order pts), and for a planned pts that no
-    picture carries."""
+    in AVI: pictures come out in display order carrying decode-order pts), for a demux position skipped
+    inside a decode run (a packet that gave no picture), and for a planned pts that no picture carries."""
     name = "pyav"
 
     def __init__(self, path: str, stream_index: int, width: int, height: int, timeline: Timeline):
@@ -363,6 +367,10 @@ class PyAVReader:
         index = self.index_of.get(frame.pts)
         if index is not None and index <= previous:
             index = None   # pictures come out in display order: a pts going backwards belongs to another
+        if index is not None and previous >= 0 and index > previous + 1 and self.clock == "demux":
+            # a packet in between gave no picture (an N-VOP, a rejected packet): the demux positions are
+            # not picture positions any more
+            raise ClockMismatch(f"no decoded picture for demux frames {previous + 1}..{index - 1}")
         if index is None:
             if self.clock == "demux":
                 raise ClockMismatch(f"decoded picture with pts {frame.pts} is not in the demux pass")

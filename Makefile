@@ -30,6 +30,9 @@ test-fast: venv
 bench: venv
 	$(PY) bench/decode.py
 	$(PY) bench/shards.py
+	$(PY) bench/build.py
+	$(PY) bench/scale.py
+	$(PY) bench/tokenize.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clipforge.pipeline.storage.dataset import write_wids_index  # noqa: E402
 from clipforge.pipeline.storage.reshard import ReshardConfig, reshard  # noqa: E402
-from clipforge.pipeline.storage.shards import ShardCommitter, read_stats, write_json_atomic  # noqa: E402
+from clipforge.pipeline.storage.fs import Location  # noqa: E402
+from clipforge.pipeline.storage.shards import ShardCommitter, read_records, shard_urls, write_json  # noqa: E402
 
 LAYOUT = {"frames": 5, "frame_size": 160, "tokens_h": 20, "tokens_w": 20, "text_slot": 64, "image_vocab": 20000}
 
@@ -75,11 +76,11 @@ def main():
         for s, rows in enumerate(shards):
             committer.write(s, rows, inputs=len(rows))
         write_s = time.perf_counter() - t
-        stats = read_stats(ds)
+        stats = read_records(ds)
         total_bytes = sum(s["bytes"] for s in stats)
-        write_json_atomic(ds / "dataset.json", {"layout": LAYOUT, "tokenizers": shards[0][0]["tokenizers"],
-                                                "funnel": {"samples": args.samples}})
-        write_wids_index(ds, stats)
+        write_json(Location(ds), "dataset.json", {"layout": LAYOUT, "tokenizers": shards[0][0]["tokenizers"],
+                                                  "funnel": {"samples": args.samples}})
+        write_wids_index(Location(ds), stats)
 
         t = time.perf_counter()
         report = reshard([str(ds)], str(tmp / "re"), ReshardConfig(samples_per_shard=args.per_shard * 2, shuffle_seed=1,
@@ -90,7 +91,7 @@ def main():
         reshard([str(ds)], str(tmp / "recut"), ReshardConfig(samples_per_shard=args.per_shard * 2), progress=False)
         recut_s = time.perf_counter() - t
 
-        tars = sorted((ds / "shards").glob("*.tar"))
+        tars = [Path(u) for u in shard_urls(ds)]
         (tmp / "tarcopy").mkdir()
         t = time.perf_counter()
         for tar in tars:   # member-by-member copy: read each member, write it to a new tar

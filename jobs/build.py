@@ -22,8 +22,7 @@ from clipforge.pipeline.manifest import (check_unique_ids, is_parquet, manifest_
 from clipforge.pipeline.storage.dataset import (FORMAT_VERSION, funnel_from_records, package_versions,
                                                 write_wids_index)
 from clipforge.pipeline.storage.fs import Location
-from clipforge.pipeline.storage.shards import (ShardCommitter, clean_stale, read_records, record_parts_present,
-                                               write_json)
+from clipforge.pipeline.storage.shards import ShardCommitter, clean_stale, read_records, write_json
 from clipforge.pipeline.text.captions import CleanCaption, CleanConfig
 from clipforge.pipeline.tokenize import TokenizeClips
 from clipforge.pipeline.video.clips import ClipConfig
@@ -183,8 +182,10 @@ def _check_fingerprint(dest: Location, fingerprint: dict) -> None:
         raise ValueError(f"{dest.url}: dataset.json has no run fingerprint (an older or foreign dataset): "
                          f"cannot resume it safely; build into a new --out")
     for field_name in ("format_version", "manifest_sha256", "inputs", "layout", "tokenizers", "config"):
-        a, b = old.get(field_name), fingerprint[field_name]
-        if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+        # compared as JSON, as stored: a tuple in the config is a list in dataset.json
+        a = json.loads(json.dumps(old.get(field_name), default=str))
+        b = json.loads(json.dumps(fingerprint[field_name], default=str))
+        if a != b:
             detail = _first_difference(a, b)
             raise ValueError(f"--resume refused: this run's {field_name} differs from the dataset's ({detail})")
 
@@ -201,10 +202,11 @@ def _committed_shards(dest: Location, split: str, retry_failed: bool) -> dict[in
     """shard index -> inputs, for shards whose record names parts that are all there (no tar bytes read).
     With `retry_failed`, shards with transient failures are not counted as done."""
     done = {}
+    sizes = {**dest.sizes("shards"), **dest.sizes("index"), **dest.sizes("ledger")}   # three listings in all
     for record in read_records(dest, split):
         if retry_failed and record.get("transient_errors", 0):
             continue
-        if record_parts_present(dest, record):
+        if all(sizes.get(f["name"]) == f["bytes"] for f in record["files"].values()):
             done[int(record["shard"].rsplit("-", 1)[1])] = int(record["inputs"])
     return done
 

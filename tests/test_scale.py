@@ -62,8 +62,8 @@ def test_shard_assembly_keeps_one_row_per_key_under_replays(tmp_path):
 
 
 def _config(**changes) -> BuildConfig:
-    return with_overrides(BuildConfig(), size=64, mode="sequential", inputs_per_shard=2, text_slot=24,
-                          tokenize_batch=8, **changes)
+    return with_overrides(BuildConfig(), **{"size": 64, "mode": "sequential", "inputs_per_shard": 2, "text_slot": 24,
+                                            "tokenize_batch": 8, **changes})
 
 
 def _facts(ds) -> tuple[list, list]:
@@ -247,3 +247,29 @@ def test_build_from_s3_videos_to_an_s3_dataset(corpus, image_tokenizer, text_tok
     verify = subprocess.run(cli + ["verify", "s3://datasets/re"], capture_output=True, text=True, env=env)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert list(tmp_path.iterdir()) == []          # nothing was created on local disk
+
+
+def test_a_build_where_nothing_succeeds_exits_non_zero(image_tokenizer, text_tokenizer, tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame({"video": [str(tmp_path / f"gone{i}.mp4") for i in range(3)],
+                  "caption": ["a red circle moves left"] * 3}).to_csv(manifest, index=False)
+    res = subprocess.run([sys.executable, "-m", "clipforge.jobs.cli", "build", str(manifest), "--out",
+                          str(tmp_path / "ds"), "--image-tokenizer", str(image_tokenizer), "--text-tokenizer",
+                          str(text_tokenizer), "--size", "64", "--text-slot", "24", "--runner", "local", "--quiet"],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "no input produced a sample" in res.stderr, res.stderr
+    funnel = json.loads(res.stdout[res.stdout.index("{"):])["funnel"]
+    assert funnel["inputs"] == 3 and funnel["samples"] == 0 and funnel["failures"] == {"decode/missing": 3}
+    # the manifest was not Parquet: workers sliced a Parquet copy made once in the output
+    assert (tmp_path / "ds" / "manifest.parquet").exists()
+
+
+def test_resume_with_another_configuration_is_refused(corpus, image_tokenizer, text_tokenizer, tmp_path):
+    out = tmp_path / "ds"
+    build(str(corpus), str(out), str(image_tokenizer), str(text_tokenizer), _config(runner="local"), progress=False)
+    with pytest.raises(ValueError, match="inputs_per_shard"):
+        build(str(corpus), str(out), str(image_tokenizer), str(text_tokenizer),
+              _config(runner="local", inputs_per_shard=3), resume=True, progress=False)
+    # what only changes how the run goes (workers, time limits) may change on resume
+    build(str(corpus), str(out), str(image_tokenizer), str(text_tokenizer),
+          _config(runner="local", decode_workers=3), resume=True, progress=False)

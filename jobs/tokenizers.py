@@ -55,7 +55,7 @@ def sample_frames(manifest: str, size: int, max_frames: int = 4000, seed: int = 
 def train_image(manifest: str, out: str, preset: str = "tiny", steps: int | None = None,
                 batch_size: int | None = None, max_frames: int = 4000, seed: int = 0, device: str | None = None,
                 max_minutes: float | None = None, resume: bool = False, lr: float | None = None,
-                progress: bool = True, log=print) -> dict:
+                eval_frames: int = 64, progress: bool = True, log=print) -> dict:
     """Sample frames from the manifest, train (or, with `resume`, continue) the preset, evaluate on a spread
     of the training frames. steps / batch_size / lr default to the preset's; `max_minutes` bounds this run."""
     from clipforge.tokenizer.image import PRESETS
@@ -68,7 +68,8 @@ def train_image(manifest: str, out: str, preset: str = "tiny", steps: int | None
     tok = train_image_tokenizer(frames, out, preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                 device=device, log=log, max_minutes=max_minutes, resume=resume)
     train_log = json.loads((Path(out) / TRAIN_LOG_FILE).read_text(encoding="utf-8"))
-    seen = frames[:: max(1, len(frames) // 256)][:256]
+    # a quick figure on a spread of training frames; held-out figures are `eval-image`'s job
+    seen = frames[:: max(1, len(frames) // eval_frames)][:eval_frames]
     metrics = evaluate_image_tokenizer(tok, seen, Path(out) / "eval")
     log(f"image tokenizer: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f} on training frames; "
         f"step {train_log['steps_done']}/{train_log['steps']} -> {out}")

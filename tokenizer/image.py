@@ -76,9 +76,11 @@ PRESETS: dict[str, VQConfig] = {
     # 64x64 -> 8x8 codes; 0.8M parameters; 400 steps of batch 32 take ~20 s on 2 CPU cores
     "tiny": VQConfig(image_size=64, downsample=8, codebook_size=512, code_dim=32, channels=128,
                      stem_channels=32, res_blocks=1, ema_decay=0.95, name="tiny"),
-    # CogView2's geometry: 160x160 -> 20x20 codes of a 20,000-entry codebook of dimension 256
+    # CogView2's geometry: 160x160 -> 20x20 codes of a 20,000-entry codebook of dimension 256. Training
+    # defaults are a GPU budget (about 16 GFLOP per frame forward); on a CPU, use --max-minutes and --resume
     "cogview2": VQConfig(image_size=160, downsample=8, codebook_size=20000, code_dim=256, channels=512,
-                         stem_channels=128, res_blocks=4, name="cogview2"),
+                         stem_channels=128, res_blocks=4, name="cogview2", train_steps=40000, train_batch=32,
+                         train_lr=1e-3),
 }
 
 

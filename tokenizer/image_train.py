@@ -27,7 +27,8 @@ def train_image_tokenizer(frames: np.ndarray, out_dir: str | os.PathLike, preset
                           seed: int = 0, device: str | None = None, log: Callable[[str], None] | None = print,
                           restart_every: int = 10, restart_min_usage: float = 1.0,
                           ae_warmup: float = 0.3, max_minutes: float | None = None, resume: bool = False,
-                          stop_at: int | None = None, checkpoint_minutes: float = 5.0) -> ImageTokenizer:
+                          stop_at: int | None = None, checkpoint_minutes: float = 5.0,
+                          amp: bool | None = None) -> ImageTokenizer:
     """Train a VQ-VAE on uint8 frames [N, S, S, 3] (already at the preset's image_size) and save it.
 
     Writes out_dir/config.json, out_dir/weights.pt, out_dir/train_log.json (loss curve, codebook usage,
@@ -38,7 +39,8 @@ def train_image_tokenizer(frames: np.ndarray, out_dir: str | os.PathLike, preset
     saves everything, and `resume=True` later continues from out_dir/train_state.pt to `steps`, with
     the same batches and learning-rate schedule an uninterrupted run would have had (batches are drawn
     from an RNG seeded by (seed, step); the torch RNG state is saved). `stop_at` stops after that global
-    step, the same way. State is also saved every `checkpoint_minutes`, so a killed run loses little.
+    step, the same way. State is also saved every `checkpoint_minutes`, so a killed run loses little. `amp`
+    (default: on CUDA only) runs the convolutions in bf16 autocast; weights, optimizer and codebook stay float32.
 
     The first `ae_warmup` fraction of the steps trains a plain autoencoder (no quantisation), then the
     codebook starts on k-means centroids of the encodings: quantising from step 0 collapsed onto a few
@@ -62,6 +64,7 @@ def train_image_tokenizer(frames: np.ndarray, out_dir: str | os.PathLike, preset
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     device = torch.device(device or default_device())
+    amp = device.type == "cuda" if amp is None else bool(amp)
     log = log or (lambda msg: None)
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
@@ -108,7 +111,7 @@ def train_image_tokenizer(frames: np.ndarray, out_dir: str | os.PathLike, preset
         torch.save(state, buf)
         atomic_write(out_dir / STATE_FILE, buf.getvalue())
         train_log = {"config": asdict(cfg), "steps": steps, "steps_done": step_done, "finished": step_done >= steps,
-                     "batch_size": batch_size, "lr": lr, "seed": seed, "device": str(device),
+                     "batch_size": batch_size, "lr": lr, "seed": seed, "device": str(device), "amp": amp,
                      "frames": int(len(frames)), "seconds": round(elapsed, 2), "restarts": restarts_total,
                      "tokenizer_id": tok.tokenizer_id, "history": history}
         atomic_write(out_dir / TRAIN_LOG_FILE, json.dumps(train_log, indent=2).encode("utf-8"))
@@ -131,10 +134,13 @@ def train_image_tokenizer(frames: np.ndarray, out_dir: str | os.PathLike, preset
                 model.quantizer.init_kmeans(model.quantizer.prepare(flat))
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        z = model.encoder(x)
-        q, idx, commit = model.quantizer(z, quantize=step >= ae_steps)
-        recon = model.decoder(q)
-        rec_loss = F.mse_loss(recon, x)
+        # convolutions in bf16 under `amp`; the quantiser (EMA statistics, nearest codes) and the loss in float32
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            z = model.encoder(x)
+        q, idx, commit = model.quantizer(z.float(), quantize=step >= ae_steps)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            recon = model.decoder(q)
+        rec_loss = F.mse_loss(recon.float(), x)
         loss = rec_loss + commit
         opt.zero_grad(set_to_none=True)
         loss.backward()

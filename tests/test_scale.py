@@ -119,16 +119,31 @@ def test_declared_gpus_tokenize_and_decode_spreads(wide_manifest, image_tokenize
     assert _facts(out) == _facts(local)
 
 
+def _three_node_cluster():
+    """A head and two worker nodes of 1 CPU each. Ray gives a node 30 s to register, which a loaded
+    2-core machine can miss: starting the cluster (not the build under test) is tried a second time."""
+    from ray.cluster_utils import Cluster
+
+    for attempt in range(2):
+        cluster = Cluster(initialize_head=False)
+        try:
+            cluster.add_node(num_cpus=1)
+            workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+            cluster.wait_for_nodes()
+            return cluster, workers
+        except Exception:   # noqa: BLE001 — Ray raises a bare Exception for a node that timed out starting
+            cluster.shutdown()
+            if attempt:
+                raise
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_losing_a_worker_node_mid_build_loses_and_duplicates_nothing(wide_manifest, image_tokenizer,
                                                                      text_tokenizer, tmp_path, fresh_ray):
     import ray
-    from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
+    cluster, workers = _three_node_cluster()
     out = tmp_path / "ds"
     removed = threading.Event()
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from clipforge.tokenizer.image import PRESETS, EMAQuantizer, ImageTokenizer, VQConfig
-from clipforge.tokenizer.image_train import STATE_FILE, codebook_stats, evaluate_image_tokenizer, train_image_tokenizer
+from clipforge.tokenizer.image_train import (STATE_FILE, augment, codebook_stats, evaluate_image_tokenizer,
+                                             train_image_tokenizer)
 from clipforge.tokenizer.metrics import psnr, ssim
 
 SMALL = VQConfig(image_size=32, downsample=8, codebook_size=64, code_dim=8, channels=16, stem_channels=8,
@@ -184,6 +185,24 @@ def test_psnr_and_ssim():
         psnr(a, a[:1])
     with pytest.raises(ValueError):
         ssim(a, a[:1])
+
+
+def test_augment_mirrors_and_permutes_colours_without_touching_the_input():
+    frames = shape_frames(16, 1, size=32, seed=7)
+    before = frames.copy()
+    out = augment(frames, ["hflip", "channels"], np.random.default_rng(0))
+    assert np.array_equal(frames, before) and out.shape == frames.shape and out.dtype == np.uint8
+    flipped = changed = 0
+    for a, b in zip(frames, out):
+        ok = [np.array_equal(b, a[:, ::f][..., list(p)]) for f in (1, -1)
+              for p in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))]
+        assert any(ok)                                                   # each frame: one mirror x one permutation
+        flipped += not any(ok[:6])
+        changed += not ok[0]
+    assert 0 < flipped < 16 and changed > 8
+    assert augment(frames, [], np.random.default_rng(0)) is frames
+    with pytest.raises(ValueError, match="train_augment"):
+        train_image_tokenizer(frames, "unused", preset=VQConfig(image_size=32, train_augment="rotate"), steps=1, log=None)
 
 
 def test_training_resumes_exactly_where_it_stopped(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -126,7 +127,12 @@ def build(manifest: str, out: str, image_tokenizer: str, text_tokenizer: str,
                     getattr(stage, "close", lambda: None)()
     tracker.close()
     clean_stale(dest, config.split)   # no attempt can still be running: drop parts no record names
-    return _complete(dest, fingerprint, config, tracker)
+    paths = {"image": _absolute(image_tokenizer), "text": _absolute(text_tokenizer)}
+    return _complete(dest, fingerprint, config, tracker, paths)
+
+
+def _absolute(path) -> str:
+    return str(path) if "://" in str(path) else os.path.abspath(str(path))
 
 
 def _layout(config: BuildConfig, image_tokenizer: str, text_tokenizer: str) -> tuple[dict, dict]:
@@ -286,7 +292,8 @@ class ProgressTracker:
         self.write(force=True)
 
 
-def _complete(dest: Location, fingerprint: dict, config: BuildConfig, tracker: ProgressTracker) -> dict:
+def _complete(dest: Location, fingerprint: dict, config: BuildConfig, tracker: ProgressTracker,
+              paths: dict) -> dict:
     records = read_records(dest, config.split)
     info = json.loads(dest.read_text("dataset.json"))
     info.update({
@@ -296,7 +303,10 @@ def _complete(dest: Location, fingerprint: dict, config: BuildConfig, tracker: P
                      "tokens_per_frame": fingerprint["layout"]["tokens_h"] * fingerprint["layout"]["tokens_w"],
                      "tokens": config.text_slot + fingerprint["layout"]["frames"] * fingerprint["layout"]["tokens_h"]
                      * fingerprint["layout"]["tokens_w"]},
-        "tokenizers": fingerprint["tokenizers"], "packages": package_versions(),
+        # where the tokenizers were read from, so that `train` and `sample` find them (not part of the
+        # fingerprint: the same tokenizer may sit elsewhere on a resume)
+        "tokenizers": {kind: {**ids, "path": paths[kind]} for kind, ids in fingerprint["tokenizers"].items()},
+        "packages": package_versions(),
         "shards": [{"name": r["shard"], "tar": r["files"]["tar"]["name"], "samples": r["samples"],
                     "bytes": r["bytes"], "sha256": r["sha256"]} for r in records],
         "funnel": funnel_from_records(records, fingerprint["inputs"]),

@@ -81,10 +81,15 @@ def tokenizer_paths(dataset_dir: str | Path, info: dict, image: str | None = Non
 
 
 def shard_urls(dataset_dir: str | Path, split: str) -> list[str]:
-    """The committed tars of `split`, as the shards' commit records name them (local path or URL)."""
+    """The committed tars of `split`, as the shards' commit records name them (local path or URL); for a
+    local dataset without commit records (older builds, shards written by other tools), every
+    shards/SPLIT-*.tar."""
     from clipforge.pipeline.storage.shards import shard_urls as committed_shard_urls
 
-    return committed_shard_urls(str(dataset_dir), split)
+    urls = committed_shard_urls(str(dataset_dir), split)
+    if not urls and Path(dataset_dir, "shards").is_dir():
+        urls = [str(p) for p in sorted(Path(dataset_dir, "shards").glob(f"{split}-*.tar"))]
+    return urls
 
 
 def in_holdout(video_id: str, fraction: float) -> bool:

@@ -147,9 +147,10 @@ def _copy_tokenizers(paths: dict, run: Path) -> dict:
 
     dst = run / "tokenizers"
     (dst / "image").mkdir(parents=True, exist_ok=True)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        shutil.copy2(paths["image"] / name, dst / "image" / name)
-    shutil.copy2(paths["text"], dst / "text.model")
+    pairs = [(paths["image"] / name, dst / "image" / name) for name in (CONFIG_FILE, WEIGHTS_FILE)]
+    for src, to in pairs + [(paths["text"], dst / "text.model")]:
+        if Path(src).resolve() != to.resolve():   # a resumed run reads its own copies
+            shutil.copy2(src, to)
     return {"image": str(dst / "image"), "text": str(dst / "text.model")}
 
 

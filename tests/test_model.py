@@ -227,9 +227,10 @@ def clip_frames(caption, n=5, size=32, seed=0):
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dataset(tmp_path_factory):
-    """A tiny built dataset: 32x32 frames -> 4x4 codes, 5 frames, text slot 12, two train shards."""
+    """A tiny built dataset: 32x32 frames -> 4x4 codes, 5 frames, text slot 12, two train shards (session
+    scope: tests/test_model_ddp.py uses it too)."""
     root = tmp_path_factory.mktemp("ds")
     text = train_text_tokenizer(CAPTIONS, root / "text.model", vocab_size=120)
     clips = {i: clip_frames(CAPTIONS[i % len(CAPTIONS)], seed=i) for i in range(80)}

@@ -310,6 +310,9 @@ def _complete(dest: Location, fingerprint: dict, config: BuildConfig, tracker: P
         "shards": [{"name": r["shard"], "tar": r["files"]["tar"]["name"], "samples": r["samples"],
                     "bytes": r["bytes"], "sha256": r["sha256"]} for r in records],
         "funnel": funnel_from_records(records, fingerprint["inputs"]),
+        # every (dtype, device class) that encoded some shard of this dataset
+        "encode_settings": [json.loads(x) for x in sorted({json.dumps(r.get("encode_settings") or {}, sort_keys=True)
+                                                            for r in records})],
         "run": getattr(tracker, "payload", {}),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })

@@ -66,6 +66,9 @@ class ImageTokenizerWorker:
         codes, seconds = await done
         return codes, self.name, seconds
 
+    async def settings(self) -> dict:
+        return self.tokenizer.encode_settings()
+
     async def decode(self, codes: np.ndarray) -> np.ndarray:
         return await asyncio.get_running_loop().run_in_executor(None, self.tokenizer.decode, codes)
 
@@ -104,6 +107,14 @@ class RemoteImageEncoder:
         self.sha256 = tokenizer_ids["image"]["sha256"]
         self.calls_by_worker: dict[str, int] = {}
         self.compute_s = self.call_s = 0.0
+        self._settings = None
+
+    def encode_settings(self) -> dict:
+        import ray
+
+        if self._settings is None:
+            self._settings = ray.get(self._ordered()[0].settings.remote())
+        return self._settings
 
     def _ordered(self):
         n = len(self.workers)

@@ -89,6 +89,7 @@ class BuildShard:
             extra={"videos_decoded": len(decoded_inputs),
                    "clips": sum(1 for r in rows if r.get("clip_index") is not None),
                    "roundtrip_psnr": [round(float(v), 3) for v in qa],
+                   "encode_settings": self._encode_settings(),
                    "rows": [d["start"], d["stop"]]})
         stage_seconds["commit"] = time.perf_counter() - t1
         # run facts: not part of the record (which must not depend on timing), but returned to the driver
@@ -104,6 +105,15 @@ class BuildShard:
                     row = {**row, "roundtrip_qa": True}
                     marked += 1
             yield row
+
+    def _encode_settings(self) -> dict:
+        """The image encoder's dtype and device class: bf16 and the device can flip nearest-code ties."""
+        for _, stage in self.stages:
+            settings = getattr(getattr(stage, "image", None), "encode_settings", None)
+            if settings is not None:
+                settings = settings() if callable(settings) else settings
+                return {k: settings.get(k) for k in ("dtype", "device", "device_name")}
+        return {}
 
     def _tokenize_workers(self) -> dict:
         for name, stage in self.stages:

@@ -296,8 +296,11 @@ def test_read_table_formats(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"caption": "a"}\n{oops\n', encoding="utf-8")
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         read_table(tmp_path / "bad.jsonl")
+    (tmp_path / "x.xlsx").write_bytes(b"PK")
     with pytest.raises(ValueError, match="unsupported extension"):
         read_table(tmp_path / "x.xlsx")
+    with pytest.raises(FileNotFoundError, match="no such file"):   # a missing file says so, whatever its name
+        read_table(tmp_path / "missing.parquet")
 
 
 MANIFEST = pd.DataFrame({

@@ -72,7 +72,8 @@ def _dataset_files(path: Path) -> list[Path]:
     from clipforge.pipeline.storage.shards import read_records
 
     records = read_records(path, None)
-    files = [path / r["files"]["index"]["name"] for r in records] or sorted(path.glob("*.parquet"))
+    files = [path / r["files"]["index"]["name"] for r in records] or sorted((path / "index").glob("*.parquet")) \
+        or sorted(path.glob("*.parquet"))   # a dataset without records, or a plain folder of Parquet files
     if not files:
         raise ValueError(f"{path}: a directory without index/*.parquet (not a built dataset)")
     return files

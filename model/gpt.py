@@ -41,7 +41,7 @@ import torch.utils.checkpoint
 STAGES = ("image", "sequential", "interpolation")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CogVideoConfig:
     text_vocab: int = 8000      # size of the text tokenizer's vocabulary
     image_vocab: int = 20000    # size of the image tokenizer's codebook

@@ -40,7 +40,7 @@ import shutil
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -51,7 +51,7 @@ from clipforge.model.data import SequenceBuilder, ShardStream, make_loader, read
 from clipforge.model.gpt import STAGES, CogVideo, CogVideoConfig, default_window
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     stage: str = "sequential"          # image | sequential | interpolation
     steps: int = 2000
@@ -260,8 +260,8 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
         state = load_checkpoint(run)
         config = TrainConfig(**{**asdict(config_from_checkpoint(state)), "device": config.device,
                                 "num_workers": config.num_workers})
-        config.image_tokenizer = config.image_tokenizer or str(run / "tokenizers" / "image")
-        config.text_tokenizer = config.text_tokenizer or str(run / "tokenizers" / "text.model")
+        config = replace(config, image_tokenizer=config.image_tokenizer or str(run / "tokenizers" / "image"),
+                         text_tokenizer=config.text_tokenizer or str(run / "tokenizers" / "text.model"))
     config.validate()
     rank, world, device, joined = dist_context(config.device)
     master = rank == 0

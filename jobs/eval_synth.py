@@ -153,10 +153,9 @@ def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: 
     import pandas as pd
     import torch
 
-    from clipforge.model.train import default_device, load_checkpoint, model_from_checkpoint
-    from clipforge.tokenizer.image import ImageTokenizer
+    from clipforge.model.sample import load_run
+    from clipforge.model.train import default_device
     from clipforge.tokenizer.image_train import contact_sheet, write_png
-    from clipforge.tokenizer.text import TextTokenizer
 
     log = log or (lambda msg: None)
     t0 = time.time()
@@ -182,11 +181,8 @@ def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: 
     leaked = set(held["caption"]) & set(trained["caption"])
 
     device = torch.device(device or default_device())
-    ckpt = load_checkpoint(run, device="cpu")
-    model = model_from_checkpoint(ckpt, device).eval()
+    ckpt, model, text, image = load_run(run, device)
     cfg = model.config
-    text = TextTokenizer(run / "tokenizers" / "text.model")
-    image = ImageTokenizer.load(run / "tokenizers" / "image", device=device)
     span = (ckpt.get("spans") or {}).get("sequential", (ckpt.get("spans") or {}).get("all"))
     null = torch.from_numpy(text.build_slot([], span, cfg.text_slot)[0])
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -40,6 +40,22 @@ def rounds_for(frames: int, frames_out: int) -> int:
     return r
 
 
+def load_run(run: Path, device: torch.device):
+    """(checkpoint, model in eval mode, text tokenizer, image tokenizer) of a run, rebuilt from the run
+    folder alone; the tokenizers must match the model's vocabularies."""
+    from clipforge.tokenizer.image import ImageTokenizer
+    from clipforge.tokenizer.text import TextTokenizer
+
+    ckpt = load_checkpoint(run, device="cpu")
+    model = model_from_checkpoint(ckpt, device).eval()
+    cfg = model.config
+    text = TextTokenizer(run / "tokenizers" / "text.model")
+    image = ImageTokenizer.load(run / "tokenizers" / "image", device=device)
+    if text.vocab_size != cfg.text_vocab or image.codebook_size != cfg.image_vocab:
+        raise ValueError(f"{run}: tokenizers do not match the model's vocabularies")
+    return ckpt, model, text, image
+
+
 def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike, seed: int = 0,
            guidance: float = 3.0, temperature: float = 1.05, top_k: int | None = 64, frames_out: int | None = None,
            fps: float | None = None, span: float | None = None, interp_run: str | os.PathLike | None = None,
@@ -50,19 +66,11 @@ def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike,
     training clips). frames_out: 5 (default), 9, 17 or 33 with an interpolation-trained model. fps: default
     real time, (frames - 1) / span. Returns {"out", "frames", "seconds", "tokens", "span", "fps", "rounds"}.
     """
-    from clipforge.tokenizer.image import ImageTokenizer
-    from clipforge.tokenizer.text import TextTokenizer
-
     t0 = time.time()
     run = Path(run_dir)
     device = torch.device(device or default_device())
-    ckpt = load_checkpoint(run, device="cpu")
-    model = model_from_checkpoint(ckpt, device).eval()
+    ckpt, model, text, image = load_run(run, device)
     cfg = model.config
-    text = TextTokenizer(run / "tokenizers" / "text.model")
-    image = ImageTokenizer.load(run / "tokenizers" / "image", device=device)
-    if text.vocab_size != cfg.text_vocab or image.codebook_size != cfg.image_vocab:
-        raise ValueError(f"{run}: tokenizers do not match the model's vocabularies")
 
     frames_out = frames_out or cfg.frames
     rounds = rounds_for(cfg.frames, frames_out)

@@ -39,7 +39,7 @@ def prepare(work: Path, videos: int) -> tuple[Path, Path, Path]:
     manifest = work / "corpus" / "manifest.parquet"
     if not manifest.exists():
         write_synthetic_corpus(work / "corpus", SynthConfig(videos=videos, seed=3, max_seconds=6.0,
-                                                            sizes=((96, 64), (64, 96)))))
+                                                            sizes=((96, 64), (64, 96))))
     text = work / "text.model"
     if not text.exists():
         rng = np.random.default_rng(0)
@@ -107,7 +107,7 @@ def main() -> None:
 
     import ray
     t = time.perf_counter()
-    ray.init(num_cpus=a.cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=a.cpus, include_dashboard=False, log_to_driver=False)   # never a test's cluster
     ray_start = time.perf_counter() - t
     on_ray = run_build(manifest, image, text, with_overrides(config, runner="ray"), work / "ds-ray")
     ray.shutdown()

@@ -245,6 +245,7 @@ class ProgressTracker:
         self.decode_workers: Counter = Counter()
         self.tokenize_workers: Counter = Counter()
         self.retried = 0
+        self.task_errors, self.task_error_messages = 0, []
         self.write(force=True)
 
     def add(self, record: dict) -> None:
@@ -260,6 +261,12 @@ class ProgressTracker:
         self.tokenize_workers.update(run.get("tokenize_workers", {}))
         self.bar.update(record["inputs"])
         self.write()
+
+    def task_error(self, err: Exception) -> None:
+        """A shard task that raised (it is retried): the first few messages go to progress.json."""
+        self.task_errors += 1
+        if len(self.task_error_messages) < 5:
+            self.task_error_messages.append(" ".join(f"{type(err).__name__}: {err}".split())[:300])
 
     def write(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -279,7 +286,8 @@ class ProgressTracker:
             "stage_inputs_per_s": {k: round(self.inputs / v, 3) for k, v in sorted(self.stage_seconds.items()) if v},
             "workers": {"decode": dict(sorted(self.decode_workers.items())),
                         "tokenize": dict(sorted(self.tokenize_workers.items()))},
-            "shard_retries": self.retried,
+            "shard_retries": self.retried, "task_errors": self.task_errors,
+            "task_error_messages": self.task_error_messages,
         }
         try:
             write_json(self.dest, "progress.json", payload)

@@ -67,7 +67,7 @@ class ImageTokenizerWorker:
         return codes, self.name, seconds
 
     async def settings(self) -> dict:
-        return self.tokenizer.encode_settings()
+        return self.tokenizer.encode_settings
 
     async def decode(self, codes: np.ndarray) -> np.ndarray:
         return await asyncio.get_running_loop().run_in_executor(None, self.tokenizer.decode, codes)
@@ -224,6 +224,7 @@ def run_on_ray(plan, descriptors: Iterator[dict], todo: int, tracker, address: s
             try:
                 tracker.add(ray.get(ref))
             except (ray.exceptions.RayError, OSError) as err:
+                tracker.task_error(err)
                 if attempt < TASK_ATTEMPTS:
                     tracker.retried += 1
                     retry.append((d, attempt + 1))

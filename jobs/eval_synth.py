@@ -154,7 +154,7 @@ def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: 
     import torch
 
     from clipforge.model.sample import load_run
-    from clipforge.model.train import default_device
+    from clipforge.model.distributed import default_device
     from clipforge.tokenizer.image_train import contact_sheet, write_png
 
     log = log or (lambda msg: None)

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipforge.model.train import default_device, load_checkpoint, model_from_checkpoint
+from clipforge.model.distributed import default_device
+from clipforge.model.train import load_checkpoint, model_from_checkpoint
 from clipforge.model.video import upscale, write_video
 
 

@@ -30,11 +30,9 @@ One optimizer step sees batch_size * grad_accum * world_size samples (`global_ba
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import random
 import resource
 import shutil
 import time
@@ -47,6 +45,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from clipforge.model.distributed import (all_reduce_mean, default_device, dist_context, rng_state,
+                                         set_rng_state, weights_digest)
 from clipforge.model.data import SequenceBuilder, ShardStream, make_loader, read_dataset_info, shard_urls, tokenizer_paths
 from clipforge.model.gpt import STAGES, CogVideo, CogVideoConfig, default_window
 
@@ -102,10 +102,6 @@ class TrainConfig:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("steps, batch_size and grad_accum must be >= 1")
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -170,72 +166,6 @@ def _truncate_jsonl(path: Path, last_step: int, key=lambda line: json.loads(line
     if path.exists():
         lines = path.read_text(encoding="utf-8").splitlines()
         path.write_text("".join(l + "\n" for l in lines if l.strip() and key(l) <= last_step), encoding="utf-8")
-
-
-# ----------------------------------------------------------------------------------------------------
-# data parallel
-
-
-def dist_context(device_name: str | None) -> tuple[int, int, torch.device, bool]:
-    """(rank, world_size, device, joined). Under torchrun (WORLD_SIZE > 1) this joins the process group
-    unless the caller already did (joined = True when this call did): NCCL on GPUs, gloo on CPUs; each
-    rank takes GPU LOCAL_RANK."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device(device_name or default_device())
-    if world <= 1:
-        return 0, 1, device, False
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    joined = not dist.is_initialized()
-    if joined:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device, joined
-
-
-def all_reduce_mean(tensors: list[torch.Tensor], world: int) -> None:
-    """Average tensors across ranks in place, in one flat collective.
-
-    Why not DistributedDataParallel: a step may run two forwards (the joint image loss uses the base
-    channel alone, leaving attention-plus without gradient in that pass), which DDP's reducer only
-    handles with find_unused_parameters and per-forward bookkeeping; averaging after backward is exact
-    and simple. The price is no overlap of communication with the backward pass."""
-    if world <= 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 of every parameter's bytes: equal on all ranks exactly when their weights are identical."""
-    h = hashlib.sha256()
-    for p in model.parameters():
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuples(state["python"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _as_tuples(x):
-    # random.setstate wants the nested tuples that a list-preserving round trip may turn into lists
-    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 # ----------------------------------------------------------------------------------------------------

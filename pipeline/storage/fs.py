@@ -16,12 +16,10 @@ import time
 import urllib.error
 import urllib.request
 from functools import lru_cache
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-REMOTE_SCHEMES = ("s3", "gs", "gcs")
 READ_ONLY_SCHEMES = ("http", "https")
 
 
@@ -167,6 +165,11 @@ class Location:
                 raise err
 
 
+def as_location(value, endpoint: str | None = None) -> Location:
+    """`value` itself when it is already a Location, else the Location of that path or URL."""
+    return value if isinstance(value, Location) else Location(value, endpoint)
+
+
 def fsync_dir(path: str) -> None:
     """Make a rename in `path` durable (POSIX: the directory entry lives in the directory's own blocks)."""
     try:
@@ -269,11 +272,3 @@ def register_webdataset_schemes(endpoint: str | None = None) -> None:
 
     for scheme in ("s3", "gs", "gcs"):
         gopen_module.gopen_schemes[scheme] = opener
-
-
-def local_path(url: str) -> Path | None:
-    """The local path behind a plain path or file:// URL, or None for a remote URL."""
-    if not is_url(url):
-        return Path(url)
-    parsed = urlparse(url)
-    return Path(parsed.path) if parsed.scheme == "file" else None

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipforge.pipeline.schema import TRANSIENT, is_ok
-from clipforge.pipeline.storage.fs import Location
+from clipforge.pipeline.storage.fs import Location, as_location
 from clipforge.pipeline.storage.samples import encode_sample, sample_metadata
 from clipforge.pipeline.storage.tarwriter import FastTarWriter
 
@@ -61,13 +61,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_stream(f, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    while block := f.read(chunk):
-        h.update(block)
-    return h.hexdigest()
-
-
 def parquet_bytes(rows: list[dict], columns: dict) -> bytes:
     arrays = [pa.array([r.get(name) for r in rows], type=kind) for name, kind in columns.items()]
     buf = io.BytesIO()
@@ -97,27 +90,21 @@ def unique_rows(rows: Iterable[dict]) -> list[dict]:
     out = [r for r in best.values()
            # an input that produced samples on one attempt is not also a failed input
            if is_ok(r) or r.get("clip_index") is not None or r.get("row_index") not in inputs_ok]
-    return sorted(out, key=lambda r: (r.get("row_index", -1), r.get("clip_index", -1) if r.get("clip_index")
-                                      is not None else -1, r.get("key") or "", r.get("stage") or ""))
+    return sorted(out, key=lambda r: (r.get("row_index", -1), -1 if r.get("clip_index") is None else r["clip_index"],
+                                      r.get("key") or "", r.get("stage") or ""))
 
 
 class ShardCommitter:
     """Writes one shard from all the rows of its input group and commits it with a record."""
 
     def __init__(self, out: str | os.PathLike | Location, layout: dict, split: str = "train"):
-        self.out = out if isinstance(out, Location) else Location(out)
+        self.out = as_location(out)
         self.layout, self.split = layout, split
         for sub in ("shards", "index", "ledger"):
             self.out.makedirs(sub)
 
     def read_record(self, index: int) -> dict | None:
         return read_record(self.out, shard_name(self.split, index))
-
-    def committed(self, index: int) -> bool:
-        """Done when its record exists and every part it names is there at the recorded size (no bytes
-        are read: hashing every shard is verify's job)."""
-        record = self.read_record(index)
-        return record is not None and record_parts_present(self.out, record)
 
     def write(self, index: int, rows: Iterable[dict], inputs: int, attempts: dict | None = None,
               extra: dict | None = None) -> dict:
@@ -152,12 +139,6 @@ class ShardCommitter:
         return commit_shard(self.out, name, tar_buffer.getvalue(), parquet_bytes(index_rows, INDEX_COLUMNS),
                             parquet_bytes(ledger_rows, LEDGER_COLUMNS), fields)
 
-    def clean_stale(self, indices: Iterable[int] | None = None) -> int:
-        """Delete parts that no record names (left by failed or superseded attempts). Call only when no
-        attempt of these shards can still be running."""
-        return clean_stale(self.out, self.split)
-
-
 def commit_shard(out: Location, name: str, tar: bytes, index: bytes, ledger: bytes, fields: dict) -> dict:
     """Write one attempt's parts under names of its own, then the record that names them (the commit)."""
     attempt = uuid.uuid4().hex[:10]
@@ -185,26 +166,16 @@ def read_record(out: Location, shard: str) -> dict | None:
     return record if isinstance(record, dict) and record.get("format") == RECORD_FORMAT else None
 
 
-def record_parts_present(out: Location, record: dict) -> bool:
-    try:
-        return all(out.size(f["name"]) == f["bytes"] for f in record["files"].values())
-    except (FileNotFoundError, KeyError, TypeError, OSError):
-        return False
-
-
 def read_records(dataset: str | os.PathLike | Location, split: str | None = "train") -> list[dict]:
     """The commit records of one split (or of all when `split` is None), in shard order."""
-    out = dataset if isinstance(dataset, Location) else Location(dataset)
+    out = as_location(dataset)
     names = [n for n in out.list("shards", ".json") if split is None or n.startswith(f"{split}-")]
     records = [read_record(out, n[:-len(".json")]) for n in names]
     return [r for r in records if r is not None]
 
 
-read_stats = read_records   # the records are the per-shard stats of SPEC §3
-
-
 def _read_parts(dataset, part: str, columns: dict, split: str | None) -> pd.DataFrame:
-    out = dataset if isinstance(dataset, Location) else Location(dataset)
+    out = as_location(dataset)
     frames = [pq.read_table(io.BytesIO(out.read_bytes(r["files"][part]["name"]))).to_pandas()
               for r in read_records(out, split)]
     frames = [f for f in frames if len(f)]
@@ -228,7 +199,7 @@ def read_ledger(dataset, split: str | None = None) -> pd.DataFrame:
 
 def shard_urls(dataset, split: str | None = "train") -> list[str]:
     """URLs (or local paths) of the committed tars, for webdataset and other readers."""
-    out = dataset if isinstance(dataset, Location) else Location(dataset)
+    out = as_location(dataset)
     return [out.child_url(r["files"]["tar"]["name"]) for r in read_records(out, split)]
 
 

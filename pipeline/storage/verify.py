@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pyarrow.parquet as pq
 
-from clipforge.pipeline.storage.fs import Location
+from clipforge.pipeline.storage.fs import Location, as_location
 from clipforge.pipeline.storage.samples import REQUIRED_MEMBERS, decode_sample
 from clipforge.pipeline.storage.shards import read_records, sha256_bytes
 
@@ -115,7 +115,7 @@ def verify_dataset(dataset, split: str | None = None, max_problems: int = 50, ad
                    endpoint: str | None = None) -> dict:
     """Check a dataset end to end, reading every byte of every committed part. With `address`, the
     shards are checked by Ray tasks on that cluster (the driver only gathers key hashes and problems)."""
-    root = dataset if isinstance(dataset, Location) else Location(dataset, endpoint)
+    root = as_location(dataset, endpoint)
     problems: list[str] = []
 
     def problem(msg):

@@ -221,10 +221,14 @@ def test_unsafe_members_are_refused(tmp_path, members):
         list(iter_tar_samples(path))
 
 
-def test_reshard_trusts_headers_over_a_wrong_index(reference, tmp_path):
+@pytest.mark.parametrize("source_shard_samples", [None, 1])
+def test_reshard_trusts_headers_over_a_wrong_index(reference, tmp_path, source_shard_samples):
     import shutil
     src = tmp_path / "src"
-    shutil.copytree(reference, src)
+    if source_shard_samples:   # one-sample tars: a wrong size can look right for a single sample
+        reshard([str(reference)], str(src), ReshardConfig(samples_per_shard=source_shard_samples), progress=False)
+    else:
+        shutil.copytree(reference, src)
     for part in (src / "index").glob("*.parquet"):   # sizes that do not describe the tars
         df = pd.read_parquet(part)
         df["bytes"] = 512
@@ -234,4 +238,9 @@ def test_reshard_trusts_headers_over_a_wrong_index(reference, tmp_path):
                                                      empty_check=False)}
     want = {s["__key__"]: s for s in wds.WebDataset(shard_urls(reference), shardshuffle=False, empty_check=False)}
     assert got.keys() == want.keys()
-    assert all(got[k]["vtok.npy"] == want[k]["vtok.npy"] and got[k]["json"] == want[k]["json"] for k in want)
+    for k in want:
+        assert {m: got[k][m] for m in ("json", "txt", "ttok.npy", "vtok.npy")} == \
+            {m: want[k][m] for m in ("json", "txt", "ttok.npy", "vtok.npy")}
+    # the new index gives the sizes as copied, not the wrong ones it was given
+    assert verify_dataset(tmp_path / "out")["problems"] == []
+    assert (read_index(tmp_path / "out")["bytes"] > 512).all()

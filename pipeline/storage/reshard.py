@@ -76,6 +76,24 @@ def _sample_ranges(source: "SourceTar") -> dict[str, tuple[int, int]]:
     return {k: (a, b - a) for k, (a, b) in ranges.items()}
 
 
+def _sample_end(blob: bytes, offset: int, key: str) -> int | None:
+    """End of the sample `key` whose first header sits at `offset` in `blob`: its plain USTAR members are
+    walked until another key or the end of the blob. None when `offset` does not begin that sample or a
+    member is not a plain file, so the caller falls back to scanning the whole tar."""
+    pos, members = offset, 0
+    while pos + BLOCK <= len(blob):
+        header = blob[pos:pos + BLOCK]
+        if header[156:157] not in (b"0", b"\0") or header[345]:
+            break
+        name = header[0:100].rstrip(b"\0").decode("utf-8", "replace")
+        if name.partition(".")[0] != key or unsafe_name(name):
+            break
+        size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+        pos += BLOCK + size + (-size % BLOCK)
+        members += 1
+    return pos if members else None
+
+
 def _sample_ranges_tarfile(source: "SourceTar") -> dict[str, tuple[int, int]]:
     ranges: dict[str, list[int]] = {}
     with tarfile.open(fileobj=io.BytesIO(source.read_at(0, source.size())), mode="r:") as tar:
@@ -247,39 +265,45 @@ def write_reshard_shard(dest: Location, name: str, chunk: pd.DataFrame, inputs: 
             scanned[(dataset, tar)] = _sample_ranges(source(dataset, tar))
         return scanned[(dataset, tar)]
 
-    def read_run(dataset, tar, start, keys, sizes) -> bytes:
+    def read_run(dataset, tar, start, keys, sizes) -> tuple[bytes, list[int]]:
         blob = source(dataset, tar).read_at(start, sum(sizes))
         offset = 0
         for key, size in zip(keys, sizes):
-            if blob[offset:offset + len(key) + 1] != f"{key}.".encode():
+            if _sample_end(blob, offset, key) != offset + size:
                 break
             offset += size
         else:
             if offset == len(blob):
-                return blob
+                return blob, list(sizes)
         found = ranges(dataset, tar)   # the index does not describe this tar: trust the headers
-        return b"".join(source(dataset, tar).read_at(found[k][0], found[k][1]) for k in keys)
+        return (b"".join(source(dataset, tar).read_at(found[k][0], found[k][1]) for k in keys),
+                [found[k][1] for k in keys])
 
     buffer = io.BytesIO()
     writer = FastTarWriter(buffer)
     sizes, run = [], None   # run: [dataset, tar, start, end, keys, sizes]
+
+    def copy_run():
+        blob, run_sizes = read_run(run[0], run[1], run[2], run[4], run[5])
+        writer.write_raw(blob)
+        sizes.extend(run_sizes)   # as copied: a wrong index is not carried into the new one
+
     try:
         for dataset, tar, key, start, size in zip(chunk["src_dataset"].tolist(), chunk["src_tar"].tolist(),
                                                   chunk["key"].tolist(), chunk["src_offset"].tolist(),
                                                   chunk["bytes"].tolist()):
             if not size:   # no recorded size: find the range from the headers
                 start, size = ranges(dataset, tar)[key]
-            sizes.append(size)
             if run and run[0] == dataset and run[1] == tar and run[3] == start:
                 run[3] += size
                 run[4].append(key)
                 run[5].append(size)
                 continue
             if run:
-                writer.write_raw(read_run(run[0], run[1], run[2], run[4], run[5]))
+                copy_run()
             run = [dataset, tar, start, start + size, [key], [size]]
         if run:
-            writer.write_raw(read_run(run[0], run[1], run[2], run[4], run[5]))
+            copy_run()
         writer.close()
     finally:
         for src in opened.values():

@@ -21,8 +21,10 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(VENV)/bin/clipforge demo --out $(DEMO_OUT)
 
+# Two workers: tests that start Ray run one after another on one of them (tests/conftest.py), the rest
+# spread over both; most of the suite's time is spent waiting on subprocesses, Ray and ffmpeg.
 test: venv
-	$(PY) -m pytest -q -x --durations=15
+	$(PY) -m pytest -q -x -n 2 --dist loadgroup --durations=15
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not ray and not slow"

@@ -47,6 +47,14 @@ def image_tokenizer(tmp_path_factory) -> Path:
     return out
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that start a local Ray cluster share one xdist worker (`make test` runs two), so that two
+    clusters never compete for the same two cores and ports."""
+    for item in items:
+        if item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 def shared_videos() -> list[Path]:
     videos = SHARED_DATA / "videos"
     return sorted(p for p in videos.rglob("*") if p.is_file()) if videos.exists() else []

@@ -8,7 +8,7 @@ import torch
 
 from clipforge.tokenizer.image import PRESETS, EMAQuantizer, ImageTokenizer, VQConfig
 from clipforge.tokenizer.image_train import (STATE_FILE, augment, codebook_stats, evaluate_image_tokenizer,
-                                             train_image_tokenizer)
+                                             learning_rate, train_image_tokenizer)
 from clipforge.tokenizer.metrics import psnr, ssim
 
 SMALL = VQConfig(image_size=32, downsample=8, codebook_size=64, code_dim=8, channels=16, stem_channels=8,
@@ -248,3 +248,15 @@ def test_dead_codes_restart_on_badly_served_vectors():
     assert moved == 7
     # restarted codes land on the vectors that code 0 serves worst (the (5, 5) ones), not the background
     assert torch.allclose(q.codebook[1:], torch.tensor([5.0, 5.0]).expand(7, 2), atol=0.5)
+
+
+def test_the_learning_rate_warms_up_again_where_quantisation_starts():
+    steps, lr, switch = 1000, 3e-3, 300
+    rates = [learning_rate(s, steps, lr, switch, switch_warmup=0.05) for s in range(steps)]
+    plain = [learning_rate(s, steps, lr, switch, switch_warmup=0.0) for s in range(steps)]
+    assert rates[19] == pytest.approx(lr, rel=0.01) and rates[0] == pytest.approx(lr / 20)   # first warmup
+    assert rates[switch - 1] == pytest.approx(plain[switch - 1])                               # cosine before
+    assert rates[switch] == pytest.approx(plain[switch] / 50)                                  # 50 = 5% of 1000
+    assert all(rates[s] < rates[s + 1] for s in range(switch, switch + 49))                    # ramps up ...
+    assert rates[switch + 50:] == plain[switch + 50:]                                          # ... to the cosine
+    assert rates[-1] == pytest.approx(0.1 * lr, rel=0.01)

@@ -74,8 +74,8 @@ class VQConfig:
 
 
 PRESETS: dict[str, VQConfig] = {
-    # 64x64 -> 8x8 codes; 0.8M parameters; 800 steps of batch 16 (the compute of 400 x 32) take ~25 s on 2
-    # idle CPU cores. Colour-channel permutation: see docs/tokenizer.md (held-out colour/shape pairs)
+    # 64x64 -> 8x8 codes; 0.8M parameters; 800 steps of batch 16 take ~2.5-3 minutes on 2 CPU cores
+    # (measured 151-171 s). Colour-channel permutation: see docs/tokenizer.md (held-out colour/shape pairs)
     "tiny": VQConfig(image_size=64, downsample=8, codebook_size=512, code_dim=32, channels=128,
                      stem_channels=32, res_blocks=1, ema_decay=0.95, name="tiny", train_steps=800, train_batch=16,
                      train_augment="hflip,channels"),

@@ -45,11 +45,29 @@ def augment(batch: np.ndarray, augments: list[str], rng: np.random.Generator) ->
     return batch
 
 
+def learning_rate(step: int, steps: int, lr: float, switch_step: int, switch_warmup: float = 0.05) -> float:
+    """The tokenizer's schedule: a short linear warmup (a tenth of the steps, at most 20), a cosine down to
+    10% of `lr`, and a second linear warmup over `switch_warmup` of the steps from `switch_step`, where
+    quantisation starts. Why the second: the decoder then meets quantised inputs for the first time, and
+    at the full rate a run of 1,600 steps blew up there (loss 0.005 -> 1.3, 6 dB) and never fully
+    recovered; with it the same run trained through the switch (docs/tokenizer.md)."""
+    warmup = max(1, min(20, steps // 10))
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    cosine = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    rewarm = max(1, int(steps * switch_warmup))
+    if switch_step <= step < switch_step + rewarm:
+        return cosine * (step - switch_step + 1) / rewarm
+    return cosine
+
+
 def train_image_tokenizer(frames: np.ndarray, out_dir: str | os.PathLike, preset: str | VQConfig = "tiny",
                           steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
                           seed: int = 0, device: str | None = None, log: Callable[[str], None] | None = print,
                           restart_every: int = 10, restart_min_usage: float = 1.0,
-                          ae_warmup: float = 0.3, max_minutes: float | None = None, resume: bool = False,
+                          ae_warmup: float = 0.3, switch_warmup: float = 0.05, max_minutes: float | None = None,
+                          resume: bool = False,
                           stop_at: int | None = None, checkpoint_minutes: float = 5.0,
                           amp: bool | None = None) -> ImageTokenizer:
     """Train a VQ-VAE on uint8 frames [N, S, S, 3] (already at the preset's image_size) and save it.
@@ -67,7 +85,8 @@ def train_image_tokenizer(frames: np.ndarray, out_dir: str | os.PathLike, preset
 
     The first `ae_warmup` fraction of the steps trains a plain autoencoder (no quantisation), then the
     codebook starts on k-means centroids of the encodings: quantising from step 0 collapsed onto a few
-    codes that carried brightness but no colour (measured: ~20 dB, every shape decoded grey-pink).
+    codes that carried brightness but no colour (measured: ~20 dB, every shape decoded grey-pink). The
+    learning rate warms up again over `switch_warmup` of the steps after that switch (`learning_rate`).
     Loss: MSE reconstruction in [-1, 1] + beta * commitment; the codebook follows an EMA of its assigned
     encoder outputs; every `restart_every` steps, codes assigned fewer than `restart_min_usage` times
     since the previous check are moved onto encoder outputs of the current batch (not in the last 10% of
@@ -96,14 +115,10 @@ def train_image_tokenizer(frames: np.ndarray, out_dir: str | os.PathLike, preset
     torch.manual_seed(seed)
     model = VQVAE(cfg).to(device).train()
     opt = torch.optim.Adam(list(model.encoder.parameters()) + list(model.decoder.parameters()), lr=lr)
-    warmup = max(1, min(20, steps // 10))
     ae_steps = int(steps * ae_warmup)
 
-    def lr_at(step):  # short linear warmup, then cosine to 10%
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        t = (step - warmup) / max(1, steps - warmup)
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    def lr_at(step):
+        return learning_rate(step, steps, lr, ae_steps, switch_warmup)
 
     history: list[dict] = []
     restarts_total, first_step, seconds_before = 0, 0, 0.0

@@ -101,7 +101,7 @@ def test_declared_gpus_tokenize_and_decode_spreads(wide_manifest, image_tokenize
                                                    fresh_ray):
     import ray
 
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
     out = tmp_path / "ds"
     info = build(str(wide_manifest), str(out), str(image_tokenizer), str(text_tokenizer),
                  _config(runner="ray"), progress=False)

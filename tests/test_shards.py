@@ -189,7 +189,8 @@ def test_readers_webdataset_wids_and_plain_tar(dataset):
 @pytest.mark.ray
 def test_ray_data_reads_the_shards(dataset):
     import ray
-    ray.init(ignore_reinit_error=True, include_dashboard=False, num_cpus=2)
+    # "local": a fresh instance, never a cluster another test left running or registered on this machine
+    ray.init(address="local", ignore_reinit_error=True, include_dashboard=False, num_cpus=2)
     # shards/ also holds the per-shard stats JSON: read the tars only
     ds = ray.data.read_webdataset(str(dataset / "shards"), decoder=None, file_extensions=["tar"])
     assert ds.count() == len(read_index(dataset))

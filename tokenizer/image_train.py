@@ -116,10 +116,6 @@ def train_image_tokenizer(frames: np.ndarray, out_dir: str | os.PathLike, preset
     model = VQVAE(cfg).to(device).train()
     opt = torch.optim.Adam(list(model.encoder.parameters()) + list(model.decoder.parameters()), lr=lr)
     ae_steps = int(steps * ae_warmup)
-
-    def lr_at(step):
-        return learning_rate(step, steps, lr, ae_steps, switch_warmup)
-
     history: list[dict] = []
     restarts_total, first_step, seconds_before = 0, 0, 0.0
     if resume and (out_dir / STATE_FILE).exists():
@@ -174,7 +170,7 @@ def train_image_tokenizer(frames: np.ndarray, out_dir: str | os.PathLike, preset
                 flat = z_pool.permute(0, 2, 3, 1).reshape(-1, cfg.code_dim)
                 model.quantizer.init_kmeans(model.quantizer.prepare(flat))
         for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = learning_rate(step, steps, lr, ae_steps, switch_warmup)
         # convolutions in bf16 under `amp`; the quantiser (EMA statistics, nearest codes) and the loss in float32
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             z = model.encoder(x)

@@ -38,6 +38,13 @@ class ReshardConfig:
     val_seed: int = 0
 
 
+def _ustar_member(header: bytes) -> tuple[str, str, int]:
+    """(name, sample key, data size) of one plain USTAR header block."""
+    name = (header[345:500].rstrip(b"\0") + b"/" if header[345] else b"") + header[0:100].rstrip(b"\0")
+    name_s = name.decode("utf-8", "replace")
+    return name_s, name_s.rpartition("/")[2].partition(".")[0], int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+
+
 def _sample_ranges(source: "SourceTar") -> dict[str, tuple[int, int]]:
     """key -> (start, length) of the sample's members (headers, data, padding) in the tar.
 
@@ -57,14 +64,11 @@ def _sample_ranges(source: "SourceTar") -> dict[str, tuple[int, int]]:
             if kind in (b"x", b"g", b"L", b"K"):
                 return _sample_ranges_tarfile(source)
             raise ValueError(f"{source.name}: member of type {kind!r} refused (links and devices are not read)")
-        name = (header[345:500].rstrip(b"\0") + b"/" if header[345] else b"") + header[0:100].rstrip(b"\0")
-        name_s = name.decode("utf-8", "replace")
+        name_s, key, size = _ustar_member(header)
         problem = unsafe_name(name_s)
         if problem:
             raise ValueError(f"{source.name}: {problem}")
-        size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
         end = pos + BLOCK + size + (-size % BLOCK)
-        key = name_s.rpartition("/")[2].partition(".")[0]
         span = ranges.get(key)
         if span is None:
             ranges[key] = [pos, end]
@@ -83,12 +87,11 @@ def _sample_end(blob: bytes, offset: int, key: str) -> int | None:
     pos, members = offset, 0
     while pos + BLOCK <= len(blob):
         header = blob[pos:pos + BLOCK]
-        if header[156:157] not in (b"0", b"\0") or header[345]:
+        if header[156:157] not in (b"0", b"\0"):
             break
-        name = header[0:100].rstrip(b"\0").decode("utf-8", "replace")
-        if name.partition(".")[0] != key or unsafe_name(name):
+        name, member_key, size = _ustar_member(header)
+        if member_key != key or unsafe_name(name):
             break
-        size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
         pos += BLOCK + size + (-size % BLOCK)
         members += 1
     return pos if members else None

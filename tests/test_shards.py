@@ -17,6 +17,7 @@ from clipforge.jobs.build import BuildConfig, build, with_overrides
 from clipforge.pipeline.storage.reshard import ReshardConfig, reshard
 from clipforge.pipeline.storage.samples import decode_sample
 from clipforge.pipeline.storage.shards import read_index, read_ledger, read_records, shard_urls
+from clipforge.pipeline.storage.tarwriter import FastTarWriter, read_ustar_header
 from clipforge.pipeline.storage.verify import iter_tar_samples, verify_dataset
 
 FLAGS = ["--size", "64", "--mode", "both", "--inputs-per-shard", "2", "--text-slot", "24", "--runner", "local",
@@ -220,6 +221,37 @@ def test_unsafe_members_are_refused(tmp_path, members):
     path.write_bytes(_tar_with(members))
     with pytest.raises(ValueError):
         list(iter_tar_samples(path))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, "fast"])
+def test_tar_headers_are_told_from_member_data(fmt):
+    # A short JSON member padded with NULs has a NUL type flag and octal-looking bytes where a header's
+    # size sits; an index offset that lands there must read as "not a header", never as a member.
+    data = json.dumps({"frames": [0, 4, 8], "mode": "sequential", "n": 12345670}).encode()
+    if fmt == "fast":
+        buf = io.BytesIO()
+        FastTarWriter(buf).write({"__key__": "clip-0001", "json": data, "txt": b"a red circle"})
+        blob = buf.getvalue()
+    else:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            for name, payload in (("clip-0001.json", data), ("clip-0001.txt", b"a red circle")):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+        blob = buf.getvalue()
+    headers = []
+    pos = 0
+    while pos < len(blob) and blob[pos:pos + 512] != bytes(512):
+        member = read_ustar_header(blob[pos:pos + 512])
+        assert member is not None, f"a real header at {pos} was refused"
+        headers.append(member)
+        name, key, size, kind = member
+        data_start = pos + 512
+        pos = data_start + size + (-size % 512)
+        assert read_ustar_header(blob[data_start:data_start + 512]) is None, f"member data at {data_start} read as a header"
+    plain = [(name, key, size) for name, key, size, kind in headers if kind in (b"0", b"\0")]
+    assert plain == [("clip-0001.json", "clip-0001", len(data)), ("clip-0001.txt", "clip-0001", 12)]
 
 
 @pytest.mark.parametrize("source_shard_samples", [None, 1])

@@ -24,7 +24,7 @@ from clipforge.pipeline.storage.dataset import package_versions, write_wids_inde
 from clipforge.pipeline.storage.fs import Location
 from clipforge.pipeline.storage.shards import (INDEX_COLUMNS, LEDGER_COLUMNS, commit_shard, parquet_bytes, read_index,
                                                read_ledger, read_records, shard_name, write_json)
-from clipforge.pipeline.storage.tarwriter import BLOCK, FastTarWriter
+from clipforge.pipeline.storage.tarwriter import BLOCK, FastTarWriter, read_ustar_header
 from clipforge.pipeline.storage.verify import safe_member, unsafe_name
 
 
@@ -36,13 +36,6 @@ class ReshardConfig:
     filter: str | None = None                # a pandas query over the index, e.g. "rate >= 1 and caption_tokens <= 64"
     val_fraction: float = 0.0                # share of source videos held out for validation
     val_seed: int = 0
-
-
-def _ustar_member(header: bytes) -> tuple[str, str, int]:
-    """(name, sample key, data size) of one plain USTAR header block."""
-    name = (header[345:500].rstrip(b"\0") + b"/" if header[345] else b"") + header[0:100].rstrip(b"\0")
-    name_s = name.decode("utf-8", "replace")
-    return name_s, name_s.rpartition("/")[2].partition(".")[0], int(header[124:136].rstrip(b"\0 ") or b"0", 8)
 
 
 def _sample_ranges(source: "SourceTar") -> dict[str, tuple[int, int]]:
@@ -59,12 +52,14 @@ def _sample_ranges(source: "SourceTar") -> dict[str, tuple[int, int]]:
         header = source.read_at(pos, BLOCK)
         if len(header) < BLOCK or header == b"\0" * BLOCK:
             break
-        kind = header[156:157]
+        member = read_ustar_header(header)
+        if member is None:
+            raise ValueError(f"{source.name}: no valid tar header at byte {pos} (corrupt or not a tar)")
+        name_s, key, size, kind = member
         if kind not in (b"0", b"\0"):
             if kind in (b"x", b"g", b"L", b"K"):
                 return _sample_ranges_tarfile(source)
             raise ValueError(f"{source.name}: member of type {kind!r} refused (links and devices are not read)")
-        name_s, key, size = _ustar_member(header)
         problem = unsafe_name(name_s)
         if problem:
             raise ValueError(f"{source.name}: {problem}")
@@ -86,11 +81,11 @@ def _sample_end(blob: bytes, offset: int, key: str) -> int | None:
     member is not a plain file, so the caller falls back to scanning the whole tar."""
     pos, members = offset, 0
     while pos + BLOCK <= len(blob):
-        header = blob[pos:pos + BLOCK]
-        if header[156:157] not in (b"0", b"\0"):
+        member = read_ustar_header(blob[pos:pos + BLOCK])
+        if member is None:   # an index offset that lands in member data
             break
-        name, member_key, size = _ustar_member(header)
-        if member_key != key or unsafe_name(name):
+        name, member_key, size, kind = member
+        if kind not in (b"0", b"\0") or member_key != key or unsafe_name(name):
             break
         pos += BLOCK + size + (-size % BLOCK)
         members += 1

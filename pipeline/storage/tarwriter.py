@@ -15,6 +15,29 @@ BLOCK = 512
 RECORD = BLOCK * 20   # tar's traditional blocking factor: archives end on a 10 KiB boundary
 
 
+def read_ustar_header(block: bytes) -> tuple[str, str, int, bytes] | None:
+    """(name, sample key, data size, type flag) of one 512-byte tar header, or None when `block` is not a
+    header: its checksum does not match or a numeric field is not octal. Reading by an offset that may be
+    wrong lands in member data, and data can look like a header field by field (a short JSON padded with
+    NULs has a NUL type flag), so the checksum is what tells the two apart. The name joins the USTAR
+    prefix; extended (pax, GNU long-name) headers are returned with their flag for the caller to refuse
+    or hand to tarfile."""
+    if len(block) != BLOCK:
+        return None
+    try:
+        stored = int(block[148:156].strip(b"\0 ") or b"-1", 8)
+        size = int(block[124:136].strip(b"\0 ") or b"0", 8)
+    except ValueError:
+        return None
+    unsigned = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
+    signed = unsigned - 2 * sum(b for b in block[:148] + block[156:] if b > 127)   # some old writers
+    if stored not in (unsigned, signed):
+        return None
+    name = (block[345:500].rstrip(b"\0") + b"/" if block[345] else b"") + block[0:100].rstrip(b"\0")
+    name_s = name.decode("utf-8", "replace")
+    return name_s, name_s.rpartition("/")[2].partition(".")[0], size, block[156:157]
+
+
 def _template(user: str, group: str, mode: int, mtime: int) -> bytearray:
     h = bytearray(BLOCK)
     h[100:108] = b"%07o\0" % mode

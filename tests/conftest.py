@@ -5,6 +5,7 @@ under-trained (a few steps), since the tests check the plumbing, not the picture
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +48,38 @@ def image_tokenizer(tmp_path_factory) -> Path:
     return out
 
 
+def pytest_configure(config):
+    # `make test` runs two xdist workers on two cores: one torch thread each, else both workers' thread
+    # pools fight over the same cores (a module fixture that trains took 4x longer that way)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+        torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)   # before xdist's own hook, which reads the groups off the markers
 def pytest_collection_modifyitems(config, items):
     """Tests that start a local Ray cluster share one xdist worker (`make test` runs two), so that two
-    clusters never compete for the same two cores and ports."""
+    clusters never compete for the same two cores and ports; every other test runs on the worker of its
+    module, so a module's expensive fixtures (a trained tokenizer, a built dataset) are built once."""
     for item in items:
-        if item.get_closest_marker("ray"):
-            item.add_marker(pytest.mark.xdist_group("ray"))
+        group = "ray" if item.get_closest_marker("ray") else item.nodeid.partition("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+def start_local_ray(**kwargs):
+    """`ray.init(address="local", ...)`: always a fresh instance, never a cluster another test left running
+    or registered on this machine. Ray gives a starting node a fixed 30 s to register with its GCS, which a
+    loaded 2-core machine (the other test worker, a cluster still shutting down) can miss, so starting
+    Ray (not the code under test) is tried a second time."""
+    import ray
+
+    for attempt in range(2):
+        try:
+            return ray.init(address="local", include_dashboard=False, **kwargs)
+        except Exception:   # noqa: BLE001 — Ray raises a bare Exception for a node that timed out starting
+            ray.shutdown()
+            if attempt:
+                raise
 
 
 def shared_videos() -> list[Path]:

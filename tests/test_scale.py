@@ -22,6 +22,7 @@ from clipforge.pipeline.storage.samples import decode_sample
 from clipforge.pipeline.storage.shards import (ShardCommitter, clean_stale, read_index, read_ledger, read_records,
                                                shard_urls)
 from clipforge.pipeline.storage.verify import verify_dataset
+from tests.conftest import start_local_ray
 
 LAYOUT = {"frames": 5, "frame_size": 64, "tokens_h": 8, "tokens_w": 8, "text_slot": 24, "image_vocab": 64}
 
@@ -101,7 +102,7 @@ def test_declared_gpus_tokenize_and_decode_spreads(wide_manifest, image_tokenize
                                                    fresh_ray):
     import ray
 
-    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=4, num_gpus=2, log_to_driver=False)
     out = tmp_path / "ds"
     info = build(str(wide_manifest), str(out), str(image_tokenizer), str(text_tokenizer),
                  _config(runner="ray"), progress=False)

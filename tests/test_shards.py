@@ -19,6 +19,7 @@ from clipforge.pipeline.storage.samples import decode_sample
 from clipforge.pipeline.storage.shards import read_index, read_ledger, read_records, shard_urls
 from clipforge.pipeline.storage.tarwriter import FastTarWriter, read_ustar_header
 from clipforge.pipeline.storage.verify import iter_tar_samples, verify_dataset
+from tests.conftest import start_local_ray
 
 FLAGS = ["--size", "64", "--mode", "both", "--inputs-per-shard", "2", "--text-slot", "24", "--runner", "local",
          "--quiet"]
@@ -190,8 +191,7 @@ def test_readers_webdataset_wids_and_plain_tar(dataset):
 @pytest.mark.ray
 def test_ray_data_reads_the_shards(dataset):
     import ray
-    # "local": a fresh instance, never a cluster another test left running or registered on this machine
-    ray.init(address="local", ignore_reinit_error=True, include_dashboard=False, num_cpus=2)
+    start_local_ray(num_cpus=2)
     # shards/ also holds the per-shard stats JSON: read the tars only
     ds = ray.data.read_webdataset(str(dataset / "shards"), decoder=None, file_extensions=["tar"])
     assert ds.count() == len(read_index(dataset))

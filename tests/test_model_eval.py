@@ -54,6 +54,22 @@ def test_detector_survives_soft_edges(blur):
         assert (got["color"], got["shape"], got["direction"]) == (color, shape, direction), got
 
 
+@pytest.mark.parametrize("brightness", [1.0, 0.75])
+def test_colour_survives_a_darker_decoder_and_a_blended_rim(brightness):
+    """Measured through the demo's tokenizer: colours come back 10-25 % darker, and the rim blends into
+    the background; a darkened orange's blob median was nearer to red than to orange in RGB."""
+    from scipy import ndimage
+
+    for i, color in enumerate(COLORS):
+        frames = moving("circle", color, "right", radius=7, seed=i).astype(np.float32)
+        background = np.array((25, 22, 30), np.float32)
+        fg = np.abs(frames - background).max(axis=-1, keepdims=True) > 0
+        darker = np.where(fg, frames * brightness, frames)
+        soft = ndimage.uniform_filter(darker, size=(1, 3, 3, 1))
+        got = detect(np.clip(soft, 0, 255).astype(np.uint8))
+        assert got["color"] == color, (color, brightness, got)
+
+
 def test_score_counts_each_attribute_and_all_three():
     truth = {"color": "red", "shape": "circle", "direction": "left"}
     rows = [{"truth": truth, "detected": dict(truth)},

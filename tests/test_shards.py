@@ -197,9 +197,9 @@ def test_ray_data_reads_the_shards(dataset):
     assert ds.count() == len(read_index(dataset))
 
 
-def _tar_with(members):
+def _tar_with(members, format=tarfile.DEFAULT_FORMAT):
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
+    with tarfile.open(fileobj=buf, mode="w", format=format) as tar:
         for name, data, kind in members:
             info = tarfile.TarInfo(name)
             if kind == "symlink":
@@ -233,13 +233,7 @@ def test_tar_headers_are_told_from_member_data(fmt):
         FastTarWriter(buf).write({"__key__": "clip-0001", "json": data, "txt": b"a red circle"})
         blob = buf.getvalue()
     else:
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
-            for name, payload in (("clip-0001.json", data), ("clip-0001.txt", b"a red circle")):
-                info = tarfile.TarInfo(name)
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-        blob = buf.getvalue()
+        blob = _tar_with([("clip-0001.json", data, "file"), ("clip-0001.txt", b"a red circle", "file")], fmt)
     headers = []
     pos = 0
     while pos < len(blob) and blob[pos:pos + 512] != bytes(512):

@@ -30,9 +30,10 @@ def read_ustar_header(block: bytes) -> tuple[str, str, int, bytes] | None:
     except ValueError:
         return None
     unsigned = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
-    signed = unsigned - 2 * sum(b for b in block[:148] + block[156:] if b > 127)   # some old writers
-    if stored not in (unsigned, signed):
-        return None
+    if stored != unsigned:   # some old writers sum signed bytes; a per-byte loop only for those
+        signed = unsigned - 2 * sum(b for b in block[:148] + block[156:] if b > 127)
+        if stored != signed:
+            return None
     name = (block[345:500].rstrip(b"\0") + b"/" if block[345] else b"") + block[0:100].rstrip(b"\0")
     name_s = name.decode("utf-8", "replace")
     return name_s, name_s.rpartition("/")[2].partition(".")[0], size, block[156:157]

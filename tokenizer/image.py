@@ -75,11 +75,8 @@ class VQConfig:
 
 
 PRESETS: dict[str, VQConfig] = {
-    # 64x64 -> 8x8 codes; 0.8M parameters; 1,600 steps of batch 8 take ~4-5 minutes on 2 CPU cores
-    # (measured 255-290 s). Batch 8: on the small synthetic corpus more updates of the same frames beat
-    # larger batches (+1.3 dB held-out over 800 x 16, docs/tokenizer.md); codes of dimension 16 beat 32 by
-    # 0.3 dB over two seeds, with usage above 90%. Colour-channel permutation: see
-    # docs/tokenizer.md (held-out colour/shape pairs)
+    # 64x64 -> 8x8 codes; 0.8M parameters; 1,600 steps of batch 8 take ~4-5 minutes on 2 CPU cores. Why batch
+    # 8, code dimension 16 and colour-channel permutation: measured in docs/tokenizer.md
     "tiny": VQConfig(image_size=64, downsample=8, codebook_size=512, code_dim=16, channels=128,
                      stem_channels=32, res_blocks=1, ema_decay=0.95, name="tiny", train_steps=1600, train_batch=8,
                      train_augment="hflip,channels"),

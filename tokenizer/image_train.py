@@ -185,7 +185,7 @@ def train_image_tokenizer(frames: np.ndarray, out_dir: str | os.PathLike, preset
         opt.step()
         restarted = 0
         if restart_every and step > ae_steps and (step + 1) % restart_every == 0 and step + 1 < steps * 0.9:
-            flat = model.quantizer.prepare(z.detach().permute(0, 2, 3, 1).reshape(-1, cfg.code_dim))
+            flat = model.quantizer.prepare(z.detach().float().permute(0, 2, 3, 1).reshape(-1, cfg.code_dim))
             restarted = model.quantizer.restart_dead(flat, restart_min_usage)
             restarts_total += restarted
         elapsed = seconds_before + time.time() - t0

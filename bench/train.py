@@ -13,7 +13,9 @@ Measures, on random tokens (the model's speed does not depend on what the tokens
 FLOPs per token are counted from the config (nanoGPT's estimate, PaLM appendix B): 6 x the parameters
 a token passes through (both attention channels' QKV and projections, the MLP, the head; not the
 embedding tables) + 6 x 2 x n_layer x n_embd x L for the attention scores and values of both channels,
-computed densely over the whole L x L mask (the masked entries are computed too).
+counted densely over the whole L x L square, the usual convention (PaLM counts causal attention in full
+too); the kernels skip much of it (the base channel runs frame by frame, the sequential plus channel
+causally), so this count is the model's FLOPs, not the ones executed.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
+from clipforge.model.distributed import uses_bf16_autocast  # noqa: E402
 from clipforge.model.gpt import CogVideo, CogVideoConfig  # noqa: E402
 
 PRESETS = {
@@ -79,7 +82,7 @@ def bench_train(model, cfg, device, batch, steps, warmup, amp):
         sync(device)
         t = time.perf_counter()
         if amp:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
                 _, loss = model(tokens, targets, stage="sequential")
         else:
             _, loss = model(tokens, targets, stage="sequential")
@@ -137,6 +140,7 @@ def main(argv=None):
     p.add_argument("--peak-tflops", type=float, help="dense peak of the device for MFU (default: by GPU name)")
     p.add_argument("--nocache-tokens", type=int, default=64)
     p.add_argument("--grad-checkpoint", action="store_true")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast (the trainer's --fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model before timing")
     p.add_argument("--out", help="also write the JSON here")
     a = p.parse_args(argv)
@@ -146,7 +150,7 @@ def main(argv=None):
     cfg = CogVideoConfig(**PRESETS[a.preset])
     model = CogVideo(cfg).to(device)
     model.gradient_checkpointing = a.grad_checkpoint
-    amp = device.type == "cuda"
+    amp = uses_bf16_autocast(device, not a.fp32)   # as the trainer decides: cuda, or a cpu with native bf16
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     run_model = torch.compile(model) if a.compile else model

@@ -120,7 +120,7 @@ def _cmd_train(a):
              "weight_decay": a.weight_decay, "cond_drop": a.cond_drop, "log_interval": a.log_interval,
              "eval_interval": a.eval_interval, "ckpt_interval": a.ckpt_interval, "warmup_steps": a.warmup_steps}
     config = TrainConfig(stage=a.stage, steps=a.steps, max_minutes=a.max_minutes, batch_size=a.batch_size,
-                         seed=a.seed, device=a.device, init_from=a.init_from, num_workers=a.num_workers,
+                         seed=a.seed, device=a.device, init_from=a.init_from, num_workers=a.num_workers, amp=not a.fp32,
                          record_keys=a.record_keys, image_tokenizer=a.image_tokenizer, text_tokenizer=a.text_tokenizer,
                          clip_modes=a.clip_modes.split(",") if a.clip_modes else None,
                          **{k: v for k, v in given.items() if v is not None},
@@ -306,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--record-keys", action="store_true", help="write RUN/keys/rankR.txt: the samples each rank used")
     s.add_argument("--resume", action="store_true",
                    help="continue RUN from its latest checkpoint with the configuration saved there")
+    s.add_argument("--fp32", action="store_true",
+                   help="train in float32 even where bf16 autocast would run (cuda, cpus with native bf16)")
 
     s = cmd("sample", _cmd_sample, "generate a video (mp4 or gif) from text")
     s.add_argument("run", metavar="RUN")

@@ -15,6 +15,28 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), read from /proc/cpuinfo (False
+    where there is none). Where it does, oneDNN runs bf16 matrix products several times faster than
+    float32 ones (2,048-square: 116 vs 26 GFLOP/s on a 2-core AMD EPYC, whose float32 products go through
+    MKL's generic code path); elsewhere bf16 is emulated and slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False
+
+
+def uses_bf16_autocast(device: torch.device, amp: bool) -> bool:
+    """The trainer's `amp`: bf16 autocast where the hardware runs bf16 natively (CUDA, or a CPU with
+    native bf16), float32 everywhere else."""
+    return bool(amp) and (device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()))
+
+
 def dist_context(device_name: str | None) -> tuple[int, int, torch.device, bool]:
     """(rank, world_size, device, joined). Under torchrun (WORLD_SIZE > 1) this joins the process group
     unless the caller already did (joined = True when this call did): NCCL on GPUs, gloo on CPUs; each

@@ -172,6 +172,63 @@ def build_masks(cfg: CogVideoConfig, stage: str) -> dict[str, object]:
 # modules
 
 
+@dataclass(frozen=True)
+class FrameBlocks:
+    """The base channel's mask over a whole sequence, as structure rather than an (L, L) tensor: text
+    attends text causally, each of `n_frames` blocks of `frame_len` tokens attends all text and itself
+    causally. Frames see only text and themselves, so a block costs frame_len x (text + frame_len)
+    scores instead of a row of the whole square: at the demo's shape (349 tokens, 5 frames) a fifth."""
+    text: int
+    frame_len: int
+    n_frames: int
+
+
+def attention(q, k, v, mask) -> torch.Tensor:
+    """Scaled dot-product attention of q (B, nh, T, hs) over k, v (B, nh, S, hs) under `mask`: an (T, S)
+    bool tensor (True = may attend), "causal" (T == S), or FrameBlocks (a whole sequence).
+
+    No dropout on the attention probabilities: with a mask it pushed CPU attention onto a slow path (3x
+    slower training steps on the demo model); residual and MLP dropout remain. On CPU the scores are
+    computed in float32 even under bf16 autocast: PyTorch's CPU flash kernel ran slower in bf16 than in
+    float32 (332 vs 237 ms for a demo-shaped batch, forward and backward)."""
+    dtype = q.dtype
+    if q.device.type == "cpu" and dtype != torch.float32:
+        q, k, v = q.float(), k.float(), v.float()
+    if isinstance(mask, FrameBlocks):
+        y = frame_block_attention(q, k, v, mask)
+    elif isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"unknown attention mask {mask!r}")
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return y.to(dtype)
+
+
+def frame_block_attention(q, k, v, blocks: FrameBlocks) -> torch.Tensor:
+    """`attention` under a FrameBlocks mask: the text rows causally, then all frames as one batch of
+    (frame_len queries) x (text + frame_len keys)."""
+    B, nh, L, hs = q.shape
+    n, fl, t = blocks.n_frames, blocks.frame_len, blocks.text
+    if L != t + n * fl or k.shape[2] != L:
+        raise ValueError(f"FrameBlocks({t}, {fl}, {n}) needs {t + n * fl} queries and keys, got {L}, {k.shape[2]}")
+    y_text = F.scaled_dot_product_attention(q[:, :, :t], k[:, :, :t], v[:, :, :t], is_causal=True)
+
+    # frames as extra heads, (B, nh * n, ...): the fused kernels take 4-d inputs only (5-d fell back to
+    # plain matmuls and softmax)
+    def frames(x):                                               # (B, nh * n, fl, hs)
+        return x[:, :, t:].reshape(B, nh * n, fl, hs)
+
+    def with_text(x):                                            # (B, nh * n, t + fl, hs)
+        text = x[:, :, None, :t].expand(B, nh, n, t, hs).reshape(B, nh * n, t, hs)
+        return torch.cat([text, frames(x)], dim=2)
+
+    visible = torch.ones(fl, t + fl, dtype=torch.bool, device=q.device)
+    visible[:, t:] = torch.ones(fl, fl, dtype=torch.bool, device=q.device).tril()
+    y_frames = F.scaled_dot_product_attention(frames(q), with_text(k), with_text(v), attn_mask=visible)
+    return torch.cat([y_text, y_frames.reshape(B, nh, n * fl, hs)], dim=2)
+
+
 class KVCache:
     """Keys and values of every layer and channel for incremental decoding; `pos` tokens so far."""
 
@@ -202,9 +259,7 @@ class DualAttention(nn.Module):
                 k = torch.cat([cache[name][0], k], dim=2)                   # (B, nh, pos + T, hs)
                 v = torch.cat([cache[name][1], v], dim=2)
             cache[name] = (k, v)
-        # no dropout on the attention probabilities: with a mask it pushed CPU attention onto a slow
-        # path (3x slower training steps on the demo model); residual and MLP dropout remain
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = attention(q, k, v, mask)
         return y.transpose(1, 2).contiguous().view(B, T, C)
 
     @property
@@ -318,6 +373,17 @@ class CogVideo(nn.Module):
                                 "plus": None if m["plus"] is None else [p.to(device) for p in m["plus"]]}
         return self._masks[key]
 
+    def whole_sequence_masks(self, stage: str, base_mask, plus_masks):
+        """The same masks for a whole sequence, as structure the attention kernels exploit: the base
+        channel is FrameBlocks (plain "causal" in the image stage, one frame), the sequential stage's
+        plus channel is "causal". The interpolation stage's windows stay tensors."""
+        cfg = self.config
+        n_frames = len(cfg.frame_order(stage))
+        base = "causal" if n_frames == 1 else FrameBlocks(cfg.text_slot, cfg.frame_len, n_frames)
+        if stage == "sequential":
+            plus_masks = ["causal", "causal"]
+        return base, plus_masks
+
     def positions(self, stage: str) -> torch.Tensor:
         """(L, C) position embeddings of a stage: text, then each frame's table in sequence order."""
         tables = [self.wpe_text] + [self.wpe_image if f == 0 else self.wpe_frames[f - 1]
@@ -341,6 +407,8 @@ class CogVideo(nn.Module):
         base_mask = masks["base"][rows, :start + T]                              # (T, start + T)
         plus = masks["plus"]
         plus_masks = None if plus is None else [p[rows, :start + T] for p in plus]
+        if start == 0 and T == L:  # a whole sequence (training, evaluation): the masks' structure is cheaper
+            base_mask, plus_masks = self.whole_sequence_masks(stage, base_mask, plus_masks)
 
         x = self.wte(tokens) + self.positions(stage)[rows]                       # (B, T, C)
         x = self.drop(x)

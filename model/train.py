@@ -45,7 +45,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from clipforge.model.distributed import (all_reduce_mean, default_device, dist_context, rng_state,
+from clipforge.model.distributed import (all_reduce_mean, default_device, dist_context, rng_state, uses_bf16_autocast,
                                          set_rng_state, weights_digest)
 from clipforge.model.data import SequenceBuilder, ShardStream, make_loader, read_dataset_info, shard_urls, tokenizer_paths
 from clipforge.model.gpt import STAGES, CogVideo, CogVideoConfig, default_window
@@ -76,7 +76,8 @@ class TrainConfig:
     log_interval: int = 20
     seed: int = 0
     device: str | None = None          # default: cuda when available, else cpu
-    amp: bool = True                   # bf16 autocast on cuda (no loss scaling needed); ignored on cpu
+    amp: bool = True                   # bf16 autocast (no loss scaling needed) on cuda and on cpus with
+                                       # native bf16 (distributed.uses_bf16_autocast); float32 elsewhere
     grad_checkpoint: bool = False      # activation checkpointing (SPEC), trades compute for memory
     init_from: str | None = None       # a RUN directory to start from (e.g. an image-stage run)
     freeze_base: bool | None = None    # None: True when init_from is an image-stage run and stage != image
@@ -262,7 +263,8 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
     n_params = model.get_num_params()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model: {n_params / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable; stage {config.stage}, "
-        f"sequence {mc.seq_len(config.stage)} tokens, freeze_base={freeze}, joint_image={joint}, device {device}, "
+        f"sequence {mc.seq_len(config.stage)} tokens, freeze_base={freeze}, joint_image={joint}, device {device}"
+        f"{' (bf16 autocast)' if uses_bf16_autocast(device, config.amp) else ''}, "
         f"{world} rank(s) x {config.batch_size} x {accum} accumulation = {world * config.batch_size * accum} per step")
 
     tokenizers = _copy_tokenizers(tok_paths, run) if master else None
@@ -312,8 +314,8 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
         t = min(1.0, (step - warmup) / max(1, horizon - warmup))
         return min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (base_lr - min_lr)
 
-    use_amp = config.amp and device.type == "cuda"
-    autocast = (lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
+    use_amp = uses_bf16_autocast(device, config.amp)
+    autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if use_amp else nullcontext
     n0 = mc.text_slot + mc.frame_len  # text + frame 0: the image-stage prefix of every layout
 
     def losses(tokens, targets):
@@ -492,6 +494,7 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
                "eval_split": eval_split,
                "tokens_per_s": round(tokens_seen / max(seconds - seconds_before, 1e-9)), "params": n_params,
                "trainable_params": n_train, "freeze_base": freeze, "joint_image": joint, "device": str(device),
+               "autocast": "bfloat16" if use_amp else None,
                "world_size": world, "grad_accum": accum, "global_batch": world * config.batch_size * accum,
                "samples_seen": train_stream.seen, "skipped": dict(train_stream.skipped),
                "ckpt": str(run / ckpt_name) if ckpt_name else None, "tokenizers": tokenizers}

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import webdataset as wds
 
 from clipforge.model.data import SequenceBuilder, ShardStream, read_dataset_info, shard_urls
-from clipforge.model.gpt import CogVideo, CogVideoConfig, KVCache, build_masks, layout
+from clipforge.model.distributed import cpu_has_native_bf16, uses_bf16_autocast
+from clipforge.model.gpt import CogVideo, CogVideoConfig, FrameBlocks, KVCache, attention, build_masks, layout
 from clipforge.model.sample import rounds_for, sample
 from clipforge.model.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
 from clipforge.pipeline.storage.samples import encode_sample
@@ -181,6 +182,35 @@ def test_kv_cache_matches_full_forward():
         for i in range(prefix, L):
             out.append(model(tokens[:, i:i + 1], stage=stage, cache=cache)[0])
         assert torch.allclose(torch.cat(out, 1), full, atol=1e-5)
+
+
+def test_whole_sequence_attention_structure_equals_the_dense_masks():
+    """Training runs the base channel as per-frame blocks and the sequential plus channel as plain causal
+    attention; both must be the very masks of build_masks, for every stage and in bf16 autocast too."""
+    torch.manual_seed(2)
+    for stage in ("image", "sequential", "interpolation"):
+        masks, L = build_masks(SMALL, stage), SMALL.seq_len(stage)
+        q, k, v = torch.randn(3, 2, 2, L, 8).unbind(0)
+        n_frames = len(SMALL.frame_order(stage))
+        blocks = "causal" if n_frames == 1 else FrameBlocks(SMALL.text_slot, SMALL.frame_len, n_frames)
+        assert torch.allclose(attention(q, k, v, blocks), attention(q, k, v, masks["base"]), atol=1e-6)
+        if stage == "sequential":
+            assert all(torch.equal(p, masks["base"] | p) for p in masks["plus"])
+            assert torch.allclose(attention(q, k, v, "causal"), attention(q, k, v, masks["plus"][0]), atol=1e-6)
+    model = CogVideo(SMALL).eval()
+    tokens = torch.randint(0, SMALL.vocab_size, (2, SMALL.seq_len("sequential")))
+    with torch.no_grad():
+        full, _ = model(tokens, torch.zeros_like(tokens))                    # whole sequence: the structure
+        part, _ = model(tokens[:, :-1], torch.zeros_like(tokens[:, :-1]))    # a prefix: the dense masks
+        assert torch.allclose(full[:, :-1], part, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):                    # the CPU bf16 training path
+            low, _ = model(tokens, torch.zeros_like(tokens))
+    assert torch.allclose(low.float(), full, atol=0.05)
+    with pytest.raises(ValueError, match="FrameBlocks"):
+        attention(q, k, v, FrameBlocks(SMALL.text_slot, SMALL.frame_len, 2))
+    # the trainer's autocast: on a CPU only where it multiplies bf16 natively, never when switched off
+    assert uses_bf16_autocast(torch.device("cpu"), True) == cpu_has_native_bf16()
+    assert not uses_bf16_autocast(torch.device("cpu"), False) and uses_bf16_autocast(torch.device("cuda"), True)
 
 
 def test_generate_shapes_and_interpolation_rounds():

@@ -148,8 +148,14 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, urls: list[str], builder: SequenceBuilder, shuffle: bool = True, repeat: bool = True,
                  seed: int = 0, buffer: int = 256, cond_drop: float = 0.0, holdout: float = 0.0,
-                 holdout_side: str = "exclude", modes: tuple | None = None, rank: int = 0, world_size: int = 1):
+                 holdout_side: str = "exclude", modes: tuple | None = None, rank: int = 0, world_size: int = 1,
+                 memory_mb: float = 256):
         super().__init__()
+        # decoded shards kept in memory after their first read, up to memory_mb of shard bytes (per rank
+        # and worker): reading and decoding was a third of a demo-sized image-stage step
+        self.memory_bytes = memory_mb * 2**20
+        self.in_memory: dict[str, list] = {}
+        self.bytes_in_memory = 0
         self.urls, self.builder = list(urls), builder
         self.shuffle, self.repeat, self.seed, self.buffer = shuffle, repeat, seed, buffer
         self.cond_drop, self.holdout, self.holdout_side = cond_drop, holdout, holdout_side
@@ -178,19 +184,39 @@ class ShardStream(torch.utils.data.IterableDataset):
         by_shard = len(urls) >= slots
         if by_shard:
             urls = urls[slot::slots]
-        ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None,
+        i = 0
+        for url in urls:
+            for sample in self._shard(url):
+                if by_shard or i % slots == slot:
+                    yield sample
+                i += 1
+
+    def _shard(self, url: str) -> Iterator[dict | None]:
+        """One shard's decoded samples in order (None for one that does not decode), from memory after
+        the first complete read while the budget lasts."""
+        if url in self.in_memory:
+            yield from self.in_memory[url]
+            return
+        ds = wds.WebDataset([url], shardshuffle=False, empty_check=False, nodesplitter=None,
                             workersplitter=None, handler=wds.warn_and_continue)
-        for i, raw in enumerate(ds):
-            if by_shard or i % slots == slot:
-                yield raw
+        kept, size = [], 0
+        for raw in ds:
+            try:
+                sample = decode_sample(raw)
+            except (ValueError, KeyError, UnicodeDecodeError):  # incomplete or unreadable sample
+                sample = None
+            size += sum(len(v) for v in raw.values() if isinstance(v, bytes))
+            kept.append(sample)
+            yield sample
+        if self.bytes_in_memory + size <= self.memory_bytes:
+            self.in_memory[url] = kept
+            self.bytes_in_memory += size
 
     def _samples(self, epoch: int, slot: int, slots: int) -> Iterator[dict]:
         """Decoded samples of one epoch that pass the checks and the held-out split, shuffled."""
         def decoded():
-            for raw in self._epoch(epoch, slot, slots):
-                try:
-                    sample = decode_sample(raw)
-                except (ValueError, KeyError, UnicodeDecodeError):  # incomplete or unreadable sample
+            for sample in self._epoch(epoch, slot, slots):
+                if sample is None:
                     self.skipped["decode"] += 1
                     continue
                 if self.holdout > 0:

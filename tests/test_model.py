@@ -307,6 +307,15 @@ def test_sequence_builder_and_stream(dataset):
     items = list(stream)
     assert len(items) == 80 and stream.skipped == {"shape": 2}
     assert info["layout"]["text_slot"] == 12
+    # later epochs come from memory, and are the very epochs a stream that keeps nothing reads from disk
+    def epochs(memory_mb, n=200):
+        s = ShardStream(shard_urls(dataset, "train"), builder, seed=3, buffer=16, cond_drop=0.3, memory_mb=memory_mb)
+        out = [(key, tokens.tolist()) for (tokens, _, key), _ in zip(s, range(n))]
+        return out, s
+    from_memory, kept = epochs(256)
+    from_disk, none = epochs(0)
+    assert from_memory == from_disk and kept.skipped == none.skipped == {"shape": 5}
+    assert kept.in_memory and kept.bytes_in_memory > 0 and not none.in_memory
 
 
 @pytest.fixture(scope="module")

@@ -262,9 +262,10 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
             dist.broadcast(p, 0)
     n_params = model.get_num_params()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    use_amp = uses_bf16_autocast(device, config.amp)
     log(f"model: {n_params / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable; stage {config.stage}, "
         f"sequence {mc.seq_len(config.stage)} tokens, freeze_base={freeze}, joint_image={joint}, device {device}"
-        f"{' (bf16 autocast)' if uses_bf16_autocast(device, config.amp) else ''}, "
+        f"{' (bf16 autocast)' if use_amp else ''}, "
         f"{world} rank(s) x {config.batch_size} x {accum} accumulation = {world * config.batch_size * accum} per step")
 
     tokenizers = _copy_tokenizers(tok_paths, run) if master else None
@@ -314,7 +315,6 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
         t = min(1.0, (step - warmup) / max(1, horizon - warmup))
         return min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (base_lr - min_lr)
 
-    use_amp = uses_bf16_autocast(device, config.amp)
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if use_amp else nullcontext
     n0 = mc.text_slot + mc.frame_len  # text + frame 0: the image-stage prefix of every layout
 

@@ -10,7 +10,8 @@ import webdataset as wds
 
 from clipforge.model.data import SequenceBuilder, ShardStream, read_dataset_info, shard_urls
 from clipforge.model.distributed import cpu_has_native_bf16, uses_bf16_autocast
-from clipforge.model.gpt import CogVideo, CogVideoConfig, FrameBlocks, KVCache, attention, build_masks, layout
+from clipforge.model.attention import FrameBlocks, attention
+from clipforge.model.gpt import CogVideo, CogVideoConfig, KVCache, build_masks, layout
 from clipforge.model.sample import rounds_for, sample
 from clipforge.model.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
 from clipforge.pipeline.storage.samples import encode_sample

@@ -50,6 +50,10 @@ class VQConfig:
                                     # slowed learning badly here (an autoencoder reached 17 vs 26 dB)
     ema_decay: float = 0.99         # EMA decay of the codebook statistics (lower: follows a fast encoder)
     stem_res_blocks: int = 0        # residual blocks at S/2 in the decoder only (edges; encode cost unchanged)
+    encoder_kernel: int = 3         # kernel of the encoder's residual blocks on the token grid; 1: each code
+                                    # sees only its own patch (plus the stem's pixel of overlap)
+    padding: str = "zeros"          # conv padding at the frame border: "zeros" or "replicate" (a flat
+                                    # frame then encodes to one code everywhere, borders included)
     name: str = "custom"            # preset name, part of the tokenizer id
     # training defaults of the preset (train_image_tokenizer's steps / batch_size / lr when not given)
     train_steps: int = 300
@@ -72,6 +76,10 @@ class VQConfig:
             raise ValueError(f"image_size {self.image_size} is not a multiple of downsample {self.downsample}")
         if not 2 <= self.codebook_size <= 65536:
             raise ValueError(f"codebook_size must be in [2, 65536] (codes are uint16), got {self.codebook_size}")
+        if self.encoder_kernel not in (1, 3):
+            raise ValueError(f"encoder_kernel must be 1 or 3, got {self.encoder_kernel}")
+        if self.padding not in ("zeros", "replicate"):
+            raise ValueError(f"padding must be 'zeros' or 'replicate', got {self.padding!r}")
 
 
 PRESETS: dict[str, VQConfig] = {
@@ -93,10 +101,10 @@ PRESETS: dict[str, VQConfig] = {
 
 
 class ResBlock(nn.Module):
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, kernel: int = 3, padding: str = "zeros"):
         super().__init__()
-        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
-        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv1 = nn.Conv2d(ch, ch, kernel, padding=kernel // 2, padding_mode=padding)
+        self.conv2 = nn.Conv2d(ch, ch, kernel, padding=kernel // 2, padding_mode=padding)
 
     def forward(self, x):
         return x + self.conv2(F.silu(self.conv1(F.silu(x))))
@@ -112,9 +120,10 @@ class Encoder(nn.Module):
         super().__init__()
         r = cfg.downsample // 2  # the stem halves H and W, the unshuffle does the rest
         self.net = nn.Sequential(
-            nn.PixelUnshuffle(2), nn.Conv2d(12, cfg.stem_channels, 3, padding=1), nn.SiLU(),  # (N, c1, S/2, S/2)
+            nn.PixelUnshuffle(2), nn.Conv2d(12, cfg.stem_channels, 3, padding=1, padding_mode=cfg.padding),
+            nn.SiLU(),                                                                        # (N, c1, S/2, S/2)
             nn.PixelUnshuffle(r), nn.Conv2d(cfg.stem_channels * r * r, cfg.channels, 1),      # (N, c, h, w)
-            *[ResBlock(cfg.channels) for _ in range(cfg.res_blocks)],
+            *[ResBlock(cfg.channels, cfg.encoder_kernel, cfg.padding) for _ in range(cfg.res_blocks)],
             nn.SiLU(), nn.Conv2d(cfg.channels, cfg.code_dim, 1))                             # (N, D, h, w)
 
     def forward(self, x):  # (N, 3, S, S) -> (N, D, h, w)
@@ -126,11 +135,11 @@ class Decoder(nn.Module):
         super().__init__()
         r = cfg.downsample // 2
         self.net = nn.Sequential(
-            nn.Conv2d(cfg.code_dim, cfg.channels, 3, padding=1),                              # (N, c, h, w)
-            *[ResBlock(cfg.channels) for _ in range(cfg.res_blocks)],
+            nn.Conv2d(cfg.code_dim, cfg.channels, 3, padding=1, padding_mode=cfg.padding),  # (N, c, h, w)
+            *[ResBlock(cfg.channels, 3, cfg.padding) for _ in range(cfg.res_blocks)],
             nn.SiLU(), nn.Conv2d(cfg.channels, cfg.stem_channels * r * r, 1), nn.PixelShuffle(r),  # (N, c1, S/2, S/2)
-            *[ResBlock(cfg.stem_channels) for _ in range(cfg.stem_res_blocks)],
-            nn.SiLU(), nn.Conv2d(cfg.stem_channels, 12, 3, padding=1), nn.PixelShuffle(2))   # (N, 3, S, S)
+            *[ResBlock(cfg.stem_channels, 3, cfg.padding) for _ in range(cfg.stem_res_blocks)],
+            nn.SiLU(), nn.Conv2d(cfg.stem_channels, 12, 3, padding=1, padding_mode=cfg.padding), nn.PixelShuffle(2))   # (N, 3, S, S)
 
     def forward(self, z):  # (N, D, h, w) -> (N, 3, S, S)
         return self.net(z)

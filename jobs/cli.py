@@ -53,7 +53,9 @@ def _cmd_train_image(a):
 
     result = train_image(a.input, a.out, preset=a.preset, steps=a.steps, batch_size=a.batch_size,
                          max_frames=a.max_frames, seed=a.seed, device=a.device, max_minutes=a.max_minutes,
-                         resume=a.resume, lr=a.lr)
+                         resume=a.resume, lr=a.lr,
+                         overrides={k: v for k, v in (("encoder_kernel", a.encoder_kernel), ("padding", a.padding))
+                                    if v is not None})
     print(json.dumps(result, default=str))
 
 
@@ -215,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.add_argument("--max-minutes", type=float, help="wall-time budget of this run; stops, saves, resumable")
     s.add_argument("--resume", action="store_true", help="continue from DIR/train_state.pt (same settings)")
+    s.add_argument("--encoder-kernel", type=int, choices=[1, 3],
+                   help="1: each code is computed from its own patch only (default: the preset's, 3)")
+    s.add_argument("--padding", choices=["zeros", "replicate"],
+                   help="conv padding at the frame border; replicate: a flat frame is one code (default: zeros)")
     s = cmd("eval-image", _cmd_eval_image, "PSNR, SSIM, codebook usage and a round-trip contact sheet", toksub)
     s.add_argument("checkpoint", metavar="CKPT")
     s.add_argument("input", metavar="IN", help="manifest (frames the tokenizer never saw)")

@@ -55,17 +55,21 @@ def sample_frames(manifest: str, size: int, max_frames: int = 4000, seed: int = 
 def train_image(manifest: str, out: str, preset: str = "tiny", steps: int | None = None,
                 batch_size: int | None = None, max_frames: int = 4000, seed: int = 0, device: str | None = None,
                 max_minutes: float | None = None, resume: bool = False, lr: float | None = None,
-                eval_frames: int = 64, progress: bool = True, log=print) -> dict:
+                eval_frames: int = 64, progress: bool = True, overrides: dict | None = None, log=print) -> dict:
     """Sample frames from the manifest, train (or, with `resume`, continue) the preset, evaluate on a spread
-    of the training frames. steps / batch_size / lr default to the preset's; `max_minutes` bounds this run."""
+    of the training frames. steps / batch_size / lr default to the preset's; `max_minutes` bounds this run;
+    `overrides` replaces fields of the preset's VQConfig (e.g. {"encoder_kernel": 1, "padding": "replicate"})."""
+    from dataclasses import replace
+
     from clipforge.tokenizer.image import PRESETS
     from clipforge.tokenizer.image_train import evaluate_image_tokenizer, train_image_tokenizer
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    frames = sample_frames(manifest, PRESETS[preset].image_size, max_frames, seed, progress)
-    log(f"image tokenizer: training {preset} on {len(frames)} frames")
-    tok = train_image_tokenizer(frames, out, preset=preset, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+    config = replace(PRESETS[preset], **(overrides or {}))
+    frames = sample_frames(manifest, config.image_size, max_frames, seed, progress)
+    log(f"image tokenizer: training {preset}{' ' + json.dumps(overrides) if overrides else ''} on {len(frames)} frames")
+    tok = train_image_tokenizer(frames, out, preset=config, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                 device=device, log=log, max_minutes=max_minutes, resume=resume)
     train_log = json.loads((Path(out) / TRAIN_LOG_FILE).read_text(encoding="utf-8"))
     # a quick figure on a spread of training frames; held-out figures are `eval-image`'s job

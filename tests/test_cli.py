@@ -70,3 +70,19 @@ def test_estimate_runs_a_pilot(corpus, image_tokenizer, text_tokenizer):
     assert est["expected_samples"] == round(good / 4 * 10)
     assert est["failure_rate"] == (4 - good) / 4
     assert est["wall_hours"] > 0 and est["expected_bytes"] is not None and est["expected_bytes"] > 0
+
+
+def test_train_image_with_a_local_encoder(tmp_path, corpus):
+    """--encoder-kernel and --padding reach the saved tokenizer: a flat frame comes back as one code."""
+    import numpy as np
+
+    from clipforge.tokenizer.image import ImageTokenizer
+
+    out = tmp_path / "vq"
+    res = run("tokenizer", "train-image", str(corpus), "--out", str(out), "--steps", "3", "--batch-size", "4",
+              "--max-frames", "40", "--encoder-kernel", "1", "--padding", "replicate")
+    assert res.returncode == 0, res.stderr
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["encoder_kernel"], saved["padding"], saved["name"]) == (1, "replicate", "tiny")
+    codes = ImageTokenizer.load(out).encode(np.full((1, 64, 64, 3), 25, np.uint8))
+    assert len(np.unique(codes)) == 1

@@ -120,7 +120,8 @@ def _cmd_train(a):
 
     given = {"lr": a.lr, "grad_accum": a.grad_accum, "global_batch": a.global_batch, "dropout": a.dropout,
              "weight_decay": a.weight_decay, "cond_drop": a.cond_drop, "log_interval": a.log_interval,
-             "eval_interval": a.eval_interval, "ckpt_interval": a.ckpt_interval, "warmup_steps": a.warmup_steps}
+             "eval_interval": a.eval_interval, "ckpt_interval": a.ckpt_interval, "warmup_steps": a.warmup_steps,
+             "freeze_base": False if a.train_base else None}
     config = TrainConfig(stage=a.stage, steps=a.steps, max_minutes=a.max_minutes, batch_size=a.batch_size,
                          seed=a.seed, device=a.device, init_from=a.init_from, num_workers=a.num_workers, amp=not a.fp32,
                          record_keys=a.record_keys, image_tokenizer=a.image_tokenizer, text_tokenizer=a.text_tokenizer,
@@ -136,7 +137,8 @@ def _cmd_eval_synth(a):
     from clipforge.jobs.eval_synth import eval_synth
 
     result = eval_synth(a.run, a.held_manifest, out=a.out, limit=a.limit, seed=a.seed, guidance=a.guidance,
-                        temperature=a.temperature, top_k=a.top_k, train_manifest=a.train_manifest, device=a.device,
+                        temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, train_manifest=a.train_manifest,
+                        device=a.device,
                         log=lambda msg: print(msg, file=sys.stderr))
     print(json.dumps(result["scores"], indent=2))
 
@@ -145,7 +147,8 @@ def _cmd_sample(a):
     from clipforge.model.sample import sample
 
     print(json.dumps(sample(a.run, a.prompt, a.out, seed=a.seed, guidance=a.guidance, temperature=a.temperature,
-                            top_k=a.top_k, frames_out=a.frames_out, fps=a.fps, interp_run=a.interp_run),
+                            top_k=a.top_k, top_p=a.top_p, frames_out=a.frames_out, fps=a.fps,
+                            interp_run=a.interp_run),
                      default=str))
 
 
@@ -304,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--global-batch", type=int, help="samples per optimizer step over all ranks (sets --grad-accum)")
     s.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per rank")
     s.add_argument("--clip-modes", help="comma-separated clip modes to train on (default: all)")
+    s.add_argument("--train-base", action="store_true",
+                   help="with --init-from an image-stage run: train the whole model, not only attention-plus "
+                        "(the base channel then also keeps training on frame 0 alone)")
     s.add_argument("--image-tokenizer", metavar="DIR", help="the dataset's image tokenizer (default: as dataset.json names)")
     s.add_argument("--text-tokenizer", metavar="FILE", help="the dataset's text tokenizer (default: as dataset.json names)")
     s.add_argument("--log-interval", type=int)
@@ -323,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
     s.add_argument("--temperature", type=float, default=1.05)
     s.add_argument("--top-k", type=int, default=64)
+    s.add_argument("--top-p", type=float, help="nucleus sampling: keep the most probable codes holding this "
+                                               "share of the probability (default: off)")
     s.add_argument("--frames-out", type=int, help="frames to produce: 5, or 9/17/33 with interpolation rounds")
     s.add_argument("--interp-run", metavar="RUN", help="a run trained with --stage interpolation, for --frames-out > 5")
     s.add_argument("--fps", type=float, help="frame rate of the written video (default: the sampled rate)")
@@ -338,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=3.0)
     s.add_argument("--temperature", type=float, default=1.05)
     s.add_argument("--top-k", type=int, default=64)
+    s.add_argument("--top-p", type=float, help="nucleus sampling: keep the most probable codes holding this "
+                                               "share of the probability (default: off)")
     s.add_argument("--device")
 
     s = cmd("demo", _cmd_demo, "the whole chain on a synthetic corpus, on this machine")

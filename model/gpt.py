@@ -250,6 +250,17 @@ class Block(nn.Module):
 # the model
 
 
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep, per row, the most probable codes until they hold `top_p` of the probability (at least one),
+    renormalised. Unlike a fixed top-k, a confident position (a still background) keeps one or two codes
+    while an uncertain one (where an edge moves to) keeps its alternatives."""
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    before = sorted_p.cumsum(-1) - sorted_p                   # probability of the codes ranked above
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, before < top_p)
+    kept = probs * keep
+    return kept / kept.sum(-1, keepdim=True)
+
+
 class CogVideo(nn.Module):
     def __init__(self, cfg: CogVideoConfig):
         super().__init__()
@@ -383,13 +394,14 @@ class CogVideo(nn.Module):
     @torch.no_grad()
     def generate(self, text, null_text=None, guidance: float = 3.0, temperature: float = 1.05,
                  top_k: int | None = None, rounds: int = 0, round_texts=None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, top_p: float | None = None) -> torch.Tensor:
         """Text slot (text_slot,) -> image codes (T, h, w), T = frames, then 2T-1 per interpolation round.
         A batch of slots (N, text_slot) gives (N, T, h, w), all N sampled together.
 
         Frame 0 comes from the image stage (base channel alone), frames 1.. from the sequential stage.
         With `null_text` (the slot of an empty caption) every sampled token uses classifier-free
-        guidance, logits = g + guidance * (c - g); then temperature and top-k. Each interpolation round
+        guidance, logits = g + guidance * (c - g); then temperature, top-k and top-p (nucleus: the
+        smallest set of codes holding `top_p` of the probability). Each interpolation round
         fills the midpoints of every 3 consecutive frames (a, b, c) with the interpolation stage;
         round_texts[r] = (text, null_text) for round r (their span prefix halves each round), default
         the same as the first.
@@ -400,7 +412,7 @@ class CogVideo(nn.Module):
         text = text.to(device).view(-1, cfg.text_slot)                           # (N, slot)
         N = text.shape[0]
         null_text = None if null_text is None else null_text.to(device).view(-1, cfg.text_slot).expand(N, -1)
-        kw = dict(guidance=guidance, temperature=temperature, top_k=top_k, generator=generator)
+        kw = dict(guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         (f0,) = self._complete("image", text, null_text, [], 1, **kw)
         rest = self._complete("sequential", text, null_text, [f0], cfg.frames - 1, **kw)
         videos = torch.stack([f0] + rest, dim=1)                                 # (N, frames, h, w)
@@ -440,7 +452,7 @@ class CogVideo(nn.Module):
         return torch.stack(out)
 
     def _complete(self, stage, text, null_text, given, n_new, guidance=3.0, temperature=1.05, top_k=None,
-                  generator=None):
+                  generator=None, top_p=None):
         """Sample `n_new` frames after the prefix [text][boi given_0]...; text (N, slot); given: list of
         (N, h, w) codes in sequence order. Returns a list of n_new (N, h, w) code tensors."""
         cfg = self.config
@@ -473,6 +485,8 @@ class CogVideo(nn.Module):
                     v, _ = torch.topk(logits, top_k)
                     logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
                 probs = F.softmax(logits, dim=-1)
+                if top_p is not None and top_p < 1.0:
+                    probs = nucleus(probs, top_p)
                 code = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (N,)
                 frame[:, i] = code
                 if i < hw - 1 or len(out) < n_new - 1:  # the last code of the last frame needs no step

@@ -60,7 +60,7 @@ def load_run(run: Path, device: torch.device):
 def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike, seed: int = 0,
            guidance: float = 3.0, temperature: float = 1.05, top_k: int | None = 64, frames_out: int | None = None,
            fps: float | None = None, span: float | None = None, interp_run: str | os.PathLike | None = None,
-           device: str | None = None, min_side: int = 128) -> dict:
+           device: str | None = None, min_side: int = 128, top_p: float | None = None) -> dict:
     """Generate a video for `prompt` and write it to `out_path` (.mp4 or .gif).
 
     span: the time-span prefix in seconds (default: the most common span of the run's sequential
@@ -100,7 +100,7 @@ def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike,
 
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    kw = dict(guidance=guidance, temperature=temperature, top_k=top_k, generator=gen)
+    kw = dict(guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
     cond, null = slots(span)
     use_null = null if guidance != 1.0 else None
     codes = model.generate(cond, use_null, **kw)                                  # (frames, h, w)

@@ -5,11 +5,8 @@
     torchrun --nproc_per_node=N -m clipforge.jobs.cli train DATASET --out RUN ...   # data parallel
 
 RUN/ after a run:
-    ckpt_{step:06d}.pt    {"model": state_dict, "model_config", "train_config", "step", "stage", "stages",
-                           "train_loss", "val_loss", "spans", "dataset", and for resuming "optimizer",
-                           "scheduler", "rng" (one entry per rank), "data" (batches consumed per rank),
-                           "seconds", "world_size", "freeze_base", "joint_image"};
-                           plain data, torch.load(weights_only=True)
+    ckpt_{step:06d}.pt    model, configs, losses, spans and everything a resume needs (optimizer, schedule,
+                           RNG and data position per rank): plain data, torch.load(weights_only=True)
     latest.json           the newest checkpoint's name and metadata (step, losses, configs, default span)
     log.jsonl             one JSON object per log line (train and eval)
     keys/rank{R}.txt      with record_keys: "step key" for every sample rank R trained on

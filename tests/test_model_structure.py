@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from clipforge.model.attention import FrameBlocks, attention
 from clipforge.model.distributed import cpu_has_native_bf16, uses_bf16_autocast
-from clipforge.model.gpt import CogVideo, CogVideoConfig, KVCache, build_masks, layout
+from clipforge.model.gpt import CogVideo, CogVideoConfig, KVCache, build_masks, layout, nucleus
 from clipforge.model.sample import rounds_for
 
 # a 4x4 code grid, 4-token text slot: masks are small enough to check entry by entry
@@ -223,6 +223,25 @@ def test_generate_shapes_and_interpolation_rounds():
     assert rounds_for(5, 5) == 0 and rounds_for(5, 9) == 1 and rounds_for(5, 33) == 3
     with pytest.raises(ValueError):
         rounds_for(5, 8)
+
+
+def test_nucleus_sampling_keeps_the_smallest_set_holding_top_p():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3], [0.97, 0.01, 0.01, 0.01]])
+    kept = nucleus(probs, 0.7)
+    assert torch.allclose(kept, torch.tensor([[0.0, 0.625, 0.0, 0.375], [1.0, 0.0, 0.0, 0.0]]))
+    assert torch.equal(nucleus(probs, 1e-9).argmax(-1), probs.argmax(-1))   # always at least the best code
+    assert torch.allclose(nucleus(probs, 0.999), probs)
+    # in generation: a vanishing top_p is greedy whatever the seed; top_p 1.0 changes nothing
+    torch.manual_seed(0)
+    model = CogVideo(SMALL).eval()
+    text = torch.randint(0, 50, (4,))
+    greedy = model.generate(text, None, top_k=1, generator=torch.Generator().manual_seed(0))
+    for seed in (1, 2):
+        nucl = model.generate(text, None, top_p=1e-6, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(nucl, greedy)
+    plain = model.generate(text, None, top_k=5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(model.generate(text, None, top_k=5, top_p=1.0, generator=torch.Generator().manual_seed(3)), plain)
+    assert not torch.equal(plain, greedy)
 
 
 # ---------------------------------------------------------------------------------- causality of masks

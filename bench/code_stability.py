@@ -5,7 +5,7 @@ Prints one JSON object per tokenizer.
 
 For each of the first `--videos` videos of a synthetic manifest (`clipforge synth`), 5 frames over the
 middle 90 % are encoded, and every token is classed by its 8x8 patch: foreground (some pixel differs
-from the background, the median of the frame's top and bottom rows, by 30 or more), background near the
+from the background, the median of the frames' borders, by 30 or more), background near the
 foreground (within 2 tokens), or far background. Between consecutive frames it counts how often a
 background token's code changes: far from the shape its pixels do not change at all, so any change
 there is the encoder's context, not the picture. Also: how many distinct codes the far background takes
@@ -31,7 +31,7 @@ def stability(tokenizer_dir: str, manifest: str, videos: int = 30) -> dict:
     import pandas as pd
     from scipy.ndimage import binary_dilation
 
-    from clipforge.jobs.eval_synth import read_clip
+    from clipforge.jobs.eval_synth import background_distance, read_clip
     from clipforge.tokenizer.image import ImageTokenizer
 
     tok = ImageTokenizer.load(tokenizer_dir, device="cpu")
@@ -41,9 +41,7 @@ def stability(tokenizer_dir: str, manifest: str, videos: int = 30) -> dict:
     for video in pd.read_parquet(manifest).video.head(videos):
         frames = read_clip(video, size, 5)                                    # (5, S, S, 3)
         codes = tok.encode(frames)                                            # (5, h, w)
-        background = np.median(np.concatenate([frames[:, 0], frames[:, -1]], 1).reshape(-1, 3), 0)
-        diff = np.abs(frames.astype(int) - background).max(-1).reshape(5, h, p, w, p).max((2, 4))
-        fg = diff >= 30
+        fg = background_distance(frames).reshape(5, h, p, w, p).max((2, 4)) >= 30       # (5, h, w) per patch
         far = ~np.stack([binary_dilation(f, iterations=2) for f in fg])
         near = ~fg & ~far
         for f in range(1, 5):
@@ -53,7 +51,7 @@ def stability(tokenizer_dir: str, manifest: str, videos: int = 30) -> dict:
             near_changed.append((codes[f] != codes[f - 1])[both].mean() if both.any() else np.nan)
             all_same.append((codes[f] == codes[f - 1]).mean())
         far_codes.append(len(np.unique(codes[far])))
-    return {"tokenizer": tokenizer_dir, "config": {k: tok.config.__dict__[k] for k in ("encoder_kernel", "padding")},
+    return {"tokenizer": tokenizer_dir, "config": {k: getattr(tok.config, k) for k in ("encoder_kernel", "padding")},
             "videos": int(len(far_codes)),
             "far_background_code_changed": round(float(np.nanmean(far_changed)), 4),
             "near_background_code_changed": round(float(np.nanmean(near_changed)), 4),

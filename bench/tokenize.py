@@ -30,7 +30,8 @@ import time
 import numpy as np
 import torch
 
-from clipforge.tokenizer.image import PRESETS, ImageTokenizer
+from clipforge.tokenizer.image import ImageTokenizer
+from clipforge.tokenizer.vq import PRESETS
 
 # dense bf16 tensor-core peak (TFLOP/s) by device-name fragment, from the vendors' data sheets
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,

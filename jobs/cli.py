@@ -325,12 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", metavar="RUN")
     s.add_argument("--prompt", required=True)
     s.add_argument("--out", required=True, metavar="FILE")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
-    s.add_argument("--temperature", type=float, default=1.05)
-    s.add_argument("--top-k", type=int, default=64)
-    s.add_argument("--top-p", type=float, help="nucleus sampling: keep the most probable codes holding this "
-                                               "share of the probability (default: off)")
+    _add_sampling_flags(s)
     s.add_argument("--frames-out", type=int, help="frames to produce: 5, or 9/17/33 with interpolation rounds")
     s.add_argument("--interp-run", metavar="RUN", help="a run trained with --stage interpolation, for --frames-out > 5")
     s.add_argument("--fps", type=float, help="frame rate of the written video (default: the sampled rate)")
@@ -342,12 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", metavar="DIR", help="where to write scores.json and contact_sheet.png (default RUN/eval-synth)")
     s.add_argument("--limit", type=int, help="score the first N captions only")
     s.add_argument("--train-manifest", help="manifest the run trained on (default: the one its dataset names)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--guidance", type=float, default=3.0)
-    s.add_argument("--temperature", type=float, default=1.05)
-    s.add_argument("--top-k", type=int, default=64)
-    s.add_argument("--top-p", type=float, help="nucleus sampling: keep the most probable codes holding this "
-                                               "share of the probability (default: off)")
+    _add_sampling_flags(s)
     s.add_argument("--device")
 
     s = cmd("demo", _cmd_demo, "the whole chain on a synthetic corpus, on this machine")
@@ -355,6 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--videos", type=int, default=24)
     s.add_argument("--train-minutes", type=float, default=3.0)
     return p
+
+
+def _add_sampling_flags(s):
+    """`sample` and `eval-synth` draw codes the same way (CogVideo.generate)."""
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
+    s.add_argument("--temperature", type=float, default=1.05)
+    s.add_argument("--top-k", type=int, default=64)
+    s.add_argument("--top-p", type=float, help="nucleus sampling: keep the most probable codes holding this "
+                                               "share of the probability (default: off)")
 
 
 def _add_clip_flags(s, defaults: bool = True):

@@ -52,6 +52,14 @@ def _largest_blob(mask: np.ndarray) -> np.ndarray | None:
     return labels == (1 + int(np.argmax(sizes)))
 
 
+def background_distance(frames: np.ndarray) -> np.ndarray:
+    """uint8 [T, H, W, 3] -> int16 [T, H, W]: each pixel's largest channel difference from the background
+    colour, the median of all frames' border pixels (a synthetic video's background is one flat colour)."""
+    border = np.concatenate([frames[:, 0], frames[:, -1], frames[:, :, 0], frames[:, :, -1]]).reshape(-1, 3)
+    background = np.median(border, axis=0)
+    return np.abs(frames.astype(np.int16) - background.astype(np.int16)).max(axis=-1)
+
+
 def detect(frames: np.ndarray, palette: dict[str, tuple] | None = None) -> dict:
     """frames uint8 [T, S, S, 3] -> {"color", "shape", "direction", "fill", "motion": [dx, dy] px, "found"}."""
     from scipy import ndimage
@@ -60,9 +68,7 @@ def detect(frames: np.ndarray, palette: dict[str, tuple] | None = None) -> dict:
         from clipforge.pipeline.video.synth import COLORS as palette
     frames = np.asarray(frames)
     T, H, W, _ = frames.shape
-    border = np.concatenate([frames[:, 0], frames[:, -1], frames[:, :, 0], frames[:, :, -1]]).reshape(-1, 3)
-    background = np.median(border, axis=0)
-    fg = np.abs(frames.astype(np.int16) - background.astype(np.int16)).max(axis=-1) > FG_DISTANCE  # (T, H, W)
+    fg = background_distance(frames) > FG_DISTANCE                                              # (T, H, W)
     pixels, outlines, centroids = [], {True: [], False: []}, []
     for t in range(T):
         blob = _largest_blob(fg[t])
@@ -221,8 +227,7 @@ def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: 
     scores.update({"run": str(run), "step": ckpt["step"], "stages": ckpt.get("stages"), "held_manifest": str(held_manifest),
                    "train_manifest": str(train_manifest), "captions_also_in_training": len(leaked), "span": span,
                    "guidance": guidance, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                   "seed": seed,
-                   "seconds": round(time.time() - t0, 1)})
+                   "seed": seed, "seconds": round(time.time() - t0, 1)})
     write_png(out_dir / "contact_sheet.png", contact_sheet(videos))
     result = {"scores": scores, "rows": rows}
     (out_dir / "scores.json").write_text(json.dumps(result, indent=1), encoding="utf-8")

@@ -61,7 +61,7 @@ def train_image(manifest: str, out: str, preset: str = "tiny", steps: int | None
     `overrides` replaces fields of the preset's VQConfig (e.g. {"encoder_kernel": 1, "padding": "replicate"})."""
     from dataclasses import replace
 
-    from clipforge.tokenizer.image import PRESETS
+    from clipforge.tokenizer.vq import PRESETS
     from clipforge.tokenizer.image_train import evaluate_image_tokenizer, train_image_tokenizer
 
     if preset not in PRESETS:

@@ -1,12 +1,14 @@
 """The VQ image tokenizer: frames -> codes -> frames, training, persistence, evaluation."""
 import hashlib
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from clipforge.tokenizer.image import PRESETS, EMAQuantizer, ImageTokenizer, VQConfig
+from clipforge.tokenizer.image import ImageTokenizer
+from clipforge.tokenizer.vq import PRESETS, EMAQuantizer, VQConfig
 from clipforge.tokenizer.image_train import (STATE_FILE, augment, codebook_stats, evaluate_image_tokenizer,
                                              learning_rate, train_image_tokenizer)
 from clipforge.tokenizer.metrics import psnr, ssim
@@ -103,7 +105,7 @@ def test_a_local_encoder_codes_each_patch_from_its_own_pixels():
     So a still background keeps its codes while an object moves past it (measured on synthetic videos:
     background tokens near the object changed code between frames 20 % of the time, against 78 % with the
     3x3 encoder)."""
-    local = VQConfig(**{**SMALL.__dict__, "encoder_kernel": 1, "padding": "replicate"})
+    local = replace(SMALL, encoder_kernel=1, padding="replicate")
     frames = np.random.default_rng(0).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
     frames[1] = 30
     frames[1, 8 - 2:16 + 2, 8 - 2:16 + 2] = frames[0, 8 - 2:16 + 2, 8 - 2:16 + 2]  # token (1, 1) and its rim kept
@@ -116,7 +118,7 @@ def test_a_local_encoder_codes_each_patch_from_its_own_pixels():
     flat = np.full((1, 32, 32, 3), 30, np.uint8)
     z = _encoder_outputs(local, flat)
     assert np.allclose(z, z[:, :, :1, :1], atol=1e-5)                       # borders included
-    zeros = _encoder_outputs(VQConfig(**{**SMALL.__dict__, "encoder_kernel": 1}), flat)
+    zeros = _encoder_outputs(replace(SMALL, encoder_kernel=1), flat)
     assert not np.allclose(zeros, zeros[:, :, 1:2, 1:2], atol=1e-3)         # zero padding marks the border
     with pytest.raises(ValueError):
         VQConfig(image_size=32, encoder_kernel=5).validate()

@@ -13,7 +13,7 @@ from clipforge.model.gpt import CogVideoConfig
 from clipforge.model.sample import sample
 from clipforge.model.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
 from clipforge.pipeline.storage.samples import encode_sample
-from clipforge.tokenizer.image import VQConfig
+from clipforge.tokenizer.vq import VQConfig
 from clipforge.tokenizer.image_train import train_image_tokenizer
 from clipforge.tokenizer.text import TextTokenizer, train_text_tokenizer
 

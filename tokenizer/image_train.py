@@ -1,5 +1,5 @@
-"""Training and evaluation of the VQ image tokenizer (the model itself is in `tokenizer/image.py`, PSNR and
-SSIM in `tokenizer/metrics.py`)."""
+"""Training and evaluation of the VQ image tokenizer (the network is in `tokenizer/vq.py`, the tokenizer that
+wraps it in `tokenizer/image.py`, PSNR and SSIM in `tokenizer/metrics.py`)."""
 from __future__ import annotations
 
 import io
@@ -15,9 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipforge.tokenizer.image import (PRESETS, TRAIN_LOG_FILE, VQVAE, ImageTokenizer, VQConfig, atomic_write,
-                                       check_frames, default_device, frames_to_tensor)
+from clipforge.tokenizer.image import (TRAIN_LOG_FILE, ImageTokenizer, atomic_write, check_frames, default_device,
+                                       frames_to_tensor)
 from clipforge.tokenizer.metrics import psnr, ssim
+from clipforge.tokenizer.vq import PRESETS, VQVAE, VQConfig
 
 STATE_FILE = "train_state.pt"   # what a resumed run needs beyond weights.pt: optimizer, step, RNG
 

@@ -30,9 +30,9 @@ from pathlib import Path
 
 def parse_setting(text: str) -> dict:
     """'stem_res_blocks=1,code_dim=8' -> {'stem_res_blocks': 1, 'code_dim': 8}, typed like VQConfig's fields."""
-    from clipforge.tokenizer.vq import VQConfig
+    from clipforge.tokenizer.vq import PRESETS, VQConfig
 
-    types = {f.name: type(getattr(VQConfig(image_size=64), f.name)) for f in fields(VQConfig)}
+    types = {f.name: type(getattr(PRESETS["tiny"], f.name)) for f in fields(VQConfig)}
     out = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")

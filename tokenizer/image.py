@@ -3,8 +3,9 @@
 CogVideo inherits CogView2's tokenizer (20,000 codes of dimension 256, 8x downsampling: a 160x160 frame
 is 20x20 = 400 tokens). We cannot ship those weights, so clipforge trains its own tokenizer with the same
 shape of API: `encode` takes uint8 frames [N, S, S, 3] and returns uint16 codes [N, S/8, S/8]; `decode`
-is its inverse. The `tiny` preset (64x64 frames -> 8x8 codes, 512 codes) trains on a 2-core CPU in about
-two to three minutes (6,400 steps of 8 frames); the `cogview2` preset has CogView2's geometry and needs a GPU and a real corpus.
+is its inverse. The `tiny` preset (64x64 frames -> 8x8 codes, 512 codes) trains on a 2-core CPU in two to
+three minutes (6,400 steps of 8 frames); the `cogview2` preset has CogView2's geometry and needs a GPU and a
+real corpus.
 
 The quantiser is an EMA vector quantiser (van den Oord et al. 2017, appendix; Razavi et al. 2019) with
 a commitment loss and straight-through gradients. Codes unused since the last check restart on encoder

@@ -60,8 +60,8 @@ class VQConfig:
 PRESETS: dict[str, VQConfig] = {
     # 64x64 -> 8x8 codes; 0.8M parameters; 6,400 steps of batch 8 take about 3 minutes on 2 CPU cores. Why
     # batch 8, 6,400 steps, code dimension 8, a residual block at 32x32 in the decoder and colour-channel
-    # permutation: measured in docs/tokenizer.md (31.2-31.5 dB held-out; 28.0 dB with 1,600 steps, dimension 16
-    # and no decoder block, which at 6,400 steps once collapsed onto one code)
+    # permutation: measured in docs/tokenizer.md (31.2-31.5 dB held-out, against 28.0 dB for 1,600 steps at
+    # dimension 16 without the block; at dimension 16 with the block, 6,400 steps once collapsed onto one code)
     "tiny": VQConfig(image_size=64, downsample=8, codebook_size=512, code_dim=8, channels=128,
                      stem_channels=32, res_blocks=1, stem_res_blocks=1, ema_decay=0.95, name="tiny",
                      train_steps=6400, train_batch=8, train_augment="hflip,channels"),

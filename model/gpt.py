@@ -58,6 +58,7 @@ class CogVideoConfig:
     tokens_w: int = 20
     window: int = 10            # interpolation plus-channel window (window x window codes)
     shift: int = 5              # window shift on odd layers
+    grid_rope: bool = False     # rotate half of each head's query/key dims by the code's grid row and column
 
     @property
     def vocab_size(self) -> int:
@@ -170,6 +171,33 @@ def build_masks(cfg: CogVideoConfig, stage: str) -> dict[str, object]:
     return {"base": base, "plus": plus, "loss": loss}
 
 
+def grid_rotary(cfg: CogVideoConfig, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (L, rot/2) of 2D rotary embeddings over a stage's layout: the first rot/2 dims of a
+    head (rot = half the head, a multiple of 4) turn with the code's grid row, the next rot/2 with its
+    column, at frequencies from 1 rad per token down to 1/side (no wrap-around across the grid). Text
+    and <boi> stay unrotated. Why: a query's score then depends on the *offset* between code positions,
+    so "the code one step left of me in the previous frame" is one fixed pattern for every position;
+    with learned absolute tables alone each of the h*w positions has to learn its own shifted match, and
+    the sequential stage carried the shape forward but never learnt which way the words move it."""
+    lay = layout(cfg, stage)
+    hs = cfg.n_embd // cfg.n_head
+    pairs = max(1, hs // 8)                                  # per axis: rot = 4 * pairs dims
+    side = max(cfg.tokens_h, cfg.tokens_w)
+    freq = side ** (-torch.arange(pairs, dtype=torch.float32) / pairs)
+    row = lay["row"].clamp(min=0).float() * lay["code"]
+    col = lay["col"].clamp(min=0).float() * lay["code"]
+    angles = torch.cat([row[:, None] * freq, col[:, None] * freq], dim=1)   # (L, 2 * pairs)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (B, nh, T, hs) by per-position angles (T, r): dims [0, r) pair with [r, 2r)."""
+    r = cos.shape[-1]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2, rest = x[..., :r], x[..., r:2 * r], x[..., 2 * r:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
+
+
 # ----------------------------------------------------------------------------------------------------
 # modules
 
@@ -193,12 +221,14 @@ class DualAttention(nn.Module):
         self.mix = nn.Parameter(torch.zeros(cfg.n_embd))                          # alpha = sigmoid(mix)
         self.resid_dropout = Dropout(cfg.dropout)
 
-    def _attend(self, x, c_attn, mask, cache, name):
+    def _attend(self, x, c_attn, mask, cache, name, rope):
         B, T, C = x.size()
         q, k, v = c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if rope is not None:  # cached keys were rotated at their own positions
+            q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is not None:
             if name in cache:
                 k = torch.cat([cache[name][0], k], dim=2)                   # (B, nh, pos + T, hs)
@@ -211,11 +241,12 @@ class DualAttention(nn.Module):
     def alpha(self) -> torch.Tensor:
         return torch.sigmoid(self.mix)
 
-    def forward(self, x, base_mask, plus_mask=None, cache=None):
-        base = self.resid_dropout(self.c_proj(self._attend(x, self.c_attn, base_mask, cache, "base")))
+    def forward(self, x, base_mask, plus_mask=None, cache=None, rope=None):
+        base = self.resid_dropout(self.c_proj(self._attend(x, self.c_attn, base_mask, cache, "base", rope)))
         if plus_mask is None:  # image stage: the base image model alone
             return base
-        plus = self.resid_dropout(self.c_proj_plus(self._attend(x, self.c_attn_plus, plus_mask, cache, "plus")))
+        plus = self.resid_dropout(self.c_proj_plus(self._attend(x, self.c_attn_plus, plus_mask, cache, "plus",
+                                                                rope)))
         alpha = self.alpha.to(base.dtype)
         return alpha * base + (1 - alpha) * plus
 
@@ -240,8 +271,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, base_mask, plus_mask=None, cache=None):
-        x = x + self.attn(self.ln_1(x), base_mask, plus_mask, cache)
+    def forward(self, x, base_mask, plus_mask=None, cache=None, rope=None):
+        x = x + self.attn(self.ln_1(x), base_mask, plus_mask, cache, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -326,7 +357,9 @@ class CogVideo(nn.Module):
         if key not in self._masks:
             m = build_masks(self.config, stage)
             self._masks[key] = {"base": m["base"].to(device), "loss": m["loss"].to(device),
-                                "plus": None if m["plus"] is None else [p.to(device) for p in m["plus"]]}
+                                "plus": None if m["plus"] is None else [p.to(device) for p in m["plus"]],
+                                "rope": (tuple(t.to(device) for t in grid_rotary(self.config, stage))
+                                         if self.config.grid_rope else None)}
         return self._masks[key]
 
     def whole_sequence_masks(self, stage: str, base_mask, plus_masks):
@@ -366,15 +399,16 @@ class CogVideo(nn.Module):
         if start == 0 and T == L:  # a whole sequence (training, evaluation): the masks' structure is cheaper
             base_mask, plus_masks = self.whole_sequence_masks(stage, base_mask, plus_masks)
 
+        rope = None if masks["rope"] is None else tuple(t[rows] for t in masks["rope"])
         x = self.wte(tokens) + self.positions(stage)[rows]                       # (B, T, C)
         x = self.drop(x)
         for i, block in enumerate(self.h):
             plus_mask = None if plus_masks is None else plus_masks[i % 2]
             layer_cache = cache.layers[i] if cache is not None else None
             if self.gradient_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, base_mask, plus_mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, base_mask, plus_mask, None, rope, use_reentrant=False)
             else:
-                x = block(x, base_mask, plus_mask, layer_cache)
+                x = block(x, base_mask, plus_mask, layer_cache, rope)
         x = self.ln_f(x)
         if cache is not None:
             cache.pos += T

@@ -94,6 +94,7 @@ class TrainConfig:
     dropout: float = 0.1               # on the demo's ~80 clips: val loss 1.28 vs 1.85 without, after 800 steps
     window: int | None = None          # default: half the grid side (10 on 20x20, as in the SPEC)
     shift: int | None = None           # default: half the window
+    grid_rope: bool = False            # 2D rotary embeddings of the code grid in every attention (gpt.grid_rotary)
 
     def validate(self) -> None:
         if self.stage not in STAGES:
@@ -238,7 +239,7 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
         mc = CogVideoConfig(text_vocab=text.vocab_size, image_vocab=image.codebook_size, n_layer=config.n_layer,
                             n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout,
                             text_slot=lay["text_slot"], frames=lay["frames"], tokens_h=lay["tokens_h"],
-                            tokens_w=lay["tokens_w"], window=window, shift=shift)
+                            tokens_w=lay["tokens_w"], window=window, shift=shift, grid_rope=config.grid_rope)
         model = CogVideo(mc)
     want = (text.vocab_size, image.codebook_size, lay["text_slot"], lay["frames"], lay["tokens_h"], lay["tokens_w"])
     have = (mc.text_vocab, mc.image_vocab, mc.text_slot, mc.frames, mc.tokens_h, mc.tokens_w)

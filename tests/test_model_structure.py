@@ -1,13 +1,15 @@
 """The CogVideo-style model's structure, without training: layouts, attention masks (entry by entry),
 the structured attention against the dense masks, initialisation, loss positions, freezing, the KV cache,
 generation shapes and causality."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from clipforge.model.attention import FrameBlocks, attention
 from clipforge.model.distributed import cpu_has_native_bf16, uses_bf16_autocast
-from clipforge.model.gpt import CogVideo, CogVideoConfig, KVCache, build_masks, layout, nucleus
+from clipforge.model.gpt import CogVideo, CogVideoConfig, KVCache, build_masks, grid_rotary, layout, nucleus, rotate
 from clipforge.model.sample import rounds_for
 
 # a 4x4 code grid, 4-token text slot: masks are small enough to check entry by entry
@@ -162,9 +164,10 @@ def test_freeze_base_trains_only_the_new_parts():
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_kv_cache_matches_full_forward():
+@pytest.mark.parametrize("grid_rope", [False, True])
+def test_kv_cache_matches_full_forward(grid_rope):
     torch.manual_seed(1)
-    model = CogVideo(SMALL).eval()
+    model = CogVideo(dataclasses.replace(SMALL, grid_rope=grid_rope)).eval()
     for stage, prefix in (("sequential", 4 + 17), ("interpolation", 4 + 3 * 17), ("image", 4)):
         L = SMALL.seq_len(stage)
         tokens = torch.randint(0, SMALL.vocab_size, (2, L))
@@ -174,6 +177,31 @@ def test_kv_cache_matches_full_forward():
         for i in range(prefix, L):
             out.append(model(tokens[:, i:i + 1], stage=stage, cache=cache)[0])
         assert torch.allclose(torch.cat(out, 1), full, atol=1e-5)
+
+
+def test_grid_rope_scores_depend_on_the_grid_offset_alone():
+    """One query and one key placed at code positions of any frames: with the rotary tables their score
+    is a function of (row offset, column offset) only; text keeps its vectors unrotated."""
+    cfg = CogVideoConfig(text_vocab=50, image_vocab=30, n_layer=1, n_head=2, n_embd=32, text_slot=4, frames=3,
+                         tokens_h=4, tokens_w=4, grid_rope=True)
+    cos, sin = grid_rotary(cfg, "sequential")
+    torch.manual_seed(3)
+    q0, k0 = torch.randn(2, 1, 1, 1, 16).unbind(0)
+    at = lambda x, p: rotate(x, cos[p:p + 1], sin[p:p + 1])
+    score = lambda pq, pk: float((at(q0, pq) * at(k0, pk)).sum())
+    by_offset = {}
+    for fq, fk in ((1, 0), (2, 1), (2, 0), (1, 1)):
+        for rq in range(4):
+            for cq in range(4):
+                for rk, ck in ((rq, cq - 1), (rq - 1, cq), (rq + 1, cq + 1)):
+                    if 0 <= rk < 4 and 0 <= ck < 4:
+                        s = score(pos(cfg, "sequential", fq, rq, cq), pos(cfg, "sequential", fk, rk, ck))
+                        by_offset.setdefault((rq - rk, cq - ck), []).append(s)
+    assert len(by_offset) == 3
+    for scores in by_offset.values():
+        assert max(scores) - min(scores) < 1e-4
+    assert len({round(v[0], 3) for v in by_offset.values()}) == 3      # different offsets, different scores
+    assert torch.equal(at(q0, 0), q0) and torch.equal(at(q0, pos(cfg, "sequential", 1)), q0)  # text, <boi>
 
 
 def test_whole_sequence_attention_structure_equals_the_dense_masks():

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from clipforge.pipeline.video.synth import (BROKEN_KINDS, COLORS, DIRECTIONS, SHAPES, SynthConfig, make_caption, make_dirty,
-                            plan_synthetic_video, render_frame, write_synthetic_corpus)
+                            parse_combinations, plan_synthetic_video, render_frame, write_synthetic_corpus)
 
 COLUMNS = ["id", "video", "caption", "color", "shape", "direction", "fps", "seconds", "width", "height", "broken"]
 CONFIG = SynthConfig(videos=6, seed=3, max_seconds=2.0, dirty_captions=0.5, broken=len(BROKEN_KINDS))
@@ -142,6 +142,26 @@ def test_deterministic(tmp_path):
     pd.testing.assert_frame_equal(a.drop(columns="video"), b.drop(columns="video"))
     other = write_synthetic_corpus(tmp_path / "c", SynthConfig(videos=3, seed=12, max_seconds=1.5))
     assert pd.read_parquet(other)["caption"].tolist() != a["caption"].tolist()
+
+
+def test_left_out_combinations_never_appear_and_the_rest_is_unchanged(tmp_path):
+    """A training corpus can leave out chosen (colour, shape, direction) combinations, so held-out captions
+    can ask for pairings the model never saw; every other video plans exactly as without the option."""
+    left_out = parse_combinations("red-circle-left, blue-square-up,white-triangle-down")
+    assert left_out[1] == ("blue", "square", "up")
+    plain, leaving = SynthConfig(videos=400, seed=5), SynthConfig(videos=400, seed=5, leave_out=left_out)
+    plans = [(plan_synthetic_video(plain, i), plan_synthetic_video(leaving, i)) for i in range(400)]
+    hit = [i for i, (p, _) in enumerate(plans) if (p.color, p.shape, p.direction) in left_out]
+    assert hit                                                   # the plain corpus does draw them
+    assert not [q for _, q in plans if (q.color, q.shape, q.direction) in left_out]
+    assert all(p == q for i, (p, q) in enumerate(plans) if i not in hit)
+    manifest = pd.read_parquet(write_synthetic_corpus(tmp_path / "c", SynthConfig(videos=2, seed=5, max_seconds=1.0,
+                                                                                     leave_out=left_out)))
+    assert len(manifest) == 2
+    with pytest.raises(ValueError, match="unknown combination"):
+        SynthConfig(leave_out=(("red", "hexagon", "left"),))
+    with pytest.raises(ValueError, match="COLOR-SHAPE-DIRECTION"):
+        parse_combinations("red-circle")
 
 
 def test_render_frame():

@@ -48,6 +48,17 @@ class SynthConfig:
     max_seconds: float = 20.0      # durations are drawn uniformly in [min_seconds, max_seconds]
     dirty_captions: float = 0.0    # fraction of the good videos whose caption is made dirty
     broken: int = 0                # extra broken rows, kinds cycling through BROKEN_KINDS
+    leave_out: tuple = ()          # (color, shape, direction) combinations no video of this corpus shows
+
+    def __post_init__(self):
+        combos = tuple(tuple(c) for c in self.leave_out)
+        for color, shape, direction in combos:
+            if color not in COLORS or shape not in SHAPES or direction not in DIRECTIONS:
+                raise ValueError(f"unknown combination {color!r} {shape!r} {direction!r}: colours are "
+                                 f"{', '.join(COLORS)}; shapes {', '.join(SHAPES)}; directions {', '.join(DIRECTIONS)}")
+        if len(set(combos)) >= len(COLORS) * len(SHAPES) * len(DIRECTIONS):
+            raise ValueError("leave_out names every combination: nothing is left to draw")
+        object.__setattr__(self, "leave_out", combos)
 
 
 @dataclass(frozen=True)
@@ -189,6 +200,8 @@ def plan_synthetic_video(config: SynthConfig, index: int) -> SyntheticVideoPlan:
     color = _pick(rng, tuple(COLORS))
     shape = _pick(rng, SHAPES)
     direction = _pick(rng, DIRECTIONS)
+    while (color, shape, direction) in config.leave_out:   # redrawn from the same stream: still one seed per video
+        color, shape, direction = _pick(rng, tuple(COLORS)), _pick(rng, SHAPES), _pick(rng, DIRECTIONS)
     width, height = _pick(rng, config.sizes)
     width, height = int(width) // 2 * 2, int(height) // 2 * 2   # yuv420p needs even sizes
     fps = int(_pick(rng, config.fps_choices))
@@ -251,6 +264,17 @@ def _write_broken(path: pathlib.Path, kind: str, plan: SyntheticVideoPlan) -> No
         path.write_text("this is not a video, only text with an .mp4 name\n" * 20)
     elif kind != "missing":
         raise ValueError(f"unknown broken kind {kind!r}")
+
+
+def parse_combinations(text: str) -> tuple:
+    """"red-square-left,blue-circle-up" -> (("red", "square", "left"), ("blue", "circle", "up"))."""
+    combos = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        parts = item.split("-")
+        if len(parts) != 3:
+            raise ValueError(f"{item!r}: a combination is COLOR-SHAPE-DIRECTION, e.g. red-square-left")
+        combos.append(tuple(parts))
+    return tuple(combos)
 
 
 def write_synthetic_corpus(out_dir, config: SynthConfig = SynthConfig(),

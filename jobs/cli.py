@@ -15,7 +15,8 @@ def _cmd_synth(a):
     from clipforge.pipeline.video.synth import SynthConfig, parse_combinations, write_synthetic_corpus
 
     config = SynthConfig(videos=a.videos, seed=a.seed, max_seconds=a.max_seconds, dirty_captions=a.dirty,
-                         broken=a.broken, leave_out=parse_combinations(a.leave_out or ""))
+                         broken=a.broken, leave_out=parse_combinations(a.leave_out or ""),
+                         only=parse_combinations(a.only or ""))
     path = write_synthetic_corpus(a.out, config)
     print(json.dumps({"manifest": str(path), "videos": a.videos, "broken": a.broken}))
 
@@ -163,7 +164,7 @@ def _floats(text):
 
 
 def _model_overrides(a) -> dict:
-    given = {"n_layer": a.n_layer, "n_embd": a.n_embd, "n_head": a.n_head, "grid_rope": a.grid_rope or None}
+    given = {"n_layer": a.n_layer, "n_embd": a.n_embd, "n_head": a.n_head, "grid_rope": a.grid_rope}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -188,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--leave-out", metavar="COMBOS",
                    help="comma-separated COLOR-SHAPE-DIRECTION combinations no video shows (e.g. red-square-left), "
                         "so a held-out corpus can test combinations never seen in training")
+    s.add_argument("--only", metavar="COMBOS",
+                   help="comma-separated COLOR-SHAPE-DIRECTION combinations: every video shows one of them "
+                        "(a held-out corpus of exactly the combinations a training corpus left out)")
 
     s = cmd("clips", _cmd_clips, "print the clip plan of one video as JSON; with --out, write its frames")
     s.add_argument("video", metavar="VIDEO")
@@ -303,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-embd", type=int)
     s.add_argument("--n-head", type=int)
     s.add_argument("--dropout", type=float)
-    s.add_argument("--grid-rope", action="store_true",
-                   help="a fresh model with 2D rotary embeddings of the code grid (docs/model.md)")
+    s.add_argument("--grid-rope", action=argparse.BooleanOptionalAction, default=None,
+                   help="a fresh model with 2D rotary embeddings of the code grid (default: on; docs/model.md)")
     s.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 fresh, 2e-4 with --init-from)")
     s.add_argument("--warmup-steps", type=int)
     s.add_argument("--weight-decay", type=float)

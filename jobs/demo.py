@@ -48,7 +48,7 @@ def run_demo(out: str = "demo-out", videos: int = 24, train_minutes: float = 3.0
     if paths["dataset"].exists():   # a rerun of the demo starts the dataset afresh
         import shutil
         shutil.rmtree(paths["dataset"])
-    config = with_overrides(BuildConfig(), size=64, mode="both", inputs_per_shard=8, text_slot=24, tokenize_batch=16)
+    config = with_overrides(BuildConfig(), size=64, mode="both", inputs_per_shard=8, text_slot=40, tokenize_batch=16)
     info = build(str(manifest), str(paths["dataset"]), str(paths["image_tokenizer"]), str(paths["text_tokenizer"]),
                  config, log=log)
     log(json.dumps(info["funnel"], indent=1))
@@ -58,7 +58,7 @@ def run_demo(out: str = "demo-out", videos: int = 24, train_minutes: float = 3.0
     log(f"verify: {'ok' if not report['problems'] else report['problems']}")
     done("verify")
     step("audit")
-    audit(str(paths["dataset"]), str(paths["audit"]), text_tokenizer_path=str(paths["text_tokenizer"]), slot=24)
+    audit(str(paths["dataset"]), str(paths["audit"]), text_tokenizer_path=str(paths["text_tokenizer"]), slot=40)
     done("audit")
     step("train")
     result = train(str(paths["dataset"]), str(paths["run"]),

@@ -202,6 +202,10 @@ def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: 
     gen = torch.Generator(device=device).manual_seed(seed)
 
     rows, videos = [], []
+    prompts_cut = sum(bool(text.build_slot(text.encode_caption(c)[0], span, cfg.text_slot)[1]) for c in held["caption"])
+    if prompts_cut:
+        log(f"eval-synth: warning: {prompts_cut} of {len(held)} captions are longer than the run's "
+            f"{cfg.text_slot}-token text slot; their ends are cut")
     for start in range(0, len(held), batch):
         part = held.iloc[start:start + batch]
         slots = torch.stack([torch.from_numpy(text.build_slot(text.encode_caption(c)[0], span, cfg.text_slot)[0])
@@ -225,7 +229,7 @@ def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: 
             truth_rows.append({"truth": {a: str(r[a]) for a in ATTRIBUTES}, "detected": detect(frames)})
         scores["ceiling"] = score(truth_rows)
     scores.update({"run": str(run), "step": ckpt["step"], "stages": ckpt.get("stages"), "held_manifest": str(held_manifest),
-                   "train_manifest": str(train_manifest), "captions_also_in_training": len(leaked), "span": span,
+                   "train_manifest": str(train_manifest), "captions_also_in_training": len(leaked), "prompts_cut": prompts_cut, "span": span,
                    "guidance": guidance, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                    "seed": seed, "seconds": round(time.time() - t0, 1)})
     write_png(out_dir / "contact_sheet.png", contact_sheet(videos))

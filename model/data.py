@@ -114,6 +114,8 @@ class SequenceBuilder:
     def __init__(self, cfg: CogVideoConfig, text: TextTokenizer, stage: str):
         self.cfg, self.text, self.stage = cfg, text, stage
         self.order = cfg.frame_order(stage)
+        self.captions = 0        # captions built into slots in this process, and how many of them were cut
+        self.captions_cut = 0
 
     def check(self, vtok: np.ndarray) -> str | None:
         """None if the codes fit the layout, else a skip reason."""
@@ -127,7 +129,10 @@ class SequenceBuilder:
     def __call__(self, vtok: np.ndarray, ttok: np.ndarray, span: float | None, drop_caption: bool = False):
         cfg = self.cfg
         caption = [] if drop_caption else [int(t) for t in ttok]
-        slot, _ = self.text.build_slot(caption, span, cfg.text_slot)            # (text_slot,)
+        slot, cut = self.text.build_slot(caption, span, cfg.text_slot)          # (text_slot,)
+        if caption:
+            self.captions += 1
+            self.captions_cut += bool(cut)
         parts = [slot]
         for f in self.order:
             parts += [np.array([cfg.boi_id], np.int64), vtok[f].reshape(-1).astype(np.int64) + cfg.text_vocab]

@@ -102,6 +102,7 @@ def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike,
     gen.manual_seed(seed)
     kw = dict(guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
     cond, null = slots(span)
+    prompt_cut = text.build_slot(ids, span, cfg.text_slot)[1]   # the words past the slot are not seen
     use_null = null if guidance != 1.0 else None
     codes = model.generate(cond, use_null, **kw)                                  # (frames, h, w)
     for r in range(rounds):
@@ -115,5 +116,5 @@ def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike,
     out = write_video(upscale(frames, min_side), out_path, fps=fps)
     n_tokens = int(codes_np.size)
     return {"out": out, "frames": int(len(frames)), "seconds": round(time.time() - t0, 2), "tokens": n_tokens,
-            "span": span, "fps": fps, "rounds": rounds, "prompt": prompt, "seed": seed,
+            "span": span, "fps": fps, "rounds": rounds, "prompt": prompt, "prompt_cut": bool(prompt_cut), "seed": seed,
             "size": [int(frames.shape[1]), int(frames.shape[2])]}

@@ -87,6 +87,9 @@ def test_sequence_builder_and_stream(dataset):
     assert targets[start] == vtok[1, 0, 0] and targets[start - 1] == -1 and targets[11] == -1
     dropped, _ = builder(vtok, np.array([7, 8, 9], np.int32), 4.0, drop_caption=True)
     assert dropped[:12].tolist() == text.build_slot([], 4.0, 12)[0].tolist()
+    # captions longer than the slot are counted (the trainer warns): dropped captions are not captions
+    builder(vtok, np.arange(7, 27, dtype=np.int32), 4.0)
+    assert (builder.captions, builder.captions_cut) == (2, 1)
     stream = ShardStream(shard_urls(dataset, "train"), builder, shuffle=False, repeat=False)
     items = list(stream)
     assert len(items) == 80 and stream.skipped == {"shape": 2}

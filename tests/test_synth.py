@@ -158,6 +158,8 @@ def test_left_out_combinations_never_appear_and_the_rest_is_unchanged(tmp_path):
     manifest = pd.read_parquet(write_synthetic_corpus(tmp_path / "c", SynthConfig(videos=2, seed=5, max_seconds=1.0,
                                                                                      leave_out=left_out)))
     assert len(manifest) == 2
+    only = [plan_synthetic_video(SynthConfig(videos=40, seed=6, only=left_out), i) for i in range(40)]
+    assert {(p.color, p.shape, p.direction) for p in only} == set(left_out)
     with pytest.raises(ValueError, match="unknown combination"):
         SynthConfig(leave_out=(("red", "hexagon", "left"),))
     with pytest.raises(ValueError, match="COLOR-SHAPE-DIRECTION"):

@@ -49,16 +49,24 @@ class SynthConfig:
     dirty_captions: float = 0.0    # fraction of the good videos whose caption is made dirty
     broken: int = 0                # extra broken rows, kinds cycling through BROKEN_KINDS
     leave_out: tuple = ()          # (color, shape, direction) combinations no video of this corpus shows
+    only: tuple = ()               # if given, the only combinations its videos show (e.g. a training set's left-out ones)
 
     def __post_init__(self):
-        combos = tuple(tuple(c) for c in self.leave_out)
-        for color, shape, direction in combos:
-            if color not in COLORS or shape not in SHAPES or direction not in DIRECTIONS:
-                raise ValueError(f"unknown combination {color!r} {shape!r} {direction!r}: colours are "
-                                 f"{', '.join(COLORS)}; shapes {', '.join(SHAPES)}; directions {', '.join(DIRECTIONS)}")
-        if len(set(combos)) >= len(COLORS) * len(SHAPES) * len(DIRECTIONS):
-            raise ValueError("leave_out names every combination: nothing is left to draw")
-        object.__setattr__(self, "leave_out", combos)
+        for name in ("leave_out", "only"):
+            combos = tuple(tuple(c) for c in getattr(self, name))
+            for color, shape, direction in combos:
+                if color not in COLORS or shape not in SHAPES or direction not in DIRECTIONS:
+                    raise ValueError(f"unknown combination {color!r} {shape!r} {direction!r}: colours are "
+                                     f"{', '.join(COLORS)}; shapes {', '.join(SHAPES)}; directions "
+                                     f"{', '.join(DIRECTIONS)}")
+            object.__setattr__(self, name, combos)
+        if len(set(self.leave_out)) >= len(COLORS) * len(SHAPES) * len(DIRECTIONS) or (
+                self.only and set(self.only) <= set(self.leave_out)):
+            raise ValueError("leave_out and only leave no combination to draw")
+
+    def allows(self, color: str, shape: str, direction: str) -> bool:
+        combo = (color, shape, direction)
+        return combo not in self.leave_out and (not self.only or combo in self.only)
 
 
 @dataclass(frozen=True)
@@ -200,7 +208,7 @@ def plan_synthetic_video(config: SynthConfig, index: int) -> SyntheticVideoPlan:
     color = _pick(rng, tuple(COLORS))
     shape = _pick(rng, SHAPES)
     direction = _pick(rng, DIRECTIONS)
-    while (color, shape, direction) in config.leave_out:   # redrawn from the same stream: still one seed per video
+    while not config.allows(color, shape, direction):   # redrawn from the same stream: still one seed per video
         color, shape, direction = _pick(rng, tuple(COLORS)), _pick(rng, SHAPES), _pick(rng, DIRECTIONS)
     width, height = _pick(rng, config.sizes)
     width, height = int(width) // 2 * 2, int(height) // 2 * 2   # yuv420p needs even sizes

@@ -202,14 +202,14 @@ def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: 
     gen = torch.Generator(device=device).manual_seed(seed)
 
     rows, videos = [], []
-    prompts_cut = sum(bool(text.build_slot(text.encode_caption(c)[0], span, cfg.text_slot)[1]) for c in held["caption"])
+    built = [text.build_slot(text.encode_caption(c)[0], span, cfg.text_slot) for c in held["caption"]]
+    prompts_cut = sum(bool(cut) for _, cut in built)
     if prompts_cut:
         log(f"eval-synth: warning: {prompts_cut} of {len(held)} captions are longer than the run's "
             f"{cfg.text_slot}-token text slot; their ends are cut")
     for start in range(0, len(held), batch):
         part = held.iloc[start:start + batch]
-        slots = torch.stack([torch.from_numpy(text.build_slot(text.encode_caption(c)[0], span, cfg.text_slot)[0])
-                             for c in part["caption"]])
+        slots = torch.stack([torch.from_numpy(slot) for slot, _ in built[start:start + batch]])
         codes = model.generate(slots, null if guidance != 1.0 else None, guidance=guidance,
                                temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)  # (N, T, h, w)
         for (_, r), c in zip(part.iterrows(), codes.cpu().numpy().astype(np.uint16)):

@@ -66,6 +66,14 @@ def frame_block_attention(q, k, v, blocks: FrameBlocks) -> torch.Tensor:
     return torch.cat([y_text, y_frames.reshape(B, nh, n * fl, hs)], dim=2)
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (B, nh, T, hs) by per-position angles (T, r): dims [0, r) pair with [r, 2r)."""
+    r = cos.shape[-1]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2, rest = x[..., :r], x[..., r:2 * r], x[..., 2 * r:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
+
+
 class Dropout(nn.Module):
     """nn.Dropout, except that on a CPU the mask comes from torch.rand: torch's CPU bernoulli_ drew a
     demo-sized mask (32 x 89 x 128) in 18.7 ms against 7.5 ms, and dropout was 38 % of an image-stage

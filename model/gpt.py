@@ -38,7 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from clipforge.model.attention import Dropout, FrameBlocks, attention
+from clipforge.model.attention import Dropout, FrameBlocks, attention, rotate
+from clipforge.model.layout import build_masks, grid_rotary
 
 STAGES = ("image", "sequential", "interpolation")
 
@@ -107,95 +108,6 @@ def default_window(tokens_h: int, tokens_w: int) -> tuple[int, int]:
     """The SPEC's 10x10 windows, shift 5, on a 20x20 grid, scaled to other grids: half the grid side."""
     window = max(1, min(tokens_h, tokens_w) // 2)
     return window, window // 2
-
-
-# ----------------------------------------------------------------------------------------------------
-# sequence layout and attention masks
-
-
-def layout(cfg: CogVideoConfig, stage: str) -> dict[str, torch.Tensor]:
-    """Per-position descriptors of a stage's sequence, each (L,): frame index (-1 for text), is-code,
-    grid row and column (-1 for text and <boi>)."""
-    hw = cfg.tokens_h * cfg.tokens_w
-    frame = [-1] * cfg.text_slot
-    code = [False] * cfg.text_slot
-    row = [-1] * cfg.text_slot
-    col = [-1] * cfg.text_slot
-    for f in cfg.frame_order(stage):
-        frame += [f] * (1 + hw)
-        code += [False] + [True] * hw
-        row += [-1] + [i // cfg.tokens_w for i in range(hw)]
-        col += [-1] + [i % cfg.tokens_w for i in range(hw)]
-    return {"frame": torch.tensor(frame), "code": torch.tensor(code),
-            "row": torch.tensor(row), "col": torch.tensor(col)}
-
-
-def build_masks(cfg: CogVideoConfig, stage: str) -> dict[str, object]:
-    """Boolean attention masks (True = may attend), (L, L) with query rows and key columns.
-
-    Returns {"base": mask, "plus": [mask for even layers, mask for odd layers] or None (image stage),
-    "loss": (L,) bool, True where the logits predict an image code of a loss frame (the next token)}.
-    """
-    lay = layout(cfg, stage)
-    frame, code = lay["frame"], lay["code"]
-    n = len(frame)
-    pos = torch.arange(n)
-    causal = pos[None, :] <= pos[:, None]                        # (L, L) key <= query
-    text_k = (frame == -1)[None, :]
-    same_frame = (frame[:, None] == frame[None, :]) & (frame >= 0)[:, None]
-    base = causal & (text_k | same_frame)
-
-    plus = None
-    if stage == "sequential":
-        plus = [causal, causal]
-    elif stage == "interpolation":
-        is_text, given, gen = frame == -1, (frame >= 0) & (frame % 2 == 0), frame % 2 == 1
-        in_given_block = is_text | given
-        visible = ((in_given_block[:, None] & in_given_block[None, :])          # text + given: bidirectional
-                   | (gen[:, None] & in_given_block[None, :])                   # generated frames see them all
-                   | (gen[:, None] & gen[None, :] & (frame[None, :] < frame[:, None]))  # 3 sees 1
-                   | (gen[:, None] & same_frame & causal))                      # causal inside own frame
-        both_code = code[:, None] & code[None, :]
-        plus = []
-        for shift in (0, cfg.shift):                                            # even layers, odd layers
-            wr = (lay["row"] + shift) // cfg.window
-            wc = (lay["col"] + shift) // cfg.window
-            same_window = (wr[:, None] == wr[None, :]) & (wc[:, None] == wc[None, :])
-            plus.append(visible & (~both_code | same_window))
-
-    loss_frame = torch.zeros(n, dtype=torch.bool)
-    for f in cfg.loss_frames(stage):
-        loss_frame |= frame == f
-    loss = torch.zeros(n, dtype=torch.bool)
-    loss[:-1] = (code & loss_frame)[1:]  # logits at t predict token t+1
-    return {"base": base, "plus": plus, "loss": loss}
-
-
-def grid_rotary(cfg: CogVideoConfig, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (L, rot/2) of 2D rotary embeddings over a stage's layout: the first rot/2 dims of a
-    head (rot = half the head, a multiple of 4) turn with the code's grid row, the next rot/2 with its
-    column, at frequencies from 1 rad per token down to 1/side (no wrap-around across the grid). Text
-    and <boi> stay unrotated. Why: a query's score then depends on the *offset* between code positions,
-    so "the code one step left of me in the previous frame" is one fixed pattern for every position;
-    with learned absolute tables alone each of the h*w positions has to learn its own shifted match, and
-    the sequential stage carried the shape forward but never learnt which way the words move it."""
-    lay = layout(cfg, stage)
-    hs = cfg.n_embd // cfg.n_head
-    pairs = max(1, hs // 8)                                  # per axis: rot = 4 * pairs dims
-    side = max(cfg.tokens_h, cfg.tokens_w)
-    freq = side ** (-torch.arange(pairs, dtype=torch.float32) / pairs)
-    row = lay["row"].clamp(min=0).float() * lay["code"]
-    col = lay["col"].clamp(min=0).float() * lay["code"]
-    angles = torch.cat([row[:, None] * freq, col[:, None] * freq], dim=1)   # (L, 2 * pairs)
-    return angles.cos(), angles.sin()
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x (B, nh, T, hs) by per-position angles (T, r): dims [0, r) pair with [r, 2r)."""
-    r = cos.shape[-1]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2, rest = x[..., :r], x[..., r:2 * r], x[..., 2 * r:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from clipforge.model.distributed import default_device
-from clipforge.model.train import load_checkpoint, model_from_checkpoint
+from clipforge.model.checkpoint import load_checkpoint, model_from_checkpoint
 from clipforge.model.video import upscale, write_video
 
 
@@ -94,19 +94,18 @@ def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike,
     ids, _ = text.encode_caption(prompt)
 
     def slots(s):
-        cond, _ = text.build_slot(ids, s, cfg.text_slot)
+        cond, cut = text.build_slot(ids, s, cfg.text_slot)
         null, _ = text.build_slot([], s, cfg.text_slot)
-        return torch.from_numpy(cond).to(device), torch.from_numpy(null).to(device)
+        return torch.from_numpy(cond).to(device), torch.from_numpy(null).to(device), cut
 
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     kw = dict(guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
-    cond, null = slots(span)
-    prompt_cut = text.build_slot(ids, span, cfg.text_slot)[1]   # the words past the slot are not seen
+    cond, null, prompt_cut = slots(span)   # prompt_cut: the words past the slot are not seen
     use_null = null if guidance != 1.0 else None
     codes = model.generate(cond, use_null, **kw)                                  # (frames, h, w)
     for r in range(rounds):
-        c, n = slots(span / 2 ** (r + 1) if span is not None else None)
+        c, n, _ = slots(span / 2 ** (r + 1) if span is not None else None)
         codes = interp.interpolate(codes, c.view(1, -1), n.view(1, -1) if use_null is not None else None, **kw)
     codes_np = codes.cpu().numpy().astype(np.uint16)
     frames = image.decode(codes_np)                                              # (T, S, S, 3)

@@ -45,6 +45,7 @@ import torch.distributed as dist
 from clipforge.model.distributed import (all_reduce_mean, default_device, dist_context, rng_state, uses_bf16_autocast,
                                          set_rng_state, weights_digest)
 from clipforge.model.data import SequenceBuilder, ShardStream, make_loader, read_dataset_info, shard_urls, tokenizer_paths
+from clipforge.model.checkpoint import load_checkpoint, model_from_checkpoint
 from clipforge.model.gpt import STAGES, CogVideo, CogVideoConfig, default_window
 
 
@@ -94,8 +95,7 @@ class TrainConfig:
     dropout: float = 0.1               # on the demo's ~80 clips: val loss 1.28 vs 1.85 without, after 800 steps
     window: int | None = None          # default: half the grid side (10 on 20x20, as in the SPEC)
     shift: int | None = None           # default: half the window
-    grid_rope: bool = True             # 2D rotary embeddings of the code grid in every attention (gpt.grid_rotary):
-                                       # eval-synth all three right 46 % against 20 % (docs/model.md)
+    grid_rope: bool = True             # 2D rotary embeddings of the code grid in every attention (layout.grid_rotary)
 
     def validate(self) -> None:
         if self.stage not in STAGES:
@@ -106,25 +106,6 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------------------------------
 # checkpoints
-
-
-def load_checkpoint(run: str | os.PathLike, device="cpu") -> dict:
-    """A checkpoint dict from a RUN directory (its latest.json) or a ckpt_*.pt file."""
-    path = Path(run)
-    if path.is_dir():
-        latest = path / "latest.json"
-        if not latest.exists():
-            raise FileNotFoundError(f"{run}: no latest.json (not a training run, or no checkpoint yet)")
-        path = path / json.loads(latest.read_text(encoding="utf-8"))["ckpt"]
-    return torch.load(path, map_location=device, weights_only=True)
-
-
-def model_from_checkpoint(ckpt: dict, device="cpu") -> CogVideo:
-    known = {f.name for f in fields(CogVideoConfig)}
-    cfg = CogVideoConfig(**{k: v for k, v in ckpt["model_config"].items() if k in known})
-    model = CogVideo(cfg)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device)
 
 
 def config_from_checkpoint(ckpt: dict) -> TrainConfig:
@@ -295,8 +276,7 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
     if not val_set:  # tiny datasets: nothing held out, evaluate on fixed training batches instead
         eval_split = "train"
         val_set = eval_batches(ShardStream(train_urls, builder, shuffle=False, repeat=False, modes=modes))
-    # Captions longer than the slot lose their ends, and the model never learns what those words say: at a
-    # 24-token slot the synthetic corpus lost the direction of motion in about half of its captions.
+    # words past the slot never reach the model: at 24 tokens half the synthetic captions lost their direction
     cut_share = builder.captions_cut / max(1, builder.captions)
     if cut_share > 0.01:
         log(f"warning: {builder.captions_cut} of {builder.captions} evaluation captions ({cut_share:.0%}) are cut "

@@ -11,7 +11,8 @@ import webdataset as wds
 from clipforge.model.data import SequenceBuilder, ShardStream, read_dataset_info, shard_urls
 from clipforge.model.gpt import CogVideoConfig
 from clipforge.model.sample import sample
-from clipforge.model.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
+from clipforge.model.checkpoint import load_checkpoint, model_from_checkpoint
+from clipforge.model.train import TrainConfig, train
 from clipforge.pipeline.storage.samples import encode_sample
 from clipforge.tokenizer.vq import VQConfig
 from clipforge.tokenizer.image_train import train_image_tokenizer

@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipforge.model.attention import FrameBlocks, attention
+from clipforge.model.attention import FrameBlocks, attention, rotate
 from clipforge.model.distributed import cpu_has_native_bf16, uses_bf16_autocast
-from clipforge.model.gpt import CogVideo, CogVideoConfig, KVCache, build_masks, grid_rotary, layout, nucleus, rotate
+from clipforge.model.gpt import CogVideo, CogVideoConfig, KVCache, nucleus
+from clipforge.model.layout import build_masks, grid_rotary, layout
 from clipforge.model.sample import rounds_for
 
 # a 4x4 code grid, 4-token text slot: masks are small enough to check entry by entry

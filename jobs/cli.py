@@ -138,7 +138,8 @@ def _cmd_eval_synth(a):
     from clipforge.jobs.eval_synth import eval_synth
 
     result = eval_synth(a.run, a.held_manifest, out=a.out, limit=a.limit, seed=a.seed, guidance=a.guidance,
-                        temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, train_manifest=a.train_manifest,
+                        temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, candidates=a.candidates,
+                        train_manifest=a.train_manifest,
                         device=a.device,
                         log=lambda msg: print(msg, file=sys.stderr))
     print(json.dumps(result["scores"], indent=2))
@@ -148,7 +149,7 @@ def _cmd_sample(a):
     from clipforge.model.sample import sample
 
     print(json.dumps(sample(a.run, a.prompt, a.out, seed=a.seed, guidance=a.guidance, temperature=a.temperature,
-                            top_k=a.top_k, top_p=a.top_p, frames_out=a.frames_out, fps=a.fps,
+                            top_k=a.top_k, top_p=a.top_p, candidates=a.candidates, frames_out=a.frames_out, fps=a.fps,
                             interp_run=a.interp_run),
                      default=str))
 
@@ -365,6 +366,9 @@ def _add_sampling_flags(s):
     s.add_argument("--top-k", type=int, default=64)
     s.add_argument("--top-p", type=float, help="nucleus sampling: keep the most probable codes holding this "
                                                "share of the probability (default: off)")
+    s.add_argument("--candidates", type=int, default=1,
+                   help="sample N videos per caption and keep the one the model says the caption explains best: "
+                        "log p(video | caption) - log p(video | empty caption) (default 1)")
 
 
 def _add_clip_flags(s, defaults: bool = True):

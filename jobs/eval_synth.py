@@ -163,7 +163,7 @@ def train_manifest_of(run: Path) -> str | None:
 def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: int | None = None, seed: int = 0,
                guidance: float = 3.0, temperature: float = 1.05, top_k: int | None = 64,
                train_manifest: str | None = None, device: str | None = None, batch: int = 16,
-               ceiling: bool = True, top_p: float | None = None, log=print) -> dict:
+               ceiling: bool = True, top_p: float | None = None, candidates: int = 1, log=print) -> dict:
     import pandas as pd
     import torch
 
@@ -211,7 +211,8 @@ def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: 
         part = held.iloc[start:start + batch]
         slots = torch.stack([torch.from_numpy(slot) for slot, _ in built[start:start + batch]])
         codes = model.generate(slots, null if guidance != 1.0 else None, guidance=guidance,
-                               temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)  # (N, T, h, w)
+                               temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
+                               candidates=candidates)                                              # (N, T, h, w)
         for (_, r), c in zip(part.iterrows(), codes.cpu().numpy().astype(np.uint16)):
             frames = image.decode(c)                                                  # (T, S, S, 3)
             truth = {a: str(r[a]) for a in ATTRIBUTES}
@@ -231,7 +232,7 @@ def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: 
     scores.update({"run": str(run), "step": ckpt["step"], "stages": ckpt.get("stages"), "held_manifest": str(held_manifest),
                    "train_manifest": str(train_manifest), "captions_also_in_training": len(leaked), "prompts_cut": prompts_cut, "span": span,
                    "guidance": guidance, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                   "seed": seed, "seconds": round(time.time() - t0, 1)})
+                   "candidates": candidates, "seed": seed, "seconds": round(time.time() - t0, 1)})
     write_png(out_dir / "contact_sheet.png", contact_sheet(videos))
     result = {"scores": scores, "rows": rows}
     (out_dir / "scores.json").write_text(json.dumps(result, indent=1), encoding="utf-8")

@@ -340,7 +340,8 @@ class CogVideo(nn.Module):
     @torch.no_grad()
     def generate(self, text, null_text=None, guidance: float = 3.0, temperature: float = 1.05,
                  top_k: int | None = None, rounds: int = 0, round_texts=None,
-                 generator: torch.Generator | None = None, top_p: float | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, top_p: float | None = None,
+                 candidates: int = 1) -> torch.Tensor:
         """Text slot (text_slot,) -> image codes (T, h, w), T = frames, then 2T-1 per interpolation round.
         A batch of slots (N, text_slot) gives (N, T, h, w), all N sampled together.
 
@@ -351,6 +352,9 @@ class CogVideo(nn.Module):
         fills the midpoints of every 3 consecutive frames (a, b, c) with the interpolation stage;
         round_texts[r] = (text, null_text) for round r (their span prefix halves each round), default
         the same as the first.
+
+        candidates > 1: sample that many videos per slot and keep the one the caption explains best
+        (`caption_scores`: the model's own judgement, CogView's self-reranking in spirit; no detector).
         """
         cfg = self.config
         device = self.wte.weight.device
@@ -359,9 +363,15 @@ class CogVideo(nn.Module):
         N = text.shape[0]
         null_text = None if null_text is None else null_text.to(device).view(-1, cfg.text_slot).expand(N, -1)
         kw = dict(guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        (f0,) = self._complete("image", text, null_text, [], 1, **kw)
-        rest = self._complete("sequential", text, null_text, [f0], cfg.frames - 1, **kw)
-        videos = torch.stack([f0] + rest, dim=1)                                 # (N, frames, h, w)
+        K = max(1, int(candidates))
+        rows = text.repeat_interleave(K, dim=0)                                  # (N*K, slot), K per slot in a row
+        null_rows = None if null_text is None else null_text.repeat_interleave(K, dim=0)
+        (f0,) = self._complete("image", rows, null_rows, [], 1, **kw)
+        rest = self._complete("sequential", rows, null_rows, [f0], cfg.frames - 1, **kw)
+        videos = torch.stack([f0] + rest, dim=1)                                 # (N*K, frames, h, w)
+        if K > 1:
+            best = self.caption_scores(videos, rows, null_rows).view(N, K).argmax(dim=1)
+            videos = videos.view(N, K, *videos.shape[1:])[torch.arange(N, device=device), best]
         out = []
         for n in range(N):
             frames = videos[n]
@@ -372,6 +382,37 @@ class CogVideo(nn.Module):
                 frames = self.interpolate(frames, t, nt, **kw)
             out.append(frames)
         return torch.stack(out) if batched else out[0]
+
+    @torch.no_grad()
+    def code_log_likelihood(self, stage: str, text, videos) -> torch.Tensor:
+        """Sum over the stage's loss frames of log p(code | every token before it), per row:
+        text (N, slot), videos (N, frames, h, w) codes -> (N,), teacher-forced in one forward."""
+        cfg = self.config
+        N, hw = text.shape[0], cfg.tokens_h * cfg.tokens_w
+        boi = torch.full((N, 1), cfg.boi_id, dtype=torch.long, device=text.device)
+        parts = [text.long()]
+        for f in cfg.frame_order(stage):
+            parts += [boi, videos[:, f].reshape(N, hw).long() + cfg.text_vocab]
+        tokens = torch.cat(parts, dim=1)                                          # (N, L)
+        following = tokens[:, 1:] - cfg.text_vocab                                # the next token, as a code
+        targets = torch.full_like(tokens, -1)
+        targets[:, :-1] = torch.where((following >= 0) & (following < cfg.image_vocab), following, -1)
+        logits, _ = self(tokens, targets, stage=stage)
+        keep = self.masks(stage, tokens.device)["loss"][None, :] & (targets >= 0)
+        logp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        return (logp * keep).sum(dim=1)
+
+    @torch.no_grad()
+    def caption_scores(self, videos, text, null_text=None) -> torch.Tensor:
+        """How much each caption explains its video (N, frames, h, w): log p(video | caption) - log p(video |
+        empty caption), frame 0 by the image stage and frames 1.. by the sequential stage, as they were
+        sampled. The difference, not the likelihood alone, so that a still, near-empty video (likely under
+        any caption) does not win. Without null_text: log p(video | caption)."""
+        def loglik(slot):
+            return self.code_log_likelihood("image", slot, videos) + self.code_log_likelihood("sequential", slot, videos)
+
+        score = loglik(text)
+        return score if null_text is None else score - loglik(null_text)
 
     @torch.no_grad()
     def interpolate(self, frames, text, null_text=None, **kw) -> torch.Tensor:

@@ -60,12 +60,13 @@ def load_run(run: Path, device: torch.device):
 def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike, seed: int = 0,
            guidance: float = 3.0, temperature: float = 1.05, top_k: int | None = 64, frames_out: int | None = None,
            fps: float | None = None, span: float | None = None, interp_run: str | os.PathLike | None = None,
-           device: str | None = None, min_side: int = 128, top_p: float | None = None) -> dict:
+           device: str | None = None, min_side: int = 128, top_p: float | None = None, candidates: int = 1) -> dict:
     """Generate a video for `prompt` and write it to `out_path` (.mp4 or .gif).
 
     span: the time-span prefix in seconds (default: the most common span of the run's sequential
     training clips). frames_out: 5 (default), 9, 17 or 33 with an interpolation-trained model. fps: default
-    real time, (frames - 1) / span. Returns {"out", "frames", "seconds", "tokens", "span", "fps", "rounds"}.
+    real time, (frames - 1) / span. candidates: draw that many and keep the one the caption explains
+best (CogVideo.caption_scores). Returns {"out", "frames", "seconds", "tokens", "span", "fps", "rounds"}.
     """
     t0 = time.time()
     run = Path(run_dir)
@@ -103,7 +104,7 @@ def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike,
     kw = dict(guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
     cond, null, prompt_cut = slots(span)   # prompt_cut: the words past the slot are not seen
     use_null = null if guidance != 1.0 else None
-    codes = model.generate(cond, use_null, **kw)                                  # (frames, h, w)
+    codes = model.generate(cond, use_null, candidates=candidates, **kw)           # (frames, h, w)
     for r in range(rounds):
         c, n, _ = slots(span / 2 ** (r + 1) if span is not None else None)
         codes = interp.interpolate(codes, c.view(1, -1), n.view(1, -1) if use_null is not None else None, **kw)
@@ -116,4 +117,5 @@ def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike,
     n_tokens = int(codes_np.size)
     return {"out": out, "frames": int(len(frames)), "seconds": round(time.time() - t0, 2), "tokens": n_tokens,
             "span": span, "fps": fps, "rounds": rounds, "prompt": prompt, "prompt_cut": bool(prompt_cut), "seed": seed,
+            "candidates": candidates,
             "size": [int(frames.shape[1]), int(frames.shape[2])]}

@@ -273,6 +273,50 @@ def test_nucleus_sampling_keeps_the_smallest_set_holding_top_p():
     assert not torch.equal(plain, greedy)
 
 
+def test_code_log_likelihood_is_the_training_loss_summed():
+    """Teacher-forced scoring sums exactly the log-probabilities the training loss averages: the same
+    positions (the stage's loss frames), the same targets (the next token's code)."""
+    torch.manual_seed(0)
+    model = CogVideo(SMALL).eval()
+    N, hw = 3, SMALL.tokens_h * SMALL.tokens_w
+    text = torch.randint(0, 50, (N, SMALL.text_slot))
+    videos = torch.randint(0, SMALL.image_vocab, (N, SMALL.frames, SMALL.tokens_h, SMALL.tokens_w))
+    for stage, frames in (("image", [0]), ("sequential", [0, 1, 2, 3, 4])):
+        boi = torch.full((N, 1), SMALL.boi_id)
+        tokens = torch.cat([text] + [t for f in frames for t in (boi, videos[:, f].reshape(N, hw) + SMALL.text_vocab)], 1)
+        targets = torch.full_like(tokens, -1)
+        for k, f in enumerate(frames):   # a frame's <boi> predicts its first code, each code the next
+            start = SMALL.text_slot + k * SMALL.frame_len
+            targets[:, start:start + hw] = videos[:, f].reshape(N, hw)
+        for n in range(N):
+            _, loss = model(tokens[n:n + 1], targets[n:n + 1], stage=stage)
+            counted = len(SMALL.loss_frames(stage)) * hw
+            got = model.code_log_likelihood(stage, text[n:n + 1], videos[n:n + 1])
+            assert torch.allclose(got, -loss * counted, rtol=1e-4), stage
+    both = model.code_log_likelihood("image", text, videos) + model.code_log_likelihood("sequential", text, videos)
+    assert torch.allclose(model.caption_scores(videos, text), both)
+    assert torch.allclose(model.caption_scores(videos, text, text), torch.zeros(N), atol=1e-4)
+
+
+def test_candidates_keep_the_draw_the_caption_explains_best():
+    """generate(candidates=K) draws K videos per slot exactly as K copies of the slot would be drawn and
+    keeps, per slot, the one with the highest caption score."""
+    torch.manual_seed(0)
+    model = CogVideo(SMALL).eval()
+    text = torch.randint(0, 50, (2, SMALL.text_slot))
+    null = torch.zeros(SMALL.text_slot, dtype=torch.long)
+    K = 4
+    kw = dict(guidance=2.0, top_k=8)
+    drawn = model.generate(text.repeat_interleave(K, 0), null, generator=torch.Generator().manual_seed(5), **kw)
+    scores = model.caption_scores(drawn, text.repeat_interleave(K, 0), null.expand(2 * K, -1)).view(2, K)
+    assert len(set(scores.flatten().tolist())) == 2 * K                       # the choice is not a tie
+    best = model.generate(text, null, candidates=K, generator=torch.Generator().manual_seed(5), **kw)
+    for n in range(2):
+        assert torch.equal(best[n], drawn.view(2, K, *drawn.shape[1:])[n, scores[n].argmax()])
+    one = model.generate(text, null, candidates=1, generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(one, model.generate(text, null, generator=torch.Generator().manual_seed(5), **kw))
+
+
 # ---------------------------------------------------------------------------------- causality of masks
 
 def _logits(model, tokens, stage):

@@ -157,7 +157,7 @@ def _cmd_sample(a):
 def _cmd_demo(a):
     from clipforge.jobs.demo import run_demo
 
-    run_demo(a.out, videos=a.videos, train_minutes=a.train_minutes)
+    run_demo(a.out, videos=a.videos, train_minutes=a.train_minutes, candidates=a.candidates)
 
 
 def _floats(text):
@@ -353,8 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = cmd("demo", _cmd_demo, "the whole chain on a synthetic corpus, on this machine")
     s.add_argument("--out", default="demo-out", metavar="DIR")
-    s.add_argument("--videos", type=int, default=24)
-    s.add_argument("--train-minutes", type=float, default=3.0)
+    s.add_argument("--videos", type=int, default=1500)
+    s.add_argument("--train-minutes", type=float, default=4.5, help="both training stages together (default 4.5)")
+    s.add_argument("--candidates", type=int, default=8, help="videos drawn for the prompt, the best kept (default 8)")
     return p
 
 

@@ -66,7 +66,7 @@ def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike,
     span: the time-span prefix in seconds (default: the most common span of the run's sequential
     training clips). frames_out: 5 (default), 9, 17 or 33 with an interpolation-trained model. fps: default
     real time, (frames - 1) / span. candidates: draw that many and keep the one the caption explains
-best (CogVideo.caption_scores). Returns {"out", "frames", "seconds", "tokens", "span", "fps", "rounds"}.
+    best (CogVideo.caption_scores). Returns {"out", "frames", "seconds", "tokens", "span", "fps", "rounds"}.
     """
     t0 = time.time()
     run = Path(run_dir)

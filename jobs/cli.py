@@ -122,7 +122,8 @@ def _cmd_train(a):
     given = {"lr": a.lr, "grad_accum": a.grad_accum, "global_batch": a.global_batch, "dropout": a.dropout,
              "weight_decay": a.weight_decay, "cond_drop": a.cond_drop, "log_interval": a.log_interval,
              "eval_interval": a.eval_interval, "ckpt_interval": a.ckpt_interval, "warmup_steps": a.warmup_steps,
-             "freeze_base": False if a.train_base else None}
+             "freeze_base": False if a.train_base else None,
+             "joint_image": a.joint_image}
     config = TrainConfig(stage=a.stage, steps=a.steps, max_minutes=a.max_minutes, batch_size=a.batch_size,
                          seed=a.seed, device=a.device, init_from=a.init_from, num_workers=a.num_workers, amp=not a.fp32,
                          record_keys=a.record_keys, image_tokenizer=a.image_tokenizer, text_tokenizer=a.text_tokenizer,
@@ -320,7 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clip-modes", help="comma-separated clip modes to train on (default: all)")
     s.add_argument("--train-base", action="store_true",
                    help="with --init-from an image-stage run: train the whole model, not only attention-plus "
-                        "(the base channel then also keeps training on frame 0 alone)")
+                        "(the base channel then also keeps training on frame 0 alone, unless --no-joint-image)")
+    s.add_argument("--joint-image", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the image-stage loss (text + frame 0, base channel) to every step (default: on "
+                        "whenever the base trains; off is faster and, in a short run from an image-stage run, "
+                        "follows prompts better: docs/model.md)")
     s.add_argument("--image-tokenizer", metavar="DIR", help="the dataset's image tokenizer (default: as dataset.json names)")
     s.add_argument("--text-tokenizer", metavar="FILE", help="the dataset's text tokenizer (default: as dataset.json names)")
     s.add_argument("--log-interval", type=int)
@@ -354,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = cmd("demo", _cmd_demo, "the whole chain on a synthetic corpus, on this machine")
     s.add_argument("--out", default="demo-out", metavar="DIR")
     s.add_argument("--videos", type=int, default=1500)
-    s.add_argument("--train-minutes", type=float, default=4.5, help="both training stages together (default 4.5)")
+    s.add_argument("--train-minutes", type=float, default=5.5, help="both training stages together (default 5.5)")
     s.add_argument("--candidates", type=int, default=8, help="videos drawn for the prompt, the best kept (default 8)")
     return p
 

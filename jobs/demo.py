@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 
-def run_demo(out: str = "demo-out", videos: int = 1500, train_minutes: float = 4.5, candidates: int = 8,
+def run_demo(out: str = "demo-out", videos: int = 1500, train_minutes: float = 5.5, candidates: int = 8,
              log=print) -> dict:
     """train_minutes: both training stages together, a third for the image stage. candidates: videos drawn
     for the prompt, of which the one its caption explains best is kept (`clipforge sample --candidates`)."""
@@ -77,10 +77,12 @@ def run_demo(out: str = "demo-out", videos: int = 1500, train_minutes: float = 4
                   TrainConfig(stage="image", steps=5000, max_minutes=train_minutes / 3, batch_size=32, lr=2e-3,
                               warmup_steps=30, **tokenizers))
     log(json.dumps(first, default=str))
+    # the whole model trains, without the joint frame-0 loss: in minutes it costs steps and prompt following
+    # (docs/model.md, "Generalisation on CPU")
     result = train(str(paths["dataset"]), str(paths["run"]),
                    TrainConfig(stage="sequential", steps=6000, max_minutes=train_minutes * 2 / 3, batch_size=16,
                                lr=1e-3, warmup_steps=20, init_from=str(paths["image_run"]), freeze_base=False,
-                               **tokenizers))
+                               joint_image=False, **tokenizers))
     log(json.dumps(result, default=str))
     done("train")
     step("sample")

@@ -17,9 +17,9 @@ so model/sample.py rebuilds everything from RUN alone.
 Stages (SPEC §1): "image" trains the base text-to-image model (text + frame 0); "sequential" and
 "interpolation" train the video model. Starting from an image-stage run (`init_from`), attention-plus
 is re-initialised from the base channel and only attention-plus, the mix vectors and the new position
-tables train (`freeze_base`, on by default then). Without an image-stage run (the demo) everything
-trains, and `joint_image` adds the image-stage loss (text + frame 0, base channel alone) to every step,
-so that the base channel can draw frame 0 at sampling time.
+tables train (`freeze_base`, on by default then). Without an image-stage run everything trains, and
+`joint_image` adds the image-stage loss (text + frame 0, base channel alone) to every step, so that the
+base channel can draw frame 0 at sampling time; it is on by default whenever the base trains.
 
 Data parallel (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK): every rank reads its own share of the data
 (model/data.py), gradients are averaged across ranks before each optimizer step, rank 0 writes the run.

@@ -167,6 +167,25 @@ def test_interpolation_stage_from_image_stage_run(run, dataset, tmp_path):
         sample(run[0], "a red circle moves right", tmp_path / "x.mp4", frames_out=9)  # not trained for it
 
 
+def test_train_base_with_and_without_the_joint_image_loss(dataset, tmp_path, capsys):
+    """`train --init-from IMAGE_RUN --train-base` adds the image-stage loss to every step unless
+    --no-joint-image: the summary says which, and only the joint run logs a frame-0 loss."""
+    from clipforge.jobs.cli import main
+
+    small = ["--batch-size", "4", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--log-interval", "1",
+             "--eval-interval", "100"]
+    main(["train", str(dataset), "--out", str(tmp_path / "image"), "--stage", "image", "--steps", "2", *small])
+    capsys.readouterr()
+    for flag, joint in ((None, True), ("--no-joint-image", False)):
+        out = tmp_path / f"seq-{joint}"
+        main(["train", str(dataset), "--out", str(out), "--steps", "3", "--init-from", str(tmp_path / "image"),
+              "--train-base", *small, *([flag] if flag else [])])
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert summary["joint_image"] is joint and summary["freeze_base"] is False
+        logged = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+        assert any("loss_image" in l for l in logged) is joint
+
+
 def test_sample_writes_a_real_video(run, tmp_path):
     out, _ = run
     result = sample(out, "a red circle moves right", tmp_path / "clip.mp4", seed=1)

@@ -140,7 +140,7 @@ def _cmd_eval_synth(a):
 
     result = eval_synth(a.run, a.held_manifest, out=a.out, limit=a.limit, seed=a.seed, guidance=a.guidance,
                         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, candidates=a.candidates,
-                        train_manifest=a.train_manifest,
+                        image_run=a.image_run, train_manifest=a.train_manifest,
                         device=a.device,
                         log=lambda msg: print(msg, file=sys.stderr))
     print(json.dumps(result["scores"], indent=2))
@@ -151,7 +151,7 @@ def _cmd_sample(a):
 
     print(json.dumps(sample(a.run, a.prompt, a.out, seed=a.seed, guidance=a.guidance, temperature=a.temperature,
                             top_k=a.top_k, top_p=a.top_p, candidates=a.candidates, frames_out=a.frames_out, fps=a.fps,
-                            interp_run=a.interp_run),
+                            interp_run=a.interp_run, image_run=a.image_run),
                      default=str))
 
 
@@ -375,6 +375,9 @@ def _add_sampling_flags(s):
     s.add_argument("--candidates", type=int, default=1,
                    help="sample N videos per caption and keep the one the model says the caption explains best: "
                         "log p(video | caption) - log p(video | empty caption) (default 1)")
+    s.add_argument("--image-run", metavar="RUN",
+                   help="draw frame 0 with this run's image stage (the image-stage run RUN started from), "
+                        "for a sequential run whose base channel drifted (docs/model.md)")
 
 
 def _add_clip_flags(s, defaults: bool = True):

@@ -163,11 +163,12 @@ def train_manifest_of(run: Path) -> str | None:
 def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: int | None = None, seed: int = 0,
                guidance: float = 3.0, temperature: float = 1.05, top_k: int | None = 64,
                train_manifest: str | None = None, device: str | None = None, batch: int = 16,
-               ceiling: bool = True, top_p: float | None = None, candidates: int = 1, log=print) -> dict:
+               ceiling: bool = True, top_p: float | None = None, candidates: int = 1, image_run: str | None = None,
+               log=print) -> dict:
     import pandas as pd
     import torch
 
-    from clipforge.model.sample import load_run
+    from clipforge.model.sample import load_companion, load_run
     from clipforge.model.distributed import default_device
     from clipforge.tokenizer.image_train import contact_sheet, write_png
 
@@ -196,6 +197,7 @@ def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: 
 
     device = torch.device(device or default_device())
     ckpt, model, text, image = load_run(run, device)
+    frame0_model = load_companion(image_run, model, run, device)[0] if image_run else None
     cfg = model.config
     span = (ckpt.get("spans") or {}).get("sequential", (ckpt.get("spans") or {}).get("all"))
     null = torch.from_numpy(text.build_slot([], span, cfg.text_slot)[0])
@@ -212,7 +214,7 @@ def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: 
         slots = torch.stack([torch.from_numpy(slot) for slot, _ in built[start:start + batch]])
         codes = model.generate(slots, null if guidance != 1.0 else None, guidance=guidance,
                                temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
-                               candidates=candidates)                                              # (N, T, h, w)
+                               candidates=candidates, frame0_model=frame0_model)                   # (N, T, h, w)
         for (_, r), c in zip(part.iterrows(), codes.cpu().numpy().astype(np.uint16)):
             frames = image.decode(c)                                                  # (T, S, S, 3)
             truth = {a: str(r[a]) for a in ATTRIBUTES}
@@ -232,7 +234,7 @@ def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: 
     scores.update({"run": str(run), "step": ckpt["step"], "stages": ckpt.get("stages"), "held_manifest": str(held_manifest),
                    "train_manifest": str(train_manifest), "captions_also_in_training": len(leaked), "prompts_cut": prompts_cut, "span": span,
                    "guidance": guidance, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-                   "candidates": candidates, "seed": seed, "seconds": round(time.time() - t0, 1)})
+                   "candidates": candidates, "image_run": image_run, "seed": seed, "seconds": round(time.time() - t0, 1)})
     write_png(out_dir / "contact_sheet.png", contact_sheet(videos))
     result = {"scores": scores, "rows": rows}
     (out_dir / "scores.json").write_text(json.dumps(result, indent=1), encoding="utf-8")

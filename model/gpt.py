@@ -341,7 +341,7 @@ class CogVideo(nn.Module):
     def generate(self, text, null_text=None, guidance: float = 3.0, temperature: float = 1.05,
                  top_k: int | None = None, rounds: int = 0, round_texts=None,
                  generator: torch.Generator | None = None, top_p: float | None = None,
-                 candidates: int = 1) -> torch.Tensor:
+                 candidates: int = 1, frame0_model: "CogVideo | None" = None) -> torch.Tensor:
         """Text slot (text_slot,) -> image codes (T, h, w), T = frames, then 2T-1 per interpolation round.
         A batch of slots (N, text_slot) gives (N, T, h, w), all N sampled together.
 
@@ -355,6 +355,9 @@ class CogVideo(nn.Module):
 
         candidates > 1: sample that many videos per slot and keep the one the caption explains best
         (`caption_scores`: the model's own judgement, CogView's self-reranking in spirit; no detector).
+
+        frame0_model: draw (and score) frame 0 with this model's image stage instead, e.g. the image-stage
+        run a sequential run started from, when the sequential run's base channel drifted while it trained.
         """
         cfg = self.config
         device = self.wte.weight.device
@@ -366,11 +369,12 @@ class CogVideo(nn.Module):
         K = max(1, int(candidates))
         rows = text.repeat_interleave(K, dim=0)                                  # (N*K, slot), K per slot in a row
         null_rows = None if null_text is None else null_text.repeat_interleave(K, dim=0)
-        (f0,) = self._complete("image", rows, null_rows, [], 1, **kw)
+        first = frame0_model if frame0_model is not None else self
+        (f0,) = first._complete("image", rows, null_rows, [], 1, **kw)
         rest = self._complete("sequential", rows, null_rows, [f0], cfg.frames - 1, **kw)
         videos = torch.stack([f0] + rest, dim=1)                                 # (N*K, frames, h, w)
         if K > 1:
-            best = self.caption_scores(videos, rows, null_rows).view(N, K).argmax(dim=1)
+            best = self.caption_scores(videos, rows, null_rows, frame0_model).view(N, K).argmax(dim=1)
             videos = videos.view(N, K, *videos.shape[1:])[torch.arange(N, device=device), best]
         out = []
         for n in range(N):
@@ -403,13 +407,17 @@ class CogVideo(nn.Module):
         return (logp * keep).sum(dim=1)
 
     @torch.no_grad()
-    def caption_scores(self, videos, text, null_text=None) -> torch.Tensor:
+    def caption_scores(self, videos, text, null_text=None, frame0_model: "CogVideo | None" = None) -> torch.Tensor:
         """How much each caption explains its video (N, frames, h, w): log p(video | caption) - log p(video |
         empty caption), frame 0 by the image stage and frames 1.. by the sequential stage, as they were
         sampled. The difference, not the likelihood alone, so that a still, near-empty video (likely under
-        any caption) does not win. Without null_text: log p(video | caption)."""
+        any caption) does not win. Without null_text: log p(video | caption). frame0_model: frame 0's
+        term by that model's image stage (the one that drew it; see generate)."""
+        first = frame0_model if frame0_model is not None else self
+
         def loglik(slot):
-            return self.code_log_likelihood("image", slot, videos) + self.code_log_likelihood("sequential", slot, videos)
+            return (first.code_log_likelihood("image", slot, videos)
+                    + self.code_log_likelihood("sequential", slot, videos))
 
         score = loglik(text)
         return score if null_text is None else score - loglik(null_text)

@@ -57,16 +57,30 @@ def load_run(run: Path, device: torch.device):
     return ckpt, model, text, image
 
 
+def load_companion(other_run, model, run, device):
+    """(model in eval mode, stages) of another run whose frames `model`'s must fit: the same vocabularies
+    and layout (an interpolation run, or the image-stage run to draw frame 0 with)."""
+    ckpt = load_checkpoint(other_run, device="cpu")
+    other = model_from_checkpoint(ckpt, device).eval()
+    a, b = other.config, model.config
+    if (a.text_vocab, a.image_vocab, a.text_slot, a.frames, a.tokens_h, a.tokens_w) != (
+            b.text_vocab, b.image_vocab, b.text_slot, b.frames, b.tokens_h, b.tokens_w):
+        raise ValueError(f"{other_run} was trained for other vocabularies or another layout than {run}")
+    return other, ckpt.get("stages", [ckpt["stage"]])
+
+
 def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike, seed: int = 0,
            guidance: float = 3.0, temperature: float = 1.05, top_k: int | None = 64, frames_out: int | None = None,
            fps: float | None = None, span: float | None = None, interp_run: str | os.PathLike | None = None,
-           device: str | None = None, min_side: int = 128, top_p: float | None = None, candidates: int = 1) -> dict:
+           device: str | None = None, min_side: int = 128, top_p: float | None = None, candidates: int = 1,
+           image_run: str | os.PathLike | None = None) -> dict:
     """Generate a video for `prompt` and write it to `out_path` (.mp4 or .gif).
 
     span: the time-span prefix in seconds (default: the most common span of the run's sequential
     training clips). frames_out: 5 (default), 9, 17 or 33 with an interpolation-trained model. fps: default
     real time, (frames - 1) / span. candidates: draw that many and keep the one the caption explains
-    best (CogVideo.caption_scores). Returns {"out", "frames", "seconds", "tokens", "span", "fps", "rounds"}.
+    best (CogVideo.caption_scores). image_run: draw frame 0 with that run's image stage (the image-stage
+    run this one started from). Returns {"out", "frames", "seconds", "tokens", "span", "fps", "rounds"}.
     """
     t0 = time.time()
     run = Path(run_dir)
@@ -79,13 +93,7 @@ def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike,
     interp = model
     if rounds:
         if interp_run is not None:
-            ickpt = load_checkpoint(interp_run, device="cpu")
-            interp = model_from_checkpoint(ickpt, device).eval()
-            stages = ickpt.get("stages", [ickpt["stage"]])
-            ic = interp.config
-            if (ic.text_vocab, ic.image_vocab, ic.text_slot, ic.frames, ic.tokens_h, ic.tokens_w) != (
-                    cfg.text_vocab, cfg.image_vocab, cfg.text_slot, cfg.frames, cfg.tokens_h, cfg.tokens_w):
-                raise ValueError(f"{interp_run} was trained for other vocabularies or another layout than {run}")
+            interp, stages = load_companion(interp_run, model, run, device)
         else:
             stages = ckpt.get("stages", [ckpt["stage"]])
         if "interpolation" not in stages:
@@ -104,7 +112,8 @@ def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike,
     kw = dict(guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
     cond, null, prompt_cut = slots(span)   # prompt_cut: the words past the slot are not seen
     use_null = null if guidance != 1.0 else None
-    codes = model.generate(cond, use_null, candidates=candidates, **kw)           # (frames, h, w)
+    frame0_model = load_companion(image_run, model, run, device)[0] if image_run is not None else None
+    codes = model.generate(cond, use_null, candidates=candidates, frame0_model=frame0_model, **kw)  # (frames, h, w)
     for r in range(rounds):
         c, n, _ = slots(span / 2 ** (r + 1) if span is not None else None)
         codes = interp.interpolate(codes, c.view(1, -1), n.view(1, -1) if use_null is not None else None, **kw)
@@ -117,5 +126,5 @@ def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike,
     n_tokens = int(codes_np.size)
     return {"out": out, "frames": int(len(frames)), "seconds": round(time.time() - t0, 2), "tokens": n_tokens,
             "span": span, "fps": fps, "rounds": rounds, "prompt": prompt, "prompt_cut": bool(prompt_cut), "seed": seed,
-            "candidates": candidates,
+            "candidates": candidates, "image_run": None if image_run is None else str(image_run),
             "size": [int(frames.shape[1]), int(frames.shape[2])]}

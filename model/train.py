@@ -411,6 +411,7 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
     ckpt_name = None
     step = start_step
     stop_reason = "steps"
+    completed = False
     try:
         for step in range(start_step + 1, config.steps + 1):
             if config.max_minutes is not None and step > start_step + 10:
@@ -464,11 +465,17 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
             if out_of_time:
                 stop_reason = "max_minutes"
                 break
+        completed = True
     finally:
         for f in (log_file, keys_file):
             if f:
                 f.close()
         if joined:
+            # rank 0 is still writing its last checkpoint when the others are done; tearing gloo down under
+            # a peer that has not arrived aborted a rank now and then ("terminate called without an active
+            # exception"), so all ranks meet first. Not after an exception: the others might never arrive.
+            if completed:
+                dist.barrier()
             dist.destroy_process_group()
     seconds = time.time() - t0
     usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -165,6 +165,9 @@ def test_interpolation_stage_from_image_stage_run(run, dataset, tmp_path):
     assert result["frames"] == 9 and result["rounds"] == 1
     with pytest.raises(ValueError):
         sample(run[0], "a red circle moves right", tmp_path / "x.mp4", frames_out=9)  # not trained for it
+    # frame 0 from the image-stage run, frames 1.. from the sequential run
+    mixed = sample(run[0], "a red circle moves right", tmp_path / "mixed.mp4", image_run=image_run, candidates=2)
+    assert mixed["frames"] == 5 and mixed["image_run"] == str(image_run)
 
 
 def test_train_base_with_and_without_the_joint_image_loss(dataset, tmp_path, capsys):

@@ -317,6 +317,26 @@ def test_candidates_keep_the_draw_the_caption_explains_best():
     assert torch.equal(one, model.generate(text, null, generator=torch.Generator().manual_seed(5), **kw))
 
 
+def test_frame0_model_draws_and_scores_frame_0():
+    """generate(frame0_model=M): frame 0 is what M's image stage draws from the same generator state,
+    frames 1.. come from the model itself; caption_scores takes frame 0's term from M."""
+    torch.manual_seed(0)
+    model, image_model = CogVideo(SMALL).eval(), CogVideo(SMALL).eval()
+    text = torch.randint(0, 50, (3, SMALL.text_slot))
+    null = torch.zeros(SMALL.text_slot, dtype=torch.long)
+    kw = dict(guidance=2.0, top_k=8)
+    mixed = model.generate(text, null, frame0_model=image_model, generator=torch.Generator().manual_seed(7), **kw)
+    alone = image_model.generate(text, null, generator=torch.Generator().manual_seed(7), **kw)
+    own = model.generate(text, null, generator=torch.Generator().manual_seed(7), **kw)
+    assert torch.equal(mixed[:, 0], alone[:, 0]) and not torch.equal(mixed[:, 0], own[:, 0])
+    expected = (image_model.code_log_likelihood("image", text, mixed)
+                + model.code_log_likelihood("sequential", text, mixed))
+    assert torch.allclose(model.caption_scores(mixed, text, frame0_model=image_model), expected)
+    best = model.generate(text, null, candidates=3, frame0_model=image_model,
+                          generator=torch.Generator().manual_seed(7), **kw)
+    assert best.shape == mixed.shape
+
+
 # ---------------------------------------------------------------------------------- causality of masks
 
 def _logits(model, tokens, stage):

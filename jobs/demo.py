@@ -3,7 +3,7 @@
 synth → text tokenizer → image tokenizer → build (local Ray) → verify → audit → train (image stage, then
 the sequential stage from it) → sample a caption of a held-out video, checked by eval-synth's pixel
 detector. Sizes are chosen so that a 2-core CPU finishes in under ten minutes: 64×64 frames, 8×8 codes per
-frame, a 1.3M-parameter transformer; the settings are docs/model.md's recipe ("Generalisation on CPU"),
+frame, a 0.76M-parameter transformer of 2 layers; the settings are docs/model.md's recipe ("Generalisation on CPU"),
 shortened. Real corpora use the SPEC's defaults (160×160, 5 frames, 20×20 codes).
 """
 from __future__ import annotations
@@ -75,7 +75,7 @@ def run_demo(out: str = "demo-out", videos: int = 1500, train_minutes: float = 5
     tokenizers = dict(image_tokenizer=str(paths["image_tokenizer"]), text_tokenizer=str(paths["text_tokenizer"]))
     first = train(str(paths["dataset"]), str(paths["image_run"]),
                   TrainConfig(stage="image", steps=5000, max_minutes=train_minutes / 3, batch_size=32, lr=2e-3,
-                              warmup_steps=30, **tokenizers))
+                              warmup_steps=30, n_layer=2, **tokenizers))   # 2 layers: twice the steps of 4
     log(json.dumps(first, default=str))
     # the whole model trains, without the joint frame-0 loss: in minutes it costs steps and prompt following
     # (docs/model.md, "Generalisation on CPU")

@@ -3,8 +3,8 @@
 synth → text tokenizer → image tokenizer → build (local Ray) → verify → audit → train (image stage, then
 the sequential stage from it) → sample a caption of a held-out video, checked by eval-synth's pixel
 detector. Sizes are chosen so that a 2-core CPU finishes in under ten minutes: 64×64 frames, 8×8 codes per
-frame, a 0.76M-parameter transformer of 2 layers; the settings are docs/model.md's recipe ("Generalisation on CPU"),
-shortened. Real corpora use the SPEC's defaults (160×160, 5 frames, 20×20 codes).
+frame, a 0.76M-parameter transformer of 2 layers; the settings are docs/model.md's recipe ("Generalisation
+on CPU"), shortened. Real corpora use the SPEC's defaults (160×160, 5 frames, 20×20 codes).
 """
 from __future__ import annotations
 

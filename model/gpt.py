@@ -70,6 +70,12 @@ class CogVideoConfig:
         return self.text_vocab + self.image_vocab
 
     @property
+    def token_layout(self) -> tuple:
+        """(text_vocab, image_vocab, text_slot, frames, tokens_h, tokens_w): what two models must share for
+        one's tokens to mean the same to the other (a run and its dataset, a run and its companion runs)."""
+        return (self.text_vocab, self.image_vocab, self.text_slot, self.frames, self.tokens_h, self.tokens_w)
+
+    @property
     def frame_len(self) -> int:  # <boi> + h*w codes
         return 1 + self.tokens_h * self.tokens_w
 

@@ -62,9 +62,7 @@ def load_companion(other_run, model, run, device):
     and layout (an interpolation run, or the image-stage run to draw frame 0 with)."""
     ckpt = load_checkpoint(other_run, device="cpu")
     other = model_from_checkpoint(ckpt, device).eval()
-    a, b = other.config, model.config
-    if (a.text_vocab, a.image_vocab, a.text_slot, a.frames, a.tokens_h, a.tokens_w) != (
-            b.text_vocab, b.image_vocab, b.text_slot, b.frames, b.tokens_h, b.tokens_w):
+    if other.config.token_layout != model.config.token_layout:
         raise ValueError(f"{other_run} was trained for other vocabularies or another layout than {run}")
     return other, ckpt.get("stages", [ckpt["stage"]])
 

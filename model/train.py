@@ -224,7 +224,7 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
                             tokens_w=lay["tokens_w"], window=window, shift=shift, grid_rope=config.grid_rope)
         model = CogVideo(mc)
     want = (text.vocab_size, image.codebook_size, lay["text_slot"], lay["frames"], lay["tokens_h"], lay["tokens_w"])
-    have = (mc.text_vocab, mc.image_vocab, mc.text_slot, mc.frames, mc.tokens_h, mc.tokens_w)
+    have = mc.token_layout
     if want != have:
         raise ValueError(f"{state and run or config.init_from} was trained for (text_vocab, image_vocab, text_slot, "
                          f"frames, tokens_h, tokens_w) = {have}, this dataset has {want}")

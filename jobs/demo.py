@@ -95,8 +95,8 @@ def run_demo(out: str = "demo-out", videos: int = 1500, train_minutes: float = 5
     log(f"prompt: {prompt!r} (a held-out video's caption: {truth['color']} {truth['shape']}, {truth['direction']})")
     # frame 0 from the image-stage run: the sequential stage trained the whole model on frames 1.. only,
     # and in its minutes the base channel drifted from frame 0 (docs/model.md, "Generalisation on CPU", the demo)
-    sampled = sample(str(paths["run"]), prompt, str(paths["video"]), seed=0, guidance=2.0, temperature=1.0,
-                     top_p=0.9, candidates=candidates, image_run=str(paths["image_run"]))
+    sampler = dict(guidance=2.0, temperature=1.0, top_p=0.9, candidates=candidates, image_run=str(paths["image_run"]))
+    sampled = sample(str(paths["run"]), prompt, str(paths["video"]), seed=0, **sampler)
     log(json.dumps(sampled, default=str))
     seen = detect(read_clip(sampled["out"], 64, sampled["frames"]))
     checks = {a: seen[a] == truth[a] for a in ("color", "shape", "direction")}
@@ -109,6 +109,7 @@ def run_demo(out: str = "demo-out", videos: int = 1500, train_minutes: float = 5
         log(f"{name:>16}: {paths[name]}")
     log(f"{'report':>16}: {paths['audit'] / 'report.html'}")
     log(f"{'seconds':>16}: {json.dumps(timings)}")
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sampler.items())
     log(f"\nanother prompt: clipforge sample {paths['run']} --prompt 'a red ball drifts to the left' --out other.mp4 "
-        f"--image-run {paths['image_run']} --guidance 2 --temperature 1.0 --top-p 0.9 --candidates {candidates}")
+        f"{flags}")
     return {k: str(v) for k, v in paths.items()} | {"timings": timings, "sample_check": checks}

@@ -12,11 +12,12 @@ from pathlib import Path
 
 
 def _cmd_synth(a):
-    from clipforge.pipeline.video.synth import SynthConfig, parse_combinations, write_synthetic_corpus
+    from clipforge.pipeline.video.synth import SynthConfig, parse_combinations, parse_sizes, write_synthetic_corpus
 
+    sizes = {"sizes": parse_sizes(a.sizes)} if a.sizes else {}
     config = SynthConfig(videos=a.videos, seed=a.seed, max_seconds=a.max_seconds, dirty_captions=a.dirty,
                          broken=a.broken, leave_out=parse_combinations(a.leave_out or ""),
-                         only=parse_combinations(a.only or ""))
+                         only=parse_combinations(a.only or ""), **sizes)
     path = write_synthetic_corpus(a.out, config)
     print(json.dumps({"manifest": str(path), "videos": a.videos, "broken": a.broken}))
 
@@ -194,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--only", metavar="COMBOS",
                    help="comma-separated COLOR-SHAPE-DIRECTION combinations: every video shows one of them "
                         "(a held-out corpus of exactly the combinations a training corpus left out)")
+    s.add_argument("--sizes", metavar="WxH,...",
+                   help="comma-separated frame sizes drawn from, e.g. 64x64,96x96 (default: five sizes, mostly "
+                        "landscape; square ones keep whole paths through a centre-cropping build)")
 
     s = cmd("clips", _cmd_clips, "print the clip plan of one video as JSON; with --out, write its frames")
     s.add_argument("video", metavar="VIDEO")

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from clipforge.pipeline.video.synth import (BROKEN_KINDS, COLORS, DIRECTIONS, SHAPES, SynthConfig, make_caption, make_dirty,
-                            parse_combinations, plan_synthetic_video, render_frame, write_synthetic_corpus)
+                            parse_combinations, parse_sizes, plan_synthetic_video, render_frame, write_synthetic_corpus)
 
 COLUMNS = ["id", "video", "caption", "color", "shape", "direction", "fps", "seconds", "width", "height", "broken"]
 CONFIG = SynthConfig(videos=6, seed=3, max_seconds=2.0, dirty_captions=0.5, broken=len(BROKEN_KINDS))
@@ -164,6 +164,26 @@ def test_left_out_combinations_never_appear_and_the_rest_is_unchanged(tmp_path):
         SynthConfig(leave_out=(("red", "hexagon", "left"),))
     with pytest.raises(ValueError, match="COLOR-SHAPE-DIRECTION"):
         parse_combinations("red-circle")
+
+
+def test_synth_command_draws_the_given_sizes(tmp_path):
+    """`clipforge synth --sizes` (the demo's square corpus): every video decodes at one of the given sizes."""
+    import subprocess
+    import sys
+    out = tmp_path / "square"
+    subprocess.run([sys.executable, "-m", "clipforge.jobs.cli", "synth", str(out), "--videos", "6", "--seed", "2",
+                    "--max-seconds", "1", "--sizes", "64x64, 96X96"], check=True, capture_output=True)
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    decoded = set()
+    for video in manifest["video"]:
+        with av.open(str(out / video) if not os.path.isabs(video) else video) as container:
+            frame = next(container.decode(video=0))
+            decoded.add((frame.width, frame.height))
+    assert decoded == {(64, 64), (96, 96)}
+    assert parse_sizes("160x120") == ((160, 120),)
+    for bad in ("96", "96x", "63x64", "8x8"):
+        with pytest.raises(ValueError, match="WIDTHxHEIGHT|even"):
+            parse_sizes(bad)
 
 
 def test_render_frame():

@@ -285,6 +285,20 @@ def parse_combinations(text: str) -> tuple:
     return tuple(combos)
 
 
+def parse_sizes(text: str) -> tuple:
+    """"64x64,96x96" -> ((64, 64), (96, 96)): (width, height) pairs; even sizes of at least 16."""
+    sizes = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        parts = item.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"{item!r}: a size is WIDTHxHEIGHT, e.g. 96x96")
+        width, height = int(parts[0]), int(parts[1])
+        if min(width, height) < 16 or width % 2 or height % 2:
+            raise ValueError(f"{item!r}: width and height must be even and at least 16 (yuv420p, a visible shape)")
+        sizes.append((width, height))
+    return tuple(sizes)
+
+
 def write_synthetic_corpus(out_dir, config: SynthConfig = SynthConfig(),
                            progress: Optional[Callable[[int, int], None]] = None) -> pathlib.Path:
     """Write OUT/videos/NNNNNN.mp4 and OUT/manifest.parquet; return the manifest's path.

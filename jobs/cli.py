@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-layer", type=int)
     s.add_argument("--n-embd", type=int)
     s.add_argument("--n-head", type=int)
-    s.add_argument("--dropout", type=float)
+    s.add_argument("--dropout", type=float, help="residual and MLP dropout (default 0.1 for a fresh model, "
+                   "the --init-from run's otherwise; given, it replaces that run's)")
     s.add_argument("--grid-rope", action=argparse.BooleanOptionalAction, default=None,
                    help="a fresh model with 2D rotary embeddings of the code grid (default: on; docs/model.md)")
     s.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 fresh, 2e-4 with --init-from)")

@@ -92,7 +92,9 @@ class TrainConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    dropout: float = 0.1               # on the demo's ~80 clips: val loss 1.28 vs 1.85 without, after 800 steps
+    dropout: float | None = None       # residual and MLP dropout; None: 0.1 for a fresh model (on the demo's ~80
+                                       # clips: val loss 1.28 vs 1.85 without, after 800 steps), the init run's
+                                       # with init_from. A value also replaces the init run's: a training choice
     window: int | None = None          # default: half the grid side (10 on 20x20, as in the SPEC)
     shift: int | None = None           # default: half the window
     grid_rope: bool = True             # 2D rotary embeddings of the code grid in every attention (layout.grid_rotary)
@@ -209,6 +211,8 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
         log(f"resume {run} at step {state['step']}")
     elif config.init_from:
         ckpt = load_checkpoint(config.init_from)
+        if config.dropout is not None:
+            ckpt["model_config"] = {**ckpt["model_config"], "dropout": config.dropout}
         model = model_from_checkpoint(ckpt)
         init_stage, stages_done = ckpt["stage"], list(ckpt.get("stages", [ckpt["stage"]]))
         mc = model.config
@@ -219,7 +223,8 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
         window = config.window or default_window(lay["tokens_h"], lay["tokens_w"])[0]
         shift = config.shift if config.shift is not None else window // 2
         mc = CogVideoConfig(text_vocab=text.vocab_size, image_vocab=image.codebook_size, n_layer=config.n_layer,
-                            n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout,
+                            n_head=config.n_head, n_embd=config.n_embd,
+                            dropout=0.1 if config.dropout is None else config.dropout,
                             text_slot=lay["text_slot"], frames=lay["frames"], tokens_h=lay["tokens_h"],
                             tokens_w=lay["tokens_w"], window=window, shift=shift, grid_rope=config.grid_rope)
         model = CogVideo(mc)

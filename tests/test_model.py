@@ -170,6 +170,23 @@ def test_interpolation_stage_from_image_stage_run(run, dataset, tmp_path):
     assert mixed["frames"] == 5 and mixed["image_run"] == str(image_run)
 
 
+def test_dropout_given_with_init_from_replaces_the_image_runs(dataset, tmp_path):
+    """A later stage keeps the image-stage run's dropout unless one is given: it is a training choice (the
+    demo's sequential stage trains without it), not part of the architecture."""
+    small = dict(batch_size=4, n_layer=1, n_head=2, n_embd=32, eval_batches=1, log_interval=5)
+    train(dataset, tmp_path / "image", TrainConfig(stage="image", steps=2, **small), log=None)   # dropout 0.1
+    tokens = torch.randint(0, 100, (2, 12 + 5 * 17), generator=torch.Generator().manual_seed(0))
+    for given, want in ((None, 0.1), (0.0, 0.0)):
+        out = tmp_path / f"seq-{given}"
+        train(dataset, out, TrainConfig(stage="sequential", steps=2, init_from=str(tmp_path / "image"), dropout=given,
+                                        **small), log=None)
+        model = model_from_checkpoint(load_checkpoint(out)).train()
+        assert model.config.dropout == want
+        a, _ = model(tokens, torch.zeros_like(tokens))
+        b, _ = model(tokens, torch.zeros_like(tokens))
+        assert torch.equal(a, b) is (want == 0.0)   # in training mode only dropout makes two passes differ
+
+
 def test_train_base_with_and_without_the_joint_image_loss(dataset, tmp_path, capsys):
     """`train --init-from IMAGE_RUN --train-base` adds the image-stage loss to every step unless
     --no-joint-image: the summary says which, and only the joint run logs a frame-0 loss."""

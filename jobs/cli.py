@@ -17,7 +17,7 @@ def _cmd_synth(a):
     sizes = {"sizes": parse_sizes(a.sizes)} if a.sizes else {}
     config = SynthConfig(videos=a.videos, seed=a.seed, max_seconds=a.max_seconds, dirty_captions=a.dirty,
                          broken=a.broken, leave_out=parse_combinations(a.leave_out or ""),
-                         only=parse_combinations(a.only or ""), **sizes)
+                         only=parse_combinations(a.only or ""), cross_band=a.cross_band, **sizes)
     path = write_synthetic_corpus(a.out, config)
     print(json.dumps({"manifest": str(path), "videos": a.videos, "broken": a.broken}))
 
@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sizes", metavar="WxH,...",
                    help="comma-separated frame sizes drawn from, e.g. 64x64,96x96 (default: five sizes, mostly "
                         "landscape; square ones keep whole paths through a centre-cropping build)")
+    s.add_argument("--cross-band", type=float, default=1.0, metavar="F",
+                   help="paths run within the middle fraction F of the frame across their direction (default 1: "
+                        "anywhere the shape fits; the demo's 0.25 lets a shape's position tell its axis)")
 
     s = cmd("clips", _cmd_clips, "print the clip plan of one video as JSON; with --out, write its frames")
     s.add_argument("video", metavar="VIDEO")

@@ -186,6 +186,42 @@ def test_synth_command_draws_the_given_sizes(tmp_path):
             parse_sizes(bad)
 
 
+def test_cross_band_keeps_every_path_in_the_middle_of_the_frame(tmp_path):
+    """`clipforge synth --cross-band 0.25` (the demo's corpus): in every decoded frame the shape's centre lies
+    within the middle quarter of the frame across its motion, ending on the side the direction names; without
+    the flag the same seed's paths spread over the frame, the rest of each video unchanged."""
+    import subprocess
+    import sys
+    band = 0.25
+    runs = {}
+    for name, extra in (("band", ["--cross-band", str(band)]), ("anywhere", [])):
+        out = tmp_path / name
+        subprocess.run([sys.executable, "-m", "clipforge.jobs.cli", "synth", str(out), "--videos", "16", "--seed", "5",
+                        "--max-seconds", "1", "--sizes", "96x96"] + extra, check=True, capture_output=True)
+        runs[name] = pd.read_parquet(out / "manifest.parquet"), out
+    offsets = {}
+    for name, (manifest, out) in runs.items():
+        offsets[name] = []
+        for row in manifest.itertuples():
+            _, frames = _decode(str(out / row.video))
+            centres = []
+            for frame in frames[:: max(1, len(frames) // 6)] + frames[-1:]:
+                ys, xs = np.nonzero(_shape_pixels(frame))
+                centres.append((xs.mean() / frame.shape[1], ys.mean() / frame.shape[0]))
+            centres = np.array(centres)
+            along, across = (0, 1) if row.direction in ("left", "right") else (1, 0)
+            offsets[name].append(np.abs(centres[:, across] - 0.5).max())
+            moved = centres[-1, along] - centres[0, along]
+            assert moved * (1 if row.direction in ("right", "down") else -1) > 0.3, (name, row.direction, moved)
+    # half the band, plus the measured centroid error of a decoded shape (CENTROID_TOL radii of at most 16 px)
+    assert max(offsets["band"]) <= band / 2 + CENTROID_TOL * 16 / 96
+    assert max(offsets["anywhere"]) > band / 2 + 0.1
+    for column in ("caption", "color", "shape", "direction", "fps", "seconds"):
+        assert runs["band"][0][column].tolist() == runs["anywhere"][0][column].tolist()
+    with pytest.raises(ValueError, match="cross_band"):
+        SynthConfig(cross_band=1.5)
+
+
 def test_render_frame():
     bg = (20, 22, 24)
     for shape in SHAPES:

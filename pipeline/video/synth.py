@@ -50,6 +50,7 @@ class SynthConfig:
     broken: int = 0                # extra broken rows, kinds cycling through BROKEN_KINDS
     leave_out: tuple = ()          # (color, shape, direction) combinations no video of this corpus shows
     only: tuple = ()               # if given, the only combinations its videos show (e.g. a training set's left-out ones)
+    cross_band: float = 1.0        # paths run within this middle fraction of the other axis (1.0: anywhere)
 
     def __post_init__(self):
         for name in ("leave_out", "only"):
@@ -60,6 +61,8 @@ class SynthConfig:
                                      f"{', '.join(COLORS)}; shapes {', '.join(SHAPES)}; directions "
                                      f"{', '.join(DIRECTIONS)}")
             object.__setattr__(self, name, combos)
+        if not 0.0 <= self.cross_band <= 1.0:
+            raise ValueError(f"cross_band is a fraction of the frame in [0, 1], not {self.cross_band}")
         if len(set(self.leave_out)) >= len(COLORS) * len(SHAPES) * len(DIRECTIONS) or (
                 self.only and set(self.only) <= set(self.leave_out)):
             raise ValueError("leave_out and only leave no combination to draw")
@@ -223,7 +226,12 @@ def plan_synthetic_video(config: SynthConfig, index: int) -> SyntheticVideoPlan:
     a1 = along - 1 - radius - rng.uniform(0, 0.1) * along
     if direction in ("left", "up"):
         a0, a1 = a1, a0
-    c = rng.uniform(radius + 1, across - 1 - radius)
+    # Across the path: anywhere the shape fits, or within the middle `cross_band` of the frame. With a narrow
+    # band a shape's position tells its axis (a left-mover is never low in the frame, an up-mover never at
+    # the side), which a small model learns in far fewer steps than the axis from the caption's words.
+    half_band = config.cross_band * across / 2
+    lo, hi = max(radius + 1, across / 2 - half_band), min(across - 1 - radius, across / 2 + half_band)
+    c = rng.uniform(lo, hi)
     start, end = ((a0, c), (a1, c)) if horizontal else ((c, a0), (c, a1))
     shade = int(rng.integers(14, 40))   # dark grey, slightly tinted per video
     background = tuple(int(v) for v in np.clip(shade + rng.integers(-6, 7, size=3), 0, 255))

@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="demo-out", metavar="DIR")
     s.add_argument("--videos", type=int, default=1500)
     s.add_argument("--train-minutes", type=float, default=5.5, help="both training stages together (default 5.5)")
-    s.add_argument("--candidates", type=int, default=32, help="videos drawn for the prompt, the best kept (default 32)")
+    s.add_argument("--candidates", type=int, default=4, help="videos drawn for the prompt, the best kept (default 4)")
     return p
 
 

@@ -1,14 +1,18 @@
-"""Reading a training run's checkpoints back: the checkpoint dict and the model it holds (train.py writes them)."""
+"""A training run's files: its checkpoints read back (the checkpoint dict and the model it holds), and the small
+files train.py writes beside them (latest.json and summary.json, the tokenizers' copies, logs cut back on resume)."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections import Counter
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from clipforge.model.gpt import CogVideo, CogVideoConfig
+from clipforge.tokenizer.image import CONFIG_FILE, WEIGHTS_FILE, atomic_write
 
 
 def load_checkpoint(run: str | os.PathLike, device="cpu") -> dict:
@@ -28,3 +32,36 @@ def model_from_checkpoint(ckpt: dict, device="cpu") -> CogVideo:
     model = CogVideo(cfg)
     model.load_state_dict(ckpt["model"])
     return model.to(device)
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, default=str).encode("utf-8"))
+
+
+def copy_tokenizers(paths: dict, run: Path) -> dict:
+    """RUN/tokenizers/: the run's own copies, so that sampling needs RUN alone."""
+    dst = run / "tokenizers"
+    (dst / "image").mkdir(parents=True, exist_ok=True)
+    pairs = [(paths["image"] / name, dst / "image" / name) for name in (CONFIG_FILE, WEIGHTS_FILE)]
+    for src, to in pairs + [(paths["text"], dst / "text.model")]:
+        if Path(src).resolve() != to.resolve():   # a resumed run reads its own copies
+            shutil.copy2(src, to)
+    return {"image": str(dst / "image"), "text": str(dst / "text.model")}
+
+
+def default_spans(spans: Counter) -> dict:
+    """The most common span (seconds) per clip mode and overall, for the sampler's default prefix."""
+    out = {}
+    for mode in sorted({m for m, _ in spans}):
+        sub = Counter({s: n for (m, s), n in spans.items() if m == mode})
+        out[mode] = sub.most_common(1)[0][0]
+    if spans:
+        out["all"] = Counter({s: n for (_, s), n in spans.items()}).most_common(1)[0][0]
+    return out
+
+
+def truncate_jsonl(path: Path, last_step: int, key=lambda line: json.loads(line)["step"]) -> None:
+    """Drop the lines a killed run wrote after its last checkpoint, so a resumed log reads as one run."""
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        path.write_text("".join(l + "\n" for l in lines if l.strip() and key(l) <= last_step), encoding="utf-8")

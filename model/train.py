@@ -31,9 +31,7 @@ import json
 import math
 import os
 import resource
-import shutil
 import time
-from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -45,7 +43,8 @@ import torch.distributed as dist
 from clipforge.model.distributed import (all_reduce_mean, default_device, dist_context, rng_state, uses_bf16_autocast,
                                          set_rng_state, weights_digest)
 from clipforge.model.data import SequenceBuilder, ShardStream, make_loader, read_dataset_info, shard_urls, tokenizer_paths
-from clipforge.model.checkpoint import load_checkpoint, model_from_checkpoint
+from clipforge.model.checkpoint import (copy_tokenizers, default_spans, load_checkpoint, model_from_checkpoint,
+                                        truncate_jsonl, write_json)
 from clipforge.model.gpt import STAGES, CogVideo, CogVideoConfig, default_window
 
 
@@ -113,42 +112,6 @@ class TrainConfig:
 def config_from_checkpoint(ckpt: dict) -> TrainConfig:
     known = {f.name for f in fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k in known})
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _copy_tokenizers(paths: dict, run: Path) -> dict:
-    from clipforge.tokenizer.image import CONFIG_FILE, WEIGHTS_FILE
-
-    dst = run / "tokenizers"
-    (dst / "image").mkdir(parents=True, exist_ok=True)
-    pairs = [(paths["image"] / name, dst / "image" / name) for name in (CONFIG_FILE, WEIGHTS_FILE)]
-    for src, to in pairs + [(paths["text"], dst / "text.model")]:
-        if Path(src).resolve() != to.resolve():   # a resumed run reads its own copies
-            shutil.copy2(src, to)
-    return {"image": str(dst / "image"), "text": str(dst / "text.model")}
-
-
-def default_spans(spans: Counter) -> dict:
-    """The most common span (seconds) per clip mode and overall, for the sampler's default prefix."""
-    out = {}
-    for mode in sorted({m for m, _ in spans}):
-        sub = Counter({s: n for (m, s), n in spans.items() if m == mode})
-        out[mode] = sub.most_common(1)[0][0]
-    if spans:
-        out["all"] = Counter({s: n for (_, s), n in spans.items()}).most_common(1)[0][0]
-    return out
-
-
-def _truncate_jsonl(path: Path, last_step: int, key=lambda line: json.loads(line)["step"]) -> None:
-    """Drop the lines a killed run wrote after its last checkpoint, so a resumed log reads as one run."""
-    if path.exists():
-        lines = path.read_text(encoding="utf-8").splitlines()
-        path.write_text("".join(l + "\n" for l in lines if l.strip() and key(l) <= last_step), encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -253,7 +216,7 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
         f"{' (bf16 autocast)' if use_amp else ''}, "
         f"{world} rank(s) x {config.batch_size} x {accum} accumulation = {world * config.batch_size * accum} per step")
 
-    tokenizers = _copy_tokenizers(tok_paths, run) if master else None
+    tokenizers = copy_tokenizers(tok_paths, run) if master else None
     builder = SequenceBuilder(mc, text, config.stage)
     train_urls, val_urls = shard_urls(dataset_dir, "train"), shard_urls(dataset_dir, "val")
     if not train_urls:
@@ -347,13 +310,13 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
             else:
                 ckpts.append(path)
         if master:
-            _truncate_jsonl(run / "log.jsonl", start_step)
+            truncate_jsonl(run / "log.jsonl", start_step)
     keys_file = None
     if config.record_keys:
         (run / "keys").mkdir(exist_ok=True)
         keys_path = run / "keys" / f"rank{rank}.txt"
         if state is not None:
-            _truncate_jsonl(keys_path, start_step, key=lambda line: int(line.split()[0]))
+            truncate_jsonl(keys_path, start_step, key=lambda line: int(line.split()[0]))
         keys_file = open(keys_path, "a" if state is not None else "w", encoding="utf-8")
     log_file = open(run / "log.jsonl", "a", encoding="utf-8") if master else None
 
@@ -391,7 +354,7 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
         tmp = run / (name + ".tmp")
         torch.save(blob, tmp)
         os.replace(tmp, run / name)
-        _write_json(run / "latest.json", {
+        write_json(run / "latest.json", {
             "ckpt": name, "step": step, "stage": config.stage, "stages": stages, "train_loss": train_loss,
             **val, "eval_split": eval_split, "seconds": round(seconds, 1), "default_span": spans,
             "dataset": str(Path(dataset_dir).resolve()),
@@ -498,5 +461,5 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
                "eval_captions_cut": round(cut_share, 4),
                "ckpt": str(run / ckpt_name) if ckpt_name else None, "tokenizers": tokenizers}
     if master:
-        _write_json(run / "summary.json", summary)
+        write_json(run / "summary.json", summary)
     return summary

@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clipforge.pipeline.storage.dataset import write_wids_index  # noqa: E402
-from clipforge.pipeline.storage.reshard import ReshardConfig, reshard  # noqa: E402
+from clipforge.jobs.reshard import ReshardConfig, reshard  # noqa: E402
 from clipforge.pipeline.storage.fs import Location  # noqa: E402
 from clipforge.pipeline.storage.shards import ShardCommitter, read_records, shard_urls, write_json  # noqa: E402
 

@@ -1,65 +1,38 @@
 """`clipforge build`: manifest → shard tasks → committed shards, in process or on a Ray cluster.
 
-This module only wires. The unit of work is the shard (`clipforge.pipeline.build_shard.BuildShard`):
-a task reads its own slice of the manifest, cleans captions, decodes, tokenizes and commits its shard
-with a record. The driver holds shard descriptors (computed lazily from the row count) and a few
-counters, never rows; it writes `dataset.json` with the run's fingerprint when the build starts and
-completes it at the end, and rewrites `progress.json` every few seconds. The Ray wiring (task
-submission that follows the cluster's size, GPU tokenizer workers) lives in `clipforge.jobs.ray_build`.
+This module only wires. The driver takes the dataset's lease (one driver per `--out`), checks or writes
+`dataset.json` (`DatasetInfo`), streams the manifest once and hands each shard task its rows, runs the
+tasks through the one executor (`clipforge.jobs.executor`: retries, deadlines, progress), and commits
+each shard's first good attempt to the commit log. At the end it removes garbage older than the grace
+period and completes `dataset.json` and `wids/`. The Ray wiring (GPU tokenizer workers) lives in
+`clipforge.jobs.ray_build`.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
-from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator
 
-from clipforge.pipeline.build_shard import BuildShard, previous_attempts
-from clipforge.pipeline.manifest import (check_unique_ids, is_parquet, manifest_digest, parquet_rows,
-                                         stage_manifest)
-from clipforge.pipeline.storage.dataset import (FORMAT_VERSION, funnel_from_records, package_versions,
-                                                write_wids_index)
+from clipforge.jobs.executor import run_tasks
+from clipforge.pipeline.build_shard import BuildShard, lost_inputs, previous_attempts
+from clipforge.pipeline.manifest import check_unique_ids, count_rows, iter_shard_slices, manifest_digest, manifest_rows
+from clipforge.pipeline.stages import RUN_ONLY_FIELDS, BuildConfig, build_stages
+from clipforge.pipeline.storage.commits import (CommitLog, RunLease, collect_garbage, fingerprint_sha256,
+                                                shard_number)
+from clipforge.pipeline.storage.dataset import (FORMAT_VERSION, DatasetError, DatasetInfo, absolute, code_versions,
+                                                funnel_from_records, package_versions, write_wids_index)
 from clipforge.pipeline.storage.fs import Location
-from clipforge.pipeline.storage.shards import ShardCommitter, clean_stale, read_records, write_json
-from clipforge.pipeline.text.captions import CleanCaption, CleanConfig
-from clipforge.pipeline.tokenize import TokenizeClips
+from clipforge.pipeline.storage.progress import ProgressTracker
+from clipforge.pipeline.storage.shards import ShardWriter
 from clipforge.pipeline.video.clips import ClipConfig
-from clipforge.pipeline.video.decode import DecodeVideo
 
-
-@dataclass(frozen=True)
-class BuildConfig:
-    clips: ClipConfig = field(default_factory=ClipConfig)
-    captions: CleanConfig = field(default_factory=CleanConfig)
-    inputs_per_shard: int = 64          # manifest rows per shard: fixes which sample lands where
-    text_slot: int = 64
-    decode_timeout_s: float = 120.0     # per video; a hung decoder is killed after this
-    decode_memory_mb: int = 8192        # address-space limit of the isolated decoder
-    decode_workers: int = 0             # shard tasks at once; 0: every CPU the tokenizers leave free
-    tokenize_batch: int = 32            # clips per image-tokenizer call (a GPU worker batches across shards)
-    tokenize_workers: int = 0           # GPU tokenizer workers; 0: one per GPU share that fits the cluster
-    tokenize_gpus: float = 1.0          # GPU share of one tokenizer worker (0.25: four per GPU)
-    tokenize_cpus: float = 0.5          # CPU share of one tokenizer worker
-    tokenize_dtype: str = "float32"     # float32 | bfloat16 (bf16 can flip nearest-code ties: recorded)
-    roundtrip_qa: int = 2               # clips per shard decoded back to pictures for a PSNR in the record
-    split: str = "train"
-    runner: str = "ray"                 # ray | local (in-process, for debugging)
-    endpoint: str | None = None         # S3-compatible endpoint (default: AWS_ENDPOINT_URL)
-
-
-# config fields that change what lands in the shards: a resume with any of them different is refused
-RUN_ONLY_FIELDS = ("decode_workers", "tokenize_workers", "tokenize_gpus", "tokenize_cpus", "runner", "endpoint",
-                   "decode_timeout_s", "decode_memory_mb", "tokenize_batch")
-PROGRESS_EVERY_S = 5.0
+__all__ = ["BuildConfig", "BuildPlan", "build", "with_overrides"]
 
 
 @dataclass(frozen=True)
 class BuildPlan:
     """What every shard task needs, small enough to ship to each worker."""
-    manifest: str                # a Parquet manifest that workers slice by row groups
     out: str
     endpoint: str | None
     layout: dict
@@ -67,72 +40,129 @@ class BuildPlan:
     image_tokenizer: str
     text_tokenizer: str
     tokenizer_ids: dict
-    stage_factory: Callable | None = None   # plan -> [(name, stage)]: stand-in stages for benchmarks
+    fingerprint: str                         # the hash every record of this run carries
+    stage_factory: Callable | None = None    # plan -> [Stage]: stand-in stages for benchmarks
 
-    def committer(self) -> ShardCommitter:
-        return ShardCommitter(Location(self.out, self.endpoint), self.layout, self.config.split)
+    def writer(self) -> ShardWriter:
+        return ShardWriter(Location(self.out, self.endpoint), self.layout, self.config.split, self.fingerprint)
 
     def shard_builder(self, image_encoder=None) -> BuildShard:
-        c = self.config
         if self.stage_factory is not None:
-            return BuildShard(self.manifest, self.committer(), self.stage_factory(self), roundtrip_qa=0)
-        stages = [
-            ("captions", CleanCaption(c.captions)),
-            ("decode", DecodeVideo(c.clips, c.decode_timeout_s, c.decode_memory_mb)),
-            ("tokenize", TokenizeClips(self.image_tokenizer, self.text_tokenizer, c.text_slot, c.tokenize_batch,
-                                       dtype=c.tokenize_dtype, image_encoder=image_encoder)),
-        ]
-        return BuildShard(self.manifest, self.committer(), stages, roundtrip_qa=c.roundtrip_qa)
+            return BuildShard(self.writer(), self.stage_factory(self), roundtrip_qa=0)
+        stages = build_stages(self.config, self.image_tokenizer, self.text_tokenizer, image_encoder=image_encoder)
+        return BuildShard(self.writer(), stages, roundtrip_qa=self.config.roundtrip_qa)
+
+
+_builders: dict = {}       # per process: one BuildShard (and its decode child) for the current plan
+
+
+def shard_builder_for(plan: BuildPlan, encoder_factory: Callable | None = None) -> BuildShard:
+    """This process's BuildShard for `plan` (made once, reused across its shard tasks); with
+    `encoder_factory`, its tokenizer sends frames to the encoder the factory makes."""
+    key = (plan.out, plan.fingerprint, encoder_factory is not None)
+    builder = _builders.get(key)
+    if builder is None:
+        close_builders()
+        builder = _builders[key] = plan.shard_builder(image_encoder=encoder_factory() if encoder_factory else None)
+    return builder
+
+
+def build_shard_task(plan: BuildPlan, descriptor: dict) -> dict:
+    """The body of a shard task in process: one attempt's record, uncommitted."""
+    return shard_builder_for(plan).build(descriptor)
+
+
+def close_builders() -> None:
+    for builder in _builders.values():
+        builder.close()
+    _builders.clear()
 
 
 def build(manifest: str, out: str, image_tokenizer: str, text_tokenizer: str,
           config: BuildConfig = BuildConfig(), address: str | None = None, resume: bool = False,
-          retry_failed: bool = False, progress: bool = True, log=print,
+          retry_failed: bool = False, take_over: bool = False, progress: bool = True, log=print,
           stage_factory: Callable | None = None) -> dict:
     dest = Location(out, config.endpoint)
-    started = dest.exists("dataset.json")
-    if started and not (resume or retry_failed):
-        raise FileExistsError(f"{out} already holds a dataset: pass --resume or --retry-failed, or pick another --out")
     layout, tokenizer_ids = _layout(config, image_tokenizer, text_tokenizer)
-    rows, manifest_url = _prepare_manifest(manifest, dest, config)
+    rows, columns = count_rows(manifest)
+    missing = [c for c in ("video", "caption") if c not in columns]
+    if missing:
+        raise ValueError(f"{manifest}: manifest lacks column(s) {', '.join(missing)} (has {', '.join(columns)})")
+    if rows == 0:
+        raise ValueError(f"{manifest}: the manifest has no rows")
     fingerprint = {"format_version": FORMAT_VERSION, "manifest": str(manifest),
                    "manifest_sha256": manifest_digest(manifest), "inputs": rows, "layout": layout,
-                   "tokenizers": tokenizer_ids, "config": _fingerprint_config(config)}
-    if started:
-        _check_fingerprint(dest, fingerprint)
-    else:
-        write_json(dest, "dataset.json", {"format": "clipforge-dataset", "format_version": FORMAT_VERSION,
-                                          "complete": False, "fingerprint": fingerprint,
-                                          "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    plan = BuildPlan(manifest_url, dest.url, config.endpoint, layout, config, str(image_tokenizer),
-                     str(text_tokenizer), tokenizer_ids, stage_factory)
-    committer = plan.committer()
-    n_shards = math.ceil(rows / config.inputs_per_shard)
-    done = _committed_shards(dest, config.split, retry_failed)
-    todo = n_shards - len(done)
-    log(f"build: {rows} inputs in {n_shards} shards; {len(done)} already committed")
-    tracker = ProgressTracker(dest, rows - sum(done.values()), todo, progress)
-    if todo:
-        descriptors = _descriptors(rows, config.inputs_per_shard, set(done), committer, retry_failed)
-        if config.runner == "ray":
-            from clipforge.jobs.ray_build import run_on_ray
-            run_on_ray(plan, descriptors, todo, tracker, address)
+                   "tokenizers": tokenizer_ids, "config": _fingerprint_config(config), "code": code_versions()}
+    lease = RunLease(dest, ttl_s=config.lease_ttl_s, take_over=take_over)
+    lease.acquire()
+    try:
+        commit_log = CommitLog(dest)
+        if DatasetInfo.exists(dest):
+            if not (resume or retry_failed):
+                raise FileExistsError(f"{out} already holds a dataset: pass --resume or --retry-failed, or pick "
+                                      f"another --out")
+            DatasetInfo.read(dest).check_resume(fingerprint)
         else:
-            builder = plan.shard_builder()
-            try:
-                for record in builder(descriptors):
-                    tracker.add(record)
-            finally:
-                for _, stage in builder.stages:
-                    getattr(stage, "close", lambda: None)()
-    tracker.close()
-    clean_stale(dest, config.split)   # no attempt can still be running: drop parts no record names
-    paths = {"image": _absolute(image_tokenizer), "text": _absolute(text_tokenizer)}
-    return _complete(dest, fingerprint, config, tracker, paths)
+            if commit_log.read():
+                raise DatasetError(f"{out} holds commit records but no dataset.json (another tool's or a damaged "
+                                   f"dataset): build into a new --out")
+            if "id" in columns:
+                check_unique_ids(manifest)
+            DatasetInfo.started(fingerprint, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())).write(dest)
+        sha = fingerprint_sha256(fingerprint)
+        accepted = commit_log.start_epoch(lease.epoch)
+        plan = BuildPlan(dest.url, config.endpoint, layout, config, str(image_tokenizer), str(text_tokenizer),
+                         tokenizer_ids, sha, stage_factory)
+        n_shards = math.ceil(rows / config.inputs_per_shard)
+        done = {shard_number(n): r for n, r in accepted.items() if n.startswith(f"{config.split}-")}
+        redo = {i: r for i, r in done.items() if retry_failed and r.get("transient_errors", 0)}
+        skip = frozenset(done) - frozenset(redo)
+        log(f"build: {rows} inputs in {n_shards} shards; {len(skip)} already committed")
+        tracker = ProgressTracker(dest, rows - sum(int(done[i]["inputs"]) for i in skip), n_shards - len(skip),
+                                  progress)
+        descriptors = _descriptors(manifest, config.inputs_per_shard, skip, redo, dest)
+        run = _Committer(commit_log, lease, tracker, config.commit_every_s)
+        try:
+            if config.runner == "ray":
+                from clipforge.jobs.ray_build import run_on_ray
+                run_on_ray(plan, descriptors, tracker, address, run.on_result, lambda d, err: failed_shard(plan, d, err))
+            else:
+                try:
+                    run_tasks(build_shard_task, plan, descriptors, on_result=run.on_result,
+                              on_failure=lambda d, err: failed_shard(plan, d, err), progress=tracker,
+                              runner="local", attempts=config.task_attempts, name=_task_name)
+                finally:
+                    close_builders()
+        finally:
+            commit_log.flush(lease)
+        tracker.close()
+        collect_garbage(dest, config.gc_grace_s)
+        paths = {"image": absolute(image_tokenizer), "text": absolute(text_tokenizer)}
+        return _complete(dest, commit_log, fingerprint, config, tracker, paths)
+    finally:
+        lease.release()
 
 
-def _absolute(path) -> str:
-    return str(path) if "://" in str(path) else os.path.abspath(str(path))
+def _task_name(d: dict) -> str:
+    return f"shard {d['shard']}"
+
+
+class _Committer:
+    """The driver's side of every result: a late or duplicated attempt is dropped, the first good one is
+    held and written to the log with the others every few seconds."""
+
+    def __init__(self, commit_log: CommitLog, lease: RunLease, tracker: ProgressTracker, every_s: float):
+        self.log, self.lease, self.tracker, self.every_s = commit_log, lease, tracker, every_s
+
+    def on_result(self, d: dict, result: dict) -> None:
+        run = result.pop("run", {})
+        if d.get("replaces"):
+            result["replaces"] = d["replaces"]
+        if self.log.add(result):
+            self.tracker.add({**result, "run": run})
+        else:
+            self.tracker.duplicates_dropped += 1
+        self.log.flush(self.lease, every_s=self.every_s)
 
 
 def _layout(config: BuildConfig, image_tokenizer: str, text_tokenizer: str) -> tuple[dict, dict]:
@@ -152,185 +182,63 @@ def _layout(config: BuildConfig, image_tokenizer: str, text_tokenizer: str) -> t
     return layout, ids
 
 
-def _prepare_manifest(manifest: str, dest: Location, config: BuildConfig) -> tuple[int, str]:
-    """(rows, URL of a Parquet manifest workers can slice). Other formats are copied to Parquet in the
-    output once, chunk by chunk, so that no worker parses a whole CSV for its 64 rows."""
-    manifest = str(manifest)
-    if is_parquet(manifest):
-        url = manifest
-    else:
-        dest.makedirs("")
-        with dest.open_output("manifest.parquet") as f:
-            stage_manifest(manifest, f, rows_per_group=max(config.inputs_per_shard, 65536 // config.inputs_per_shard
-                                                          * config.inputs_per_shard))
-        url = dest.child_url("manifest.parquet")
-    rows, columns = parquet_rows(url)
-    missing = [c for c in ("video", "caption") if c not in columns]
-    if missing:
-        raise ValueError(f"{manifest}: manifest lacks column(s) {', '.join(missing)} (has {', '.join(columns)})")
-    if "id" in columns:
-        check_unique_ids(url)
-    if rows == 0:
-        raise ValueError(f"{manifest}: the manifest has no rows")
-    return rows, url
-
-
 def _fingerprint_config(config: BuildConfig) -> dict:
     return {k: v for k, v in asdict(config).items() if k not in RUN_ONLY_FIELDS}
 
 
-def _check_fingerprint(dest: Location, fingerprint: dict) -> None:
-    try:
-        old = json.loads(dest.read_text("dataset.json")).get("fingerprint")
-    except (OSError, ValueError):
-        old = None
-    if old is None:
-        raise ValueError(f"{dest.url}: dataset.json has no run fingerprint (an older or foreign dataset): "
-                         f"cannot resume it safely; build into a new --out")
-    for field_name in ("format_version", "manifest_sha256", "inputs", "layout", "tokenizers", "config"):
-        # compared as JSON, as stored: a tuple in the config is a list in dataset.json
-        a = json.loads(json.dumps(old.get(field_name), default=str))
-        b = json.loads(json.dumps(fingerprint[field_name], default=str))
-        if a != b:
-            detail = _first_difference(a, b)
-            raise ValueError(f"--resume refused: this run's {field_name} differs from the dataset's ({detail})")
-
-
-def _first_difference(a, b, path="") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
-    return f"{path or 'value'}: was {a!r}, now {b!r}"
-
-
-def _committed_shards(dest: Location, split: str, retry_failed: bool) -> dict[int, int]:
-    """shard index -> inputs, for shards whose record names parts that are all there (no tar bytes read).
-    With `retry_failed`, shards with transient failures are not counted as done."""
-    done = {}
-    sizes = {**dest.sizes("shards"), **dest.sizes("index"), **dest.sizes("ledger")}   # three listings in all
-    for record in read_records(dest, split):
-        if retry_failed and record.get("transient_errors", 0):
-            continue
-        if all(sizes.get(f["name"]) == f["bytes"] for f in record["files"].values()):
-            done[int(record["shard"].rsplit("-", 1)[1])] = int(record["inputs"])
-    return done
-
-
-def _descriptors(rows: int, per_shard: int, done: set[int], committer: ShardCommitter,
-                 retry_failed: bool) -> Iterator[dict]:
-    for shard in range(math.ceil(rows / per_shard)):
-        if shard in done:
-            continue
-        d = {"shard": shard, "start": shard * per_shard, "stop": min(rows, (shard + 1) * per_shard)}
-        if retry_failed:
-            d["attempts"] = previous_attempts(committer, shard)
+def _descriptors(manifest: str, per_shard: int, skip: frozenset, redo: dict, dest: Location) -> Iterator[dict]:
+    """Shard descriptors with their rows, streamed from the manifest (read once, in order)."""
+    for shard, start, stop, rows in iter_shard_slices(manifest, per_shard, skip=skip):
+        d = {"shard": shard, "start": start, "stop": stop, "rows": rows}
+        if shard in redo:
+            d["attempts"] = previous_attempts(dest, redo[shard])
+            d["replaces"] = redo[shard]["attempt"]
         yield d
 
 
-class ProgressTracker:
-    """Aggregates shard records as they arrive: the bar (rate, ETA) and `progress.json`. Holds counters
-    only, so its memory does not grow with the corpus."""
-
-    def __init__(self, dest: Location, inputs_todo: int, shards_todo: int, show: bool):
-        from tqdm import tqdm
-
-        self.dest, self.inputs_todo, self.shards_todo = dest, inputs_todo, shards_todo
-        self.bar = tqdm(total=inputs_todo, desc="inputs", unit="video", disable=not show, smoothing=0.05)
-        self.t0 = time.monotonic()
-        self.last_write = 0.0
-        self.shards = self.inputs = self.samples = self.videos_decoded = 0
-        self.failures: Counter = Counter()
-        self.stage_seconds: Counter = Counter()
-        self.decode_workers: Counter = Counter()
-        self.tokenize_workers: Counter = Counter()
-        self.retried = 0
-        self.task_errors, self.task_error_messages = 0, []
-        self.write(force=True)
-
-    def add(self, record: dict) -> None:
-        self.shards += 1
-        self.inputs += record["inputs"]
-        self.samples += record["samples"]
-        self.videos_decoded += record.get("videos_decoded", 0)
-        self.failures.update(record.get("errors_by_reason", {}))
-        run = record.get("run", {})
-        self.stage_seconds.update(run.get("seconds", {}))
-        if run.get("worker"):
-            self.decode_workers[run["worker"]] += 1
-        self.tokenize_workers.update(run.get("tokenize_workers", {}))
-        self.bar.update(record["inputs"])
-        self.write()
-
-    def task_error(self, err: Exception) -> None:
-        """A shard task that raised (it is retried): the first few messages go to progress.json."""
-        self.task_errors += 1
-        if len(self.task_error_messages) < 5:
-            self.task_error_messages.append(" ".join(f"{type(err).__name__}: {err}".split())[:300])
-
-    def write(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last_write < PROGRESS_EVERY_S:
-            return
-        self.last_write = now
-        elapsed = max(now - self.t0, 1e-9)
-        rate = self.inputs / elapsed
-        payload = {
-            "elapsed_s": round(elapsed, 3), "shards_done": self.shards, "shards_todo": self.shards_todo,
-            "inputs_done": self.inputs, "inputs_todo": self.inputs_todo, "samples": self.samples,
-            "videos_decoded": self.videos_decoded,
-            "inputs_per_s": round(rate, 3), "samples_per_s": round(self.samples / elapsed, 3),
-            "eta_s": round((self.inputs_todo - self.inputs) / rate, 1) if rate > 0 else None,
-            "failures_by_reason": dict(sorted(self.failures.items())),
-            "stage_seconds": {k: round(v, 3) for k, v in sorted(self.stage_seconds.items())},
-            "stage_inputs_per_s": {k: round(self.inputs / v, 3) for k, v in sorted(self.stage_seconds.items()) if v},
-            "workers": {"decode": dict(sorted(self.decode_workers.items())),
-                        "tokenize": dict(sorted(self.tokenize_workers.items()))},
-            "shard_retries": self.retried, "task_errors": self.task_errors,
-            "task_error_messages": self.task_error_messages,
-        }
-        try:
-            write_json(self.dest, "progress.json", payload)
-        except OSError:
-            pass   # progress is advisory: a full disk or a flaky store must not stop the build
-        self.payload = payload
-
-    def close(self) -> None:
-        self.bar.close()
-        self.write(force=True)
+def failed_shard(plan: BuildPlan, d: dict, err: BaseException) -> dict:
+    """Every input of a shard whose task never succeeded becomes a transient ledger row."""
+    rows = list(manifest_rows(d["rows"], first_index=d["start"]))
+    message = f"the shard task failed {plan.config.task_attempts} times: {type(err).__name__}: {str(err)[:200]}"
+    lost = [dict(r, error=message) for r in lost_inputs(rows, [])]
+    record = plan.writer().write(d["shard"], lost, inputs=len(rows), attempts=d.get("attempts"),
+                                 extra={"videos_decoded": 0, "clips": 0, "roundtrip_psnr": [],
+                                        "rows": [d["start"], d["stop"]]})
+    return {**record, "run": {"seconds": {}, "worker": "driver"}}
 
 
-def _complete(dest: Location, fingerprint: dict, config: BuildConfig, tracker: ProgressTracker,
-              paths: dict) -> dict:
-    records = read_records(dest, config.split)
-    info = json.loads(dest.read_text("dataset.json"))
-    info.update({
-        "complete": True, "format": "clipforge-dataset", "format_version": FORMAT_VERSION,
-        "manifest": fingerprint["manifest"], "config": asdict(config), "layout": fingerprint["layout"],
-        "sequence": {"text_slot": config.text_slot, "frames": fingerprint["layout"]["frames"],
-                     "tokens_per_frame": fingerprint["layout"]["tokens_h"] * fingerprint["layout"]["tokens_w"],
-                     "tokens": config.text_slot + fingerprint["layout"]["frames"] * fingerprint["layout"]["tokens_h"]
-                     * fingerprint["layout"]["tokens_w"]},
+def _complete(dest: Location, commit_log: CommitLog, fingerprint: dict, config: BuildConfig,
+              tracker: ProgressTracker, paths: dict) -> dict:
+    records = [r for name, r in sorted(commit_log.effective.items()) if name.startswith(f"{config.split}-")]
+    info = DatasetInfo.read(dest)
+    layout = fingerprint["layout"]
+    tokens_per_frame = layout["tokens_h"] * layout["tokens_w"]
+    info.data.update({
+        "complete": True, "manifest": fingerprint["manifest"], "config": asdict(config), "layout": layout,
+        "sequence": {"text_slot": config.text_slot, "frames": layout["frames"], "tokens_per_frame": tokens_per_frame,
+                     "tokens": config.text_slot + layout["frames"] * tokens_per_frame},
         # where the tokenizers were read from, so that `train` and `sample` find them (not part of the
         # fingerprint: the same tokenizer may sit elsewhere on a resume)
         "tokenizers": {kind: {**ids, "path": paths[kind]} for kind, ids in fingerprint["tokenizers"].items()},
         "packages": package_versions(),
-        "shards": [{"name": r["shard"], "tar": r["files"]["tar"]["name"], "samples": r["samples"],
-                    "bytes": r["bytes"], "sha256": r["sha256"]} for r in records],
         "funnel": funnel_from_records(records, fingerprint["inputs"]),
         # every (dtype, device class) that encoded some shard of this dataset
-        "encode_settings": [json.loads(x) for x in sorted({json.dumps(r.get("encode_settings") or {}, sort_keys=True)
-                                                            for r in records})],
-        "run": getattr(tracker, "payload", {}),
+        "encode_settings": [dict(s) for s in sorted({tuple(sorted((r.get("encode_settings") or {}).items()))
+                                                     for r in records})],
+        "run": tracker.payload,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
-    write_json(dest, "dataset.json", info)
+    info.write(dest)
     write_wids_index(dest, records, config.split)
-    return info
+    return info.data
 
 
 def with_overrides(config: BuildConfig, **changes) -> BuildConfig:
+    """`config` with the given fields (of BuildConfig or its ClipConfig) changed; None leaves a field as
+    it is. An unknown name is refused (a typo in a config file must not pass silently)."""
+    unknown = [k for k in changes if k not in ClipConfig.__dataclass_fields__ and k not in BuildConfig.__dataclass_fields__]
+    if unknown:
+        raise ValueError(f"unknown build setting(s): {', '.join(sorted(unknown))}")
     clip_changes = {k: v for k, v in changes.items() if k in ClipConfig.__dataclass_fields__ and v is not None}
     build_changes = {k: v for k, v in changes.items() if k in BuildConfig.__dataclass_fields__ and v is not None}
     return replace(config, clips=replace(config.clips, **clip_changes), **build_changes)
-

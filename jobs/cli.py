@@ -74,25 +74,37 @@ def _cmd_build(a):
     config = with_overrides(BuildConfig(), size=a.size, frames=a.frames, mode=a.mode, trim=a.trim,
                             max_span=a.max_span, rates=_floats(a.rates), seed=a.seed,
                             inputs_per_shard=a.inputs_per_shard, text_slot=a.text_slot,
-                            decode_timeout_s=a.decode_timeout, decode_workers=a.decode_workers,
+                            decode_timeout_s=a.decode_timeout, shard_tasks=a.shard_tasks,
+                            shard_timeout_s=a.shard_timeout, commit_every_s=a.commit_every,
                             tokenize_batch=a.tokenize_batch, tokenize_workers=a.tokenize_workers,
                             tokenize_gpus=a.tokenize_gpus, tokenize_dtype=a.tokenize_dtype, runner=a.runner,
                             endpoint=a.endpoint)
     info = build(a.manifest, a.out, a.image_tokenizer, a.text_tokenizer, config, address=a.address,
-                 resume=a.resume, retry_failed=a.retry_failed, progress=not a.quiet)
+                 resume=a.resume, retry_failed=a.retry_failed, take_over=a.take_over, progress=not a.quiet)
     print(json.dumps({"out": a.out, "funnel": info["funnel"]}, indent=2))
     if info["funnel"]["inputs"] and not info["funnel"]["samples"]:   # success is checked, never assumed
         sys.exit(f"clipforge: error: no input produced a sample; see the funnel above and {a.out}/ledger")
 
 
 def _cmd_reshard(a):
-    from clipforge.pipeline.storage.reshard import ReshardConfig, reshard
+    from clipforge.jobs.reshard import ReshardConfig, reshard
 
     config = ReshardConfig(samples_per_shard=a.samples_per_shard, bytes_per_shard=a.bytes_per_shard,
                            shuffle_seed=a.shuffle_seed, filter=a.filter, val_fraction=a.val_fraction,
                            val_seed=a.val_seed)
     print(json.dumps(reshard(a.inputs, a.output, config, progress=not a.quiet, address=a.address,
-                             endpoint=a.endpoint), indent=2))
+                             endpoint=a.endpoint, resume=a.resume, take_over=a.take_over), indent=2))
+
+
+def _cmd_gc(a):
+    from clipforge.pipeline.storage.commits import RunLease, collect_garbage
+    from clipforge.pipeline.storage.dataset import DatasetInfo
+    from clipforge.pipeline.storage.fs import Location
+
+    dest = Location(a.dataset, a.endpoint)
+    DatasetInfo.read(dest)   # a clipforge dataset, or a one-line refusal: never collect in a foreign folder
+    with RunLease(dest, take_over=a.take_over, purpose="gc"):
+        print(json.dumps(collect_garbage(dest, a.older_than, dry_run=a.dry_run), indent=2))
 
 
 def _cmd_estimate(a):
@@ -107,7 +119,7 @@ def _cmd_estimate(a):
 
 
 def _cmd_verify(a):
-    from clipforge.pipeline.storage.verify import verify_dataset
+    from clipforge.jobs.verify import verify_dataset
 
     report = verify_dataset(a.dataset, address=a.address, endpoint=a.endpoint)
     print(json.dumps(report, indent=2, default=str))
@@ -261,7 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--inputs-per-shard", type=int)
     s.add_argument("--text-slot", type=int)
     s.add_argument("--decode-timeout", type=float, help="seconds per video before the decoder is killed")
-    s.add_argument("--decode-workers", type=int)
+    s.add_argument("--shard-tasks", type=int, help="shard tasks running at once (default: every free CPU)")
+    s.add_argument("--shard-timeout", type=float,
+                   help="seconds before a running shard task is cancelled and run again (default 3600)")
+    s.add_argument("--take-over", action="store_true",
+                   help="take the dataset's lease from a driver known to be dead, without waiting for it to expire")
+    s.add_argument("--commit-every", type=float,
+                   help="seconds between writes of the commit log (default 2; a crash redoes at most these)")
     s.add_argument("--tokenize-batch", type=int, help="clips per image-tokenizer call")
     s.add_argument("--tokenize-workers", type=int, help="GPU tokenizer workers (default: one per GPU share)")
     s.add_argument("--tokenize-gpus", type=float, help="GPU share of one tokenizer worker, e.g. 0.5 (default 1)")
@@ -283,7 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val-seed", type=int, default=0)
     s.add_argument("--address", help="Ray cluster address: write the output shards as Ray tasks there")
     s.add_argument("--endpoint", help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL)")
+    s.add_argument("--resume", action="store_true", help="continue a reshard that stopped part way")
+    s.add_argument("--take-over", action="store_true", help="take the output's lease from a dead driver")
     s.add_argument("--quiet", action="store_true")
+
+    s = cmd("gc", _cmd_gc, "remove attempt parts no committed record names, and nothing else")
+    s.add_argument("dataset", metavar="DATASET")
+    s.add_argument("--older-than", type=float, default=900.0,
+                   help="only parts older than this many seconds (default 900: an attempt may still be writing)")
+    s.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    s.add_argument("--take-over", action="store_true", help="take the dataset's lease from a dead driver")
+    s.add_argument("--endpoint", help="S3-compatible endpoint URL (default: $AWS_ENDPOINT_URL)")
 
     s = cmd("estimate", _cmd_estimate, "pilot run on a sample, then time and cost for the full corpus")
     s.add_argument("manifest", metavar="MANIFEST")
@@ -455,11 +483,14 @@ def main(argv: list[str] | None = None) -> None:
                 actions[dest].nargs = "?"
         leaf.set_defaults(**values)
     args = parser.parse_args(argv)
+    from clipforge.pipeline.storage.commits import LeaseHeld, LeaseLost
+
     try:
         args.fn(args)
     except KeyboardInterrupt:
         parser.exit(130, "clipforge: interrupted\n")
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, PermissionError, IsADirectoryError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, PermissionError, IsADirectoryError,
+            LeaseHeld, LeaseLost) as err:
         message = " ".join(str(err).split()) or type(err).__name__
         parser.exit(2, f"clipforge: error: {message}\n")
 

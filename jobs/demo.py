@@ -30,7 +30,7 @@ def run_demo(out: str = "demo-out", videos: int = 1500, train_minutes: float = 5
     from clipforge.model.train import TrainConfig, train
     from clipforge.pipeline.text.audit import audit
     from clipforge.pipeline.video.synth import SynthConfig, write_synthetic_corpus
-    from clipforge.pipeline.storage.verify import verify_dataset
+    from clipforge.jobs.verify import verify_dataset
 
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)

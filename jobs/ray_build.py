@@ -1,16 +1,18 @@
 """The Ray wiring of `clipforge build`: shard tasks on CPUs, image tokenizer workers on GPUs.
 
-- Each shard is one Ray task (`num_cpus=1`) running `BuildShard` on its descriptor: it reads its manifest
-  slice, decodes in its isolated child, and commits its shard itself. Tasks are submitted as slots free
-  up, and the number of slots is re-read from the cluster every second, so an autoscaling cluster that
-  grows gets more tasks in flight (and one that shrinks gets fewer). Ray re-runs a task whose node died;
-  the commit protocol makes a re-run, or a duplicate, harmless.
-- When the cluster has GPUs, image tokenization runs in `ImageTokenizerWorker` actors that hold a GPU
-  share each (`tokenize_gpus`, fractional allowed) and batch frames across the clips of every shard task
-  that calls them; shard tasks then send frames to them instead of loading the model. Their CPU share is
-  set aside before the shard slots are counted, so the plan fits any cluster shape.
-- A shard whose task keeps failing is committed by the driver with every input as a transient
-  `internal_error` ledger row (retry with `--retry-failed`): no input is ever lost.
+- Each shard is one Ray task (`num_cpus=1`) run by the one executor (`clipforge.jobs.executor`): queued
+  beyond the cluster's CPUs so an autoscaler sees demand, with a deadline, retried, its result committed
+  by the driver.
+- With GPUs, image tokenization runs in `ImageTokenizerWorker` actors. The pool is planned per node and
+  per GPU, so that every worker can be placed: a share of 0.4 puts two workers on each whole GPU (Ray
+  never splits one actor's share across two GPUs, and a worker that cannot be placed waits forever).
+  The pool is re-planned every few seconds: it grows when GPUs join and drops workers beyond the plan
+  when GPUs leave. New shard tasks get the current workers.
+- A shard task sends frames to a worker and keeps decoding while they are encoded (`TokenizeClips`
+  keeps several batches in flight, bounded in bytes). Every call has a timeout; a worker that does not
+  answer is skipped for the next; when none answers, the clips become `tokenize_transient` ledger rows,
+  which `--retry-failed` redoes. A worker's batch that fails is retried item by item, so one shard's bad
+  frames never fail another shard's.
 """
 from __future__ import annotations
 
@@ -23,18 +25,12 @@ from typing import Iterator
 
 import numpy as np
 
-from clipforge.pipeline.build_shard import lost_inputs
-from clipforge.pipeline.manifest import manifest_rows, read_manifest_slice
+from clipforge.jobs.build import BuildPlan, shard_builder_for
+from clipforge.jobs.executor import run_tasks, start_ray
+from clipforge.pipeline.tokenize import EncoderUnavailable
 
-TASK_ATTEMPTS = 4          # driver-side resubmissions of a shard whose task raised (node loss is retried by Ray too)
-_builders: dict = {}       # per worker process: one BuildShard (and its decode child) per plan
-
-
-def start_ray(address: str | None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+WORKER_CONCURRENCY = 32    # encode calls an actor accepts at once; callers bound their bytes in flight too
+POOL_EVERY_S = 5.0
 
 
 class ImageTokenizerWorker:
@@ -55,7 +51,9 @@ class ImageTokenizerWorker:
         self.name = f"{socket.gethostname()}:{os.getpid()}:gpu{gpus}"
         self.batch_frames = batch_frames
         self.queue: asyncio.Queue | None = None
-        self.compute_s = 0.0
+
+    async def ready(self) -> str:
+        return self.name
 
     async def encode(self, frames: np.ndarray) -> tuple[np.ndarray, str, float]:
         if self.queue is None:
@@ -85,9 +83,13 @@ class ImageTokenizerWorker:
             try:
                 codes = await loop.run_in_executor(None, self.tokenizer.encode,
                                                    np.concatenate([frames for frames, _ in batch]))
-            except Exception as err:   # noqa: BLE001 — each caller gets the error, the server keeps going
-                for _, done in batch:
-                    done.set_exception(err)
+            except Exception:   # noqa: BLE001 — one caller's bad frames must not fail the others
+                for frames, done in batch:
+                    try:
+                        one = await loop.run_in_executor(None, self.tokenizer.encode, frames)
+                        done.set_result((one, time.perf_counter() - t))
+                    except Exception as err:   # noqa: BLE001 — this caller's error, to this caller
+                        done.set_exception(err)
                 continue
             seconds = time.perf_counter() - t
             start = 0
@@ -97,37 +99,59 @@ class ImageTokenizerWorker:
 
 
 class RemoteImageEncoder:
-    """What a shard task's `TokenizeClips` calls instead of a local model: frames go to a GPU worker
-    (the shard's own first, the others if it is gone). Counts calls per worker and splits the time of a
-    call into the worker's compute and the rest (transfer and queueing)."""
+    """An `ImageEncoder` whose work is done by GPU workers: `submit` sends frames to one (the shard's
+    own first) and returns at once; `result` waits, with a timeout, and fails over to the next worker.
+    Counts calls per worker and splits a call's time into the worker's compute and the rest."""
 
-    def __init__(self, workers: list, tokenizer_ids: dict, preferred: int):
-        self.workers, self.preferred = workers, preferred
+    def __init__(self, workers: list, tokenizer_ids: dict, timeout_s: float):
+        self.workers, self.preferred, self.timeout_s = list(workers), 0, timeout_s
         self.tokenizer_id = tokenizer_ids["image"]["id"]
         self.sha256 = tokenizer_ids["image"]["sha256"]
         self.calls_by_worker: dict[str, int] = {}
         self.compute_s = self.call_s = 0.0
         self._settings = None
 
+    def reset(self, workers: list, preferred: int) -> None:
+        self.workers, self.preferred = list(workers), preferred
+        self.calls_by_worker, self.compute_s, self.call_s = {}, 0.0, 0.0
+
+    @property
     def encode_settings(self) -> dict:
         import ray
 
         if self._settings is None:
-            self._settings = ray.get(self._ordered()[0].settings.remote())
-        return self._settings
+            for worker in self._ordered():
+                try:
+                    self._settings = ray.get(worker.settings.remote(), timeout=self.timeout_s)
+                    break
+                except (ray.exceptions.RayError, TimeoutError):
+                    continue
+        return self._settings or {}
 
-    def _ordered(self):
+    def _ordered(self) -> list:
         n = len(self.workers)
         return [self.workers[(self.preferred + i) % n] for i in range(n)]
 
-    def encode(self, frames: np.ndarray) -> np.ndarray:
+    def submit(self, frames: np.ndarray):
+        order = self._ordered()
+        if not order:
+            raise EncoderUnavailable("no image tokenizer worker in the pool")
+        return [frames, order, order[0].encode.remote(frames), time.perf_counter()]
+
+    def result(self, handle) -> np.ndarray:
         import ray
 
+        frames, order, ref, t = handle
         last = None
-        for worker in self._ordered():
-            t = time.perf_counter()
+        for i, worker in enumerate(order):
+            if i:
+                ref, t = worker.encode.remote(frames), time.perf_counter()
             try:
-                codes, name, compute = ray.get(worker.encode.remote(frames))
+                codes, name, compute = ray.get(ref, timeout=self.timeout_s)
+            except ray.exceptions.GetTimeoutError as err:   # pending, hung or restarting: try the next
+                ray.cancel(ref)
+                last = err
+                continue
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
                 last = err
                 continue
@@ -135,112 +159,139 @@ class RemoteImageEncoder:
             self.compute_s += compute
             self.calls_by_worker[name] = self.calls_by_worker.get(name, 0) + 1
             return codes
-        raise RuntimeError(f"no image tokenizer worker answered: {last}")
+        raise EncoderUnavailable(f"no image tokenizer worker answered within {self.timeout_s:.0f} s: "
+                                 f"{type(last).__name__ if last else 'no workers'}")
+
+    def encode(self, frames: np.ndarray) -> np.ndarray:
+        return self.result(self.submit(frames))
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         import ray
 
-        return ray.get(self._ordered()[0].decode.remote(codes))
+        for worker in self._ordered():
+            try:
+                return ray.get(worker.decode.remote(codes), timeout=self.timeout_s)
+            except (ray.exceptions.RayError, TimeoutError):
+                continue
+        raise EncoderUnavailable("no image tokenizer worker answered a decode")
 
 
-def build_one_shard(plan, descriptor: dict, workers: list) -> dict:
-    """The body of a shard task (runs on a worker process; its BuildShard is reused across tasks)."""
-    key = (plan.out, plan.manifest, plan.image_tokenizer, plan.text_tokenizer, bool(workers))
-    builder = _builders.get(key)
-    if builder is None:
-        _builders.clear()
-        encoder = RemoteImageEncoder(workers, plan.tokenizer_ids, 0) if workers else None
-        builder = _builders[key] = plan.shard_builder(image_encoder=encoder)
-    for _, stage in builder.stages:   # spread shards over GPU workers; count per shard
-        encoder = getattr(stage, "image", None)
-        if isinstance(encoder, RemoteImageEncoder):
-            encoder.preferred = descriptor["shard"]
-            encoder.calls_by_worker = {}
-            encoder.compute_s = encoder.call_s = 0.0
+def ray_shard_task(plan: BuildPlan, descriptor: dict, workers: list) -> dict:
+    """A shard task on a Ray worker: the process's BuildShard, its encoder pointed at the current pool
+    (without workers, the task tokenizes in its own process)."""
+    import ray
+
+    builder = shard_builder_for(plan, (lambda: RemoteImageEncoder(workers, plan.tokenizer_ids,
+                                                                  plan.config.tokenize_timeout_s)) if workers else None)
+    encoder = next((s.image for s in builder.stages if isinstance(getattr(s, "image", None), RemoteImageEncoder)),
+                   None)
+    if encoder is not None:
+        encoder.reset(workers, descriptor["shard"])
     record = builder.build(descriptor)
-    for _, stage in builder.stages:
-        encoder = getattr(stage, "image", None)
-        if isinstance(encoder, RemoteImageEncoder):
-            seconds = record["run"]["seconds"]
-            seconds["transfer"] = max(0.0, encoder.call_s - encoder.compute_s)
-            seconds["tokenize"] = max(0.0, seconds.get("tokenize", 0.0) - seconds["transfer"])
+    run = record["run"]
+    run["node"] = ray.get_runtime_context().get_node_id()
+    if encoder is not None:
+        run["tokenize_workers"] = dict(encoder.calls_by_worker)
+        run["seconds"]["transfer"] = max(0.0, encoder.call_s - encoder.compute_s)
     return record
 
 
-def plan_resources(config) -> tuple[int, int, float]:
-    """(shard slots, tokenizer workers, GPUs) for the cluster as it is now."""
+def plan_workers(config, nodes: list[dict] | None = None) -> int:
+    """Tokenizer workers that can all be placed: per alive node, whole GPUs times the shares one GPU
+    holds (a share is never split across GPUs), or GPUs / share for shares above one GPU."""
     import ray
 
-    res = ray.cluster_resources()
-    cpus, gpus = float(res.get("CPU", 1)), float(res.get("GPU", 0))
-    workers = 0
-    if gpus > 0:
-        per = max(config.tokenize_gpus, 1e-3)
-        workers = config.tokenize_workers or max(1, int(math.floor(gpus / per + 1e-9)))
-    cpu_left = cpus - workers * config.tokenize_cpus
-    slots = max(1, int(math.floor(cpu_left + 1e-9)))
-    if config.decode_workers:
-        slots = min(slots, config.decode_workers)
-    return slots, workers, gpus
+    if config.tokenize_workers:
+        return config.tokenize_workers
+    share = max(config.tokenize_gpus, 1e-3)
+    total = 0
+    for node in nodes if nodes is not None else ray.nodes():
+        if not node.get("Alive", True):
+            continue
+        gpus = float(node.get("Resources", {}).get("GPU", 0))
+        if share <= 1:
+            total += int(math.floor(gpus + 1e-9)) * int(math.floor(1 / share + 1e-9))
+        else:
+            total += int(math.floor(gpus / share + 1e-9))
+    return total
 
 
-def run_on_ray(plan, descriptors: Iterator[dict], todo: int, tracker, address: str | None) -> None:
-    import ray
+class TokenizerPool:
+    """The GPU tokenizer workers of one build, following the cluster's GPUs."""
 
+    def __init__(self, plan: BuildPlan, tracker):
+        import ray
+
+        config = plan.config
+        self.plan, self.tracker = plan, tracker
+        self.actor_cls = ray.remote(ImageTokenizerWorker).options(
+            num_gpus=config.tokenize_gpus, num_cpus=config.tokenize_cpus, max_restarts=-1, max_task_retries=0,
+            max_concurrency=WORKER_CONCURRENCY)
+        self.workers: list = []
+        self.last = 0.0
+        self.resize()
+
+    def resize(self) -> None:
+        import ray
+
+        self.last = time.monotonic()
+        want = plan_workers(self.plan.config)
+        config = self.plan.config
+        while len(self.workers) < want:
+            self.workers.append(self.actor_cls.remote(self.plan.image_tokenizer, config.tokenize_dtype,
+                                                      config.tokenize_batch * config.clips.frames))
+        while len(self.workers) > want:
+            ray.kill(self.workers.pop())
+        self.tracker.actors = self.states()
+
+    def states(self) -> dict:
+        """{worker: alive | not answering} from a short ping of each."""
+        import ray
+
+        refs = [w.ready.remote() for w in self.workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0) if refs else ([], [])
+        done = set(ready)
+        states = {}
+        for i, ref in enumerate(refs):
+            name = f"tokenizer-{i}"
+            if ref in done:
+                try:
+                    name = ray.get(ref, timeout=1)
+                    states[name] = "alive"
+                    continue
+                except Exception:   # noqa: BLE001 — a dead actor answers with an error
+                    pass
+            states[name] = "not answering"
+        return states
+
+    def tick(self) -> None:
+        if time.monotonic() - self.last > POOL_EVERY_S:
+            self.resize()
+
+    def shard_slots(self) -> int:
+        import ray
+
+        res = ray.cluster_resources()
+        cpu_left = float(res.get("CPU", 1)) - len(self.workers) * self.plan.config.tokenize_cpus
+        slots = max(1, int(math.floor(cpu_left + 1e-9)))
+        return min(slots, self.plan.config.shard_tasks) if self.plan.config.shard_tasks else slots
+
+    def close(self) -> None:
+        import ray
+
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
+
+
+def run_on_ray(plan: BuildPlan, descriptors: Iterator[dict], tracker, address: str | None, on_result,
+               on_failure) -> None:
     start_ray(address)
-    config = plan.config
-    slots, n_workers, _ = plan_resources(config)
-    actor_cls = ray.remote(ImageTokenizerWorker).options(
-        num_gpus=config.tokenize_gpus, num_cpus=config.tokenize_cpus, max_restarts=-1, max_task_retries=-1,
-        max_concurrency=1000)
-    workers = [actor_cls.remote(plan.image_tokenizer, config.tokenize_dtype,
-                                config.tokenize_batch * config.clips.frames) for _ in range(n_workers)]
-    task = ray.remote(build_one_shard).options(num_cpus=1, max_retries=3)
-    plan_ref = ray.put(plan)
-    in_flight: dict = {}       # object ref -> (descriptor, attempt)
-    pending = iter(descriptors)
-    retry: list = []
-    exhausted = False
-    last_plan = time.monotonic()
-    while True:
-        if time.monotonic() - last_plan > 1.0:   # follow an autoscaling cluster
-            slots = plan_resources(config)[0]
-            last_plan = time.monotonic()
-        while len(in_flight) < slots and (retry or not exhausted):
-            if retry:
-                d, attempt = retry.pop()
-            else:
-                d = next(pending, None)
-                if d is None:
-                    exhausted = True
-                    break
-                attempt = 1
-            in_flight[task.remote(plan_ref, d, workers)] = (d, attempt)
-        if not in_flight:
-            break
-        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-        for ref in ready:
-            d, attempt = in_flight.pop(ref)
-            try:
-                tracker.add(ray.get(ref))
-            except (ray.exceptions.RayError, OSError) as err:
-                tracker.task_error(err)
-                if attempt < TASK_ATTEMPTS:
-                    tracker.retried += 1
-                    retry.append((d, attempt + 1))
-                else:
-                    tracker.add(commit_failed_shard(plan, d, err))
-        tracker.write()
-    for w in workers:
-        ray.kill(w)
-
-
-def commit_failed_shard(plan, d: dict, err: Exception) -> dict:
-    """Every input of a shard whose task never succeeded becomes a transient ledger row."""
-    rows = list(manifest_rows(read_manifest_slice(plan.manifest, d["start"], d["stop"]), first_index=d["start"]))
-    message = f"the shard task failed {TASK_ATTEMPTS} times: {type(err).__name__}: {str(err)[:200]}"
-    lost = [dict(r, **{"error": message}) for r in lost_inputs(rows, [])]
-    record = plan.committer().write(d["shard"], lost, inputs=len(rows), attempts=d.get("attempts"),
-                                    extra={"videos_decoded": 0, "clips": 0, "roundtrip_psnr": [],
-                                           "rows": [d["start"], d["stop"]]})
-    return {**record, "run": {"seconds": {}, "worker": "driver"}}
+    pool = TokenizerPool(plan, tracker)   # no GPUs (yet): no workers, shard tasks tokenize themselves
+    try:
+        run_tasks(ray_shard_task, plan, descriptors, on_result=on_result, on_failure=on_failure, progress=tracker,
+                  runner="ray", attempts=plan.config.task_attempts, deadline_s=plan.config.shard_timeout_s,
+                  slots=pool.shard_slots, extra_args=lambda: (list(pool.workers),), tick=pool.tick,
+                  name=lambda d: f"shard {d['shard']}")
+    finally:
+        pool.close()

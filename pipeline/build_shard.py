@@ -1,11 +1,12 @@
-"""The unit of work of `clipforge build`: one shard, from its slice of the manifest to its commit record.
+"""The unit of work of `clipforge build`: one shard, from its rows of the manifest to its record.
 
-`BuildShard` is a stage over shard descriptors (`{"shard", "start", "stop"}`): for each, it reads rows
-[start, stop) of the manifest itself, runs the row stages (clean captions → decode → tokenize) in this
-process, and commits the shard with `ShardCommitter`, the record written last. It yields that record,
-with per-stage time and the worker's identity, which is all the driver ever receives: the driver holds
-descriptors and records, never rows, so its memory does not grow with the corpus (datatrove's executor
-works the same way: each task owns its output and a completion record).
+`BuildShard` is a stage over shard descriptors (`{"shard", "start", "stop", "rows"}`, where `rows` is the
+shard's slice of the manifest, read by the driver as it streams the manifest once): for each, it runs the
+row stages (clean captions → decode → tokenize) in this process and writes one attempt of the shard with
+`ShardWriter`. It yields the attempt's record, with per-stage time and the worker's identity; the driver
+alone decides whether that record is committed (`clipforge.pipeline.storage.commits`). The driver holds
+descriptors in flight and records, never the corpus, so its memory does not grow with it (datatrove's
+executor works the same way: each task owns its output and a completion record).
 
 Nothing here imports Ray; `clipforge.jobs.build` runs `BuildShard` in process or as Ray tasks.
 """
@@ -16,9 +17,10 @@ import socket
 import time
 from typing import Callable, Iterable, Iterator
 
-from clipforge.pipeline.manifest import manifest_rows, read_manifest_slice
+from clipforge.pipeline.manifest import manifest_rows
 from clipforge.pipeline.schema import is_ok, mark_error
-from clipforge.pipeline.storage.shards import ShardCommitter, read_ledger_part
+from clipforge.pipeline.stages import Stage
+from clipforge.pipeline.storage.shards import ShardWriter, read_ledger_part
 
 
 class TimedStage:
@@ -46,16 +48,15 @@ def worker_identity() -> str:
 
 
 class BuildShard:
-    """Stage over shard descriptors; yields each shard's commit record.
+    """Stage over shard descriptors; yields each shard attempt's record (uncommitted).
 
-    `stages` is a list of (name, stage) where each stage is a callable over an iterator of row dicts
-    (`CleanCaption`, `DecodeVideo`, `TokenizeClips`). `roundtrip_qa` clips per shard are marked for a
-    decode-back PSNR by the tokenizer stage.
+    `stages` are `Stage`s over row dicts (`clipforge.pipeline.stages.build_stages`). `roundtrip_qa` clips
+    per shard are marked, after the stage that produces clips, for a decode-back PSNR by the tokenizer.
     """
 
-    def __init__(self, manifest: str, committer: ShardCommitter, stages: list[tuple[str, Callable]],
-                 roundtrip_qa: int = 2, describe_worker: Callable[[], dict] | None = None):
-        self.manifest, self.committer, self.stages = manifest, committer, stages
+    def __init__(self, writer: ShardWriter, stages: list[Stage], roundtrip_qa: int = 2,
+                 describe_worker: Callable[[], dict] | None = None):
+        self.writer, self.stages = writer, stages
         self.roundtrip_qa = roundtrip_qa
         self.describe_worker = describe_worker or (lambda: {})
 
@@ -65,17 +66,16 @@ class BuildShard:
 
     def build(self, d: dict) -> dict:
         t0 = time.perf_counter()
-        df = read_manifest_slice(self.manifest, d["start"], d["stop"])
-        inputs = list(manifest_rows(df, first_index=d["start"]))
+        inputs = list(manifest_rows(d["rows"], first_index=d["start"]))
         read_s = time.perf_counter() - t0
         stream: Iterator[dict] = iter(inputs)
         timed: list[tuple[str, TimedStage]] = []
         decoded_inputs: set[int] = set()
-        for name, stage in self.stages:
+        for stage in self.stages:
             stream = TimedStage(iter(stage(stream)))
-            timed.append((name, stream))
-            if name == "decode":
-                stream = self._after_decode(stream, decoded_inputs)
+            timed.append((stage.name, stream))
+            if stage.produces_clips:
+                stream = self._after_clips(stream, decoded_inputs)
         rows = list(stream)
         rows += lost_inputs(inputs, rows)
         stage_seconds, upstream = {"manifest": read_s}, 0.0
@@ -84,19 +84,18 @@ class BuildShard:
             upstream = t.seconds
         qa = [r["roundtrip_psnr"] for r in rows if is_ok(r) and r.get("roundtrip_psnr") is not None]
         t1 = time.perf_counter()
-        record = self.committer.write(
+        record = self.writer.write(
             d["shard"], rows, inputs=len(inputs), attempts=d.get("attempts"),
             extra={"videos_decoded": len(decoded_inputs),
                    "clips": sum(1 for r in rows if r.get("clip_index") is not None),
                    "roundtrip_psnr": [round(float(v), 3) for v in qa],
                    "encode_settings": self._encode_settings(),
                    "rows": [d["start"], d["stop"]]})
-        stage_seconds["commit"] = time.perf_counter() - t1
+        stage_seconds["write"] = time.perf_counter() - t1
         # run facts: not part of the record (which must not depend on timing), but returned to the driver
-        return {**record, "run": {"seconds": stage_seconds, "worker": worker_identity(),
-                                  "tokenize_workers": self._tokenize_workers(), **self.describe_worker()}}
+        return {**record, "run": {"seconds": stage_seconds, "worker": worker_identity(), **self.describe_worker()}}
 
-    def _after_decode(self, rows: Iterator[dict], decoded_inputs: set) -> Iterator[dict]:
+    def _after_clips(self, rows: Iterator[dict], decoded_inputs: set) -> Iterator[dict]:
         marked = 0
         for row in rows:
             if is_ok(row) and row.get("clip_index") is not None:
@@ -108,19 +107,15 @@ class BuildShard:
 
     def _encode_settings(self) -> dict:
         """The image encoder's dtype and device class: bf16 and the device can flip nearest-code ties."""
-        for _, stage in self.stages:
-            settings = getattr(getattr(stage, "image", None), "encode_settings", None)
+        for stage in self.stages:
+            settings = getattr(stage, "encode_settings", None)
             if settings is not None:
-                settings = settings() if callable(settings) else settings
                 return {k: settings.get(k) for k in ("dtype", "device", "device_name")}
         return {}
 
-    def _tokenize_workers(self) -> dict:
-        for name, stage in self.stages:
-            counts = getattr(getattr(stage, "image", None), "calls_by_worker", None)
-            if counts is not None:
-                return dict(counts)
-        return {}
+    def close(self) -> None:
+        for stage in self.stages:
+            stage.close()
 
 
 def lost_inputs(inputs: list[dict], rows: list[dict]) -> list[dict]:
@@ -130,10 +125,9 @@ def lost_inputs(inputs: list[dict], rows: list[dict]) -> list[dict]:
             for r in inputs if r["row_index"] not in seen]
 
 
-def previous_attempts(committer: ShardCommitter, shard: int) -> dict[int, int]:
+def previous_attempts(out, record: dict | None) -> dict[int, int]:
     """row_index -> attempts so far, for inputs that failed in the committed attempt of a shard redone."""
-    record = committer.read_record(shard)
     if record is None:
         return {}
-    ledger = read_ledger_part(committer.out, record)
+    ledger = read_ledger_part(out, record)
     return {int(i): int(n) + 1 for i, n in zip(ledger["row_index"], ledger["attempts"])}

@@ -85,3 +85,31 @@ def start_local_ray(**kwargs):
 def shared_videos() -> list[Path]:
     videos = SHARED_DATA / "videos"
     return sorted(p for p in videos.rglob("*") if p.is_file()) if videos.exists() else []
+
+
+def commit_shards(root, writer_rows: list[list[dict]], layout: dict, info: dict | None = None,
+                  inputs_per_shard: int = 2) -> list[dict]:
+    """A dataset made by hand: each list of rows written as one shard attempt and committed by a driver
+    holding the lease, as the build does; `info` (merged into a minimal dataset.json) when given."""
+    from clipforge.pipeline.storage.commits import CommitLog, RunLease
+    from clipforge.pipeline.storage.dataset import DatasetInfo
+    from clipforge.pipeline.storage.shards import ShardWriter
+
+    writer = ShardWriter(root, layout)
+    records = [writer.write(i, rows, inputs=inputs_per_shard) for i, rows in enumerate(writer_rows)]
+    with RunLease(root) as lease:
+        log = CommitLog(root)
+        log.start_epoch(lease.epoch)
+        log.commit(records, lease)
+    if info is not None:
+        DatasetInfo({"format": "clipforge-dataset", "layout": layout, **info}).write(root)
+    return records
+
+
+def forget_commit(root, shard: str) -> None:
+    """As if the driver died before committing `shard`: its record leaves the log (its parts stay)."""
+    from pathlib import Path
+
+    for segment in (Path(root) / "commits").glob("*.jsonl"):
+        lines = [line for line in segment.read_text().splitlines(keepends=True) if f'"shard": "{shard}"' not in line]
+        segment.write_text("".join(lines))

@@ -10,13 +10,14 @@ import webdataset as wds
 
 from clipforge.jobs.build import BuildConfig, build, with_overrides
 from clipforge.pipeline.storage.samples import decode_sample
+from tests.conftest import forget_commit
 from clipforge.pipeline.storage.shards import read_index, read_ledger, read_records, shard_urls
-from clipforge.pipeline.storage.verify import verify_dataset
+from clipforge.jobs.verify import verify_dataset
 
 
 def _config(runner):
     return with_overrides(BuildConfig(), size=64, mode="both", inputs_per_shard=4, text_slot=24,
-                          tokenize_batch=8, runner=runner, decode_workers=1)
+                          tokenize_batch=8, runner=runner, shard_tasks=1, gc_grace_s=0)
 
 
 def _check_dataset(out, manifest):
@@ -73,11 +74,14 @@ def test_resume_keeps_committed_shards(corpus, image_tokenizer, text_tokenizer, 
         build(str(corpus), str(out), str(image_tokenizer), str(text_tokenizer), cfg, progress=False)
     first = Path(shard_urls(out)[0])
     mtime = first.stat().st_mtime_ns
-    second = out / "shards" / "train-000001.json"
-    second.unlink()                               # as if killed before shard 1's record was written
+    before = {r["shard"]: r["attempt"] for r in read_records(out)}
+    forget_commit(out, "train-000001")            # as if killed before shard 1 was committed
+    assert "train-000001" not in {r["shard"] for r in read_records(out)}
     build(str(corpus), str(out), str(image_tokenizer), str(text_tokenizer), cfg, resume=True, progress=False)
     assert first.stat().st_mtime_ns == mtime       # untouched
-    assert second.exists()
+    after = {r["shard"]: r["attempt"] for r in read_records(out)}
+    assert after.keys() == before.keys() and after["train-000000"] == before["train-000000"]
+    assert after["train-000001"] != before["train-000001"]   # redone, as a new attempt
     assert json.loads((out / "dataset.json").read_text())["complete"] is True
     _check_dataset(out, corpus)
 

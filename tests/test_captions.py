@@ -253,7 +253,8 @@ def test_clean_caption_stage_on_rows():
         assert r["status"] == "error" and r["reason"] == "empty_caption" and r["stage"] == "captions"
         assert r["reason"] in REASONS and r["caption"] == "" and "empty" in r["caption_flags"]
     assert "url" in out[3]["error"]
-    assert stage.stats["total"] == 7 and stage.stats["kept"] == 2 and stage.stats["dropped_empty_caption"] == 5
+    stats = stage.stats()
+    assert stats["total"] == 7 and stats["kept"] == 2 and stats["dropped_empty_caption"] == 5
 
 
 def test_clean_caption_stage_is_rerunnable_and_min_chars():

@@ -21,7 +21,7 @@ from clipforge.pipeline.storage.fs import Location, register_webdataset_schemes
 from clipforge.pipeline.storage.samples import decode_sample
 from clipforge.pipeline.storage.shards import (ShardCommitter, clean_stale, read_index, read_ledger, read_records,
                                                shard_urls)
-from clipforge.pipeline.storage.verify import verify_dataset
+from clipforge.jobs.verify import verify_dataset
 from tests.conftest import start_local_ray
 
 LAYOUT = {"frames": 5, "frame_size": 64, "tokens_h": 8, "tokens_w": 8, "text_slot": 24, "image_vocab": 64}
@@ -64,7 +64,7 @@ def test_shard_assembly_keeps_one_row_per_key_under_replays(tmp_path):
 
 def _config(**changes) -> BuildConfig:
     return with_overrides(BuildConfig(), **{"size": 64, "mode": "sequential", "inputs_per_shard": 2, "text_slot": 24,
-                                            "tokenize_batch": 8, **changes})
+                                            "tokenize_batch": 8, "gc_grace_s": 0, **changes})
 
 
 def _facts(ds) -> tuple[list, list]:
@@ -151,7 +151,7 @@ def test_losing_a_worker_node_mid_build_loses_and_duplicates_nothing(wide_manife
     def remove_a_worker_when_shards_commit():
         deadline = time.time() + 300
         while time.time() < deadline:
-            if len(list((out / "shards").glob("*.json"))) >= 2:
+            if len(list((out / "commits").glob("*-0*.jsonl"))) >= 2:
                 cluster.remove_node(workers[0], allow_graceful=False)   # not gracefully: as if it died
                 removed.set()
                 return
@@ -165,7 +165,7 @@ def test_losing_a_worker_node_mid_build_loses_and_duplicates_nothing(wide_manife
                      _config(runner="ray"), address=cluster.address, progress=False)
         killer.join(timeout=5)
         # resharding and verifying run as Ray tasks on the (now smaller) cluster too
-        from clipforge.pipeline.storage.reshard import ReshardConfig, reshard
+        from clipforge.jobs.reshard import ReshardConfig, reshard
         resharded = tmp_path / "re"
         report = reshard([str(out)], str(resharded), ReshardConfig(samples_per_shard=5, shuffle_seed=2,
                                                                     val_fraction=0.3), progress=False,
@@ -288,4 +288,4 @@ def test_resume_with_another_configuration_is_refused(corpus, image_tokenizer, t
               _config(runner="local", inputs_per_shard=3), resume=True, progress=False)
     # what only changes how the run goes (workers, time limits) may change on resume
     build(str(corpus), str(out), str(image_tokenizer), str(text_tokenizer),
-          _config(runner="local", decode_workers=3), resume=True, progress=False)
+          _config(runner="local", shard_tasks=3), resume=True, progress=False)

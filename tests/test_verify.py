@@ -9,10 +9,10 @@ import pytest
 
 from clipforge.jobs.build import BuildConfig, build, with_overrides
 from clipforge.pipeline.schema import normalise_source, video_id_for
-from clipforge.pipeline.storage.fs import Location
-from clipforge.pipeline.storage.reshard import ReshardConfig, reshard
-from clipforge.pipeline.storage.shards import ShardCommitter, read_index, read_records, write_json
-from clipforge.pipeline.storage.verify import verify_dataset
+from clipforge.jobs.reshard import ReshardConfig, reshard
+from clipforge.pipeline.storage.shards import read_index, read_records
+from clipforge.jobs.verify import verify_dataset
+from tests.conftest import commit_shards
 
 LAYOUT = {"frames": 5, "frame_size": 64, "tokens_h": 8, "tokens_w": 8, "text_slot": 24, "image_vocab": 64}
 TOKENIZERS = {"image": {"id": "vq", "sha256": "a" * 64}, "text": {"id": "spm", "sha256": "b" * 64}}
@@ -27,12 +27,10 @@ def _row(row_index: int, key: str, shape=(5, 8, 8), code: int = 3) -> dict:
 
 
 def _dataset(root, shards: list[list[dict]], inputs_per_shard: int = 2, inputs_total: int | None = None):
-    committer = ShardCommitter(root, LAYOUT)
-    records = [committer.write(i, rows, inputs=inputs_per_shard) for i, rows in enumerate(shards)]
+    records = commit_shards(root, shards, LAYOUT, inputs_per_shard=inputs_per_shard)
     total = inputs_total if inputs_total is not None else inputs_per_shard * len(shards)
-    write_json(Location(root), "dataset.json", {
-        "complete": True, "layout": LAYOUT, "tokenizers": TOKENIZERS,
-        "funnel": {"inputs": total, "samples": sum(r["samples"] for r in records)}})
+    commit_shards(root, [], LAYOUT, {"complete": True, "tokenizers": TOKENIZERS,
+                                     "funnel": {"inputs": total, "samples": sum(r["samples"] for r in records)}})
     return root
 
 

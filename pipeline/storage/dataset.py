@@ -1,20 +1,42 @@
-"""Dataset-level files: the funnel and `wids/<split>.json`, computed from the shards' commit records.
+"""`dataset.json`, the one place a dataset's metadata is defined; the funnel and `wids/<split>.json`.
 
-Recomputing from the records on disk (not from a run's memory) keeps them right after `--resume` and
-`--retry-failed`, which only redo some shards, and reads no tar or index bytes.
+`DatasetInfo` owns the file: every reader and writer (build, reshard, verify, train, eval-synth) goes
+through it. Its shape:
+
+- `format`, `format_version`, `complete` (False from the start of a build until it ends);
+- `fingerprint`: what decides the bytes of the shards (manifest digest and row count, the configuration
+  that matters, tokenizer ids and hashes, layout, the versions of clipforge, the decoders and FFmpeg),
+  and `fingerprint_sha256`, the hash every commit record of the run carries; `--resume` with a different
+  fingerprint is refused, naming the first field that differs;
+- filled at the end: `layout`, `sequence`, `tokenizers` (with the paths they were read from), `config`,
+  `packages`, `funnel`, `encode_settings`, `run` (the last progress), `finished`; a resharded dataset
+  has `reshard` instead of a manifest funnel.
+
+The funnel and the wids index are recomputed from the accepted commit records (not from a run's memory),
+which keeps them right after `--resume` and `--retry-failed`, and reads no tar or index bytes.
 """
 from __future__ import annotations
 
+import json
+import os
 import platform
 from collections import Counter
 from importlib import metadata
 
-from clipforge.pipeline.storage.fs import Location
-from clipforge.pipeline.storage.shards import write_json
+from clipforge.pipeline.storage.commits import fingerprint_sha256
+from clipforge.pipeline.storage.fs import Location, as_location
 
-FORMAT_VERSION = 2
+FORMAT = "clipforge-dataset"
+FORMAT_VERSION = 3
+INFO_NAME = "dataset.json"
 PACKAGES = ("clipforge", "torch", "numpy", "decord", "av", "webdataset", "ray", "pandas", "pyarrow", "ftfy",
             "sentencepiece")
+# the fields of a fingerprint a resume compares, in the order a refusal names them
+FINGERPRINT_FIELDS = ("format_version", "manifest_sha256", "inputs", "layout", "tokenizers", "config", "code")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as asked (missing, foreign, incomplete, another run's)."""
 
 
 def package_versions() -> dict:
@@ -25,6 +47,118 @@ def package_versions() -> dict:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def code_versions() -> dict:
+    """The code that decides a shard's bytes: clipforge, the decoders and the FFmpeg libraries PyAV links."""
+    versions = {k: v for k, v in package_versions().items() if k in ("clipforge", "decord", "av", "numpy", "torch")}
+    try:
+        import av
+        versions["ffmpeg"] = {k: ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+                              for k, v in sorted(av.library_versions.items())}
+    except ImportError:
+        versions["ffmpeg"] = None
+    return versions
+
+
+def _as_json(value):
+    """Compared as stored: a tuple in a config is a list in dataset.json."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def first_difference(a, b, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+    return f"{path or 'value'}: was {a!r}, now {b!r}"
+
+
+class DatasetInfo:
+    """`dataset.json` of one dataset, as a dict with named accessors (`info.data` is the whole file)."""
+
+    def __init__(self, data: dict):
+        self.data = data
+
+    # -- reading ---------------------------------------------------------------------------------
+    @classmethod
+    def exists(cls, dataset, endpoint: str | None = None) -> bool:
+        return as_location(dataset, endpoint).exists(INFO_NAME)
+
+    @classmethod
+    def read(cls, dataset, endpoint: str | None = None) -> "DatasetInfo":
+        root = as_location(dataset, endpoint)
+        try:
+            data = json.loads(root.read_text(INFO_NAME))
+        except FileNotFoundError:
+            raise DatasetError(f"{root.url}: no {INFO_NAME} (is this a built clipforge dataset?)") from None
+        except ValueError as err:
+            raise DatasetError(f"{root.child_url(INFO_NAME)} is not valid JSON: {err}") from None
+        info = cls(data)
+        info.validate(root.url)
+        return info
+
+    def validate(self, where: str = "") -> None:
+        if not isinstance(self.data, dict) or self.data.get("format") != FORMAT:
+            raise DatasetError(f"{where}: {INFO_NAME} is not a clipforge dataset's")
+        if self.layout is None:
+            raise DatasetError(f"{where}: {INFO_NAME} has no layout")
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.data.get("complete"))
+
+    @property
+    def fingerprint(self) -> dict | None:
+        return self.data.get("fingerprint")
+
+    @property
+    def fingerprint_sha256(self) -> str | None:
+        return self.data.get("fingerprint_sha256")
+
+    @property
+    def layout(self) -> dict | None:
+        return self.data.get("layout") or (self.fingerprint or {}).get("layout")
+
+    @property
+    def tokenizers(self) -> dict:
+        """{"image"|"text": {"id", "sha256", "path"?, "dtype"?}}."""
+        return self.data.get("tokenizers") or (self.fingerprint or {}).get("tokenizers") or {}
+
+    @property
+    def tokenizer_hashes(self) -> dict:
+        return {k: v.get("sha256") for k, v in self.tokenizers.items()}
+
+    @property
+    def funnel(self) -> dict:
+        return self.data.get("funnel") or {}
+
+    @property
+    def manifest(self) -> str | None:
+        return self.data.get("manifest") or (self.fingerprint or {}).get("manifest")
+
+    # -- writing ---------------------------------------------------------------------------------
+    @classmethod
+    def started(cls, fingerprint: dict, started: str) -> "DatasetInfo":
+        return cls({"format": FORMAT, "format_version": FORMAT_VERSION, "complete": False,
+                    "fingerprint": fingerprint, "fingerprint_sha256": fingerprint_sha256(fingerprint),
+                    "layout": fingerprint["layout"], "started": started})
+
+    def write(self, dataset, endpoint: str | None = None) -> None:
+        as_location(dataset, endpoint).write_text(INFO_NAME, json.dumps(self.data, indent=2, sort_keys=True,
+                                                                        default=str))
+
+    def check_resume(self, fingerprint: dict) -> None:
+        """Refuse to continue a dataset with another run's fingerprint, naming the first field that differs."""
+        old = self.fingerprint
+        if old is None:
+            raise DatasetError(f"{INFO_NAME} has no run fingerprint (an older or foreign dataset): cannot "
+                               f"resume it safely; build into a new --out")
+        for name in [*FINGERPRINT_FIELDS, *sorted(set(old) | set(fingerprint) - set(FINGERPRINT_FIELDS))]:
+            a, b = _as_json(old.get(name)), _as_json(fingerprint.get(name))
+            if a != b:
+                raise DatasetError(f"--resume refused: this run's {name} differs from the dataset's "
+                                   f"({first_difference(a, b)})")
 
 
 def funnel_from_records(records: list[dict], inputs: int) -> dict:
@@ -52,6 +186,10 @@ def funnel_from_records(records: list[dict], inputs: int) -> dict:
     }
 
 
+def write_json(out: Location, name: str, payload: dict) -> None:
+    out.write_text(name, json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
 def write_wids_index(out: Location, records: list[dict], split: str = "train") -> None:
     """The shard list wids reads for random access (empty shards are left out: wids cannot index them).
     URLs are relative to the index file, so the dataset can be moved or read from an object store."""
@@ -59,3 +197,7 @@ def write_wids_index(out: Location, records: list[dict], split: str = "train") -
     out.makedirs("wids")
     write_json(out, f"wids/{split}.json", {"__kind__": "wids-shard-index-v1", "name": f"clipforge-{split}",
                                             "wids_version": 1, "shardlist": shardlist})
+
+
+def absolute(path) -> str:
+    return str(path) if "://" in str(path) else os.path.abspath(str(path))

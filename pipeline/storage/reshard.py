@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import tarfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipforge.pipeline.storage.dataset import package_versions, write_wids_index
+from clipforge.pipeline.storage.commits import write_attempt
 from clipforge.pipeline.storage.fs import Location
-from clipforge.pipeline.storage.shards import (INDEX_COLUMNS, LEDGER_COLUMNS, commit_shard, parquet_bytes, read_index,
-                                               read_ledger, read_records, shard_name, write_json)
+from clipforge.pipeline.storage.shards import INDEX_COLUMNS, LEDGER_COLUMNS, parquet_bytes
 from clipforge.pipeline.storage.tarwriter import BLOCK, FastTarWriter, read_ustar_header
 from clipforge.pipeline.storage.verify import safe_member, unsafe_name
 
@@ -122,131 +119,18 @@ class SourceTar:
         self.file.close()
 
 
-def _in_validation(video_id: str, fraction: float, seed: int) -> bool:
+def in_validation(video_id: str, fraction: float, seed: int) -> bool:
     h = int.from_bytes(hashlib.sha256(f"{seed}:{video_id}".encode()).digest()[:8], "little")
     return h / 2**64 < fraction
 
 
-def _check_compatible(infos: list[dict]) -> None:
-    first = infos[0]
-    for other in infos[1:]:
-        for field in ("layout", "tokenizers"):
-            a = {k: v for k, v in first[field].items() if k != "path"} if field == "layout" else \
-                {k: v["sha256"] for k, v in first[field].items()}
-            b = {k: v for k, v in other[field].items() if k != "path"} if field == "layout" else \
-                {k: v["sha256"] for k, v in other[field].items()}
-            if a != b:
-                raise ValueError(f"cannot merge datasets with different {field}: {a} vs {b}")
-
-
-def reshard(inputs: list[str], out: str, config: ReshardConfig = ReshardConfig(), progress: bool = True,
-            address: str | None = None, endpoint: str | None = None) -> dict:
-    """Reshard `inputs` into `out` (local paths or URLs). With `address`, each output shard is written by
-    a Ray task on that cluster; the driver holds the index (a few hundred bytes a sample), never sample data."""
-    from tqdm import tqdm
-
-    dest = Location(out, endpoint)
-    if dest.exists("dataset.json"):
-        raise FileExistsError(f"{out} already holds a dataset")
-    sources = [Location(p, endpoint) for p in inputs]
-    infos, frames = [], []
-    for n, src in enumerate(sources):
-        if not src.exists("dataset.json"):
-            raise FileNotFoundError(f"{src.url}: not a clipforge dataset (no dataset.json)")
-        infos.append(json.loads(src.read_text("dataset.json")))
-        tar_of = {r["shard"]: r["files"]["tar"]["name"] for r in read_records(src, None)}
-        idx = read_index(src)
-        idx["src_dataset"] = n
-        idx["src_tar"] = idx["shard"].map(tar_of)
-        # the index lists each shard's samples in tar order with their sizes: offsets come for free
-        sizes = idx["bytes"].fillna(0).astype("int64")
-        idx["src_offset"] = sizes.groupby(idx["shard"]).cumsum() - sizes
-        frames.append(idx)
-    _check_compatible(infos)
-    index = pd.concat(frames, ignore_index=True)
-    total_in = len(index)
-    if index["key"].duplicated().any():
-        dup = index.loc[index["key"].duplicated(), "key"].iloc[0]
-        raise ValueError(f"key {dup!r} appears in more than one input sample: merging would duplicate it")
-    if config.filter:
-        try:
-            index = index.query(config.filter, engine="python")
-        except Exception as err:   # noqa: BLE001 — pandas raises many types for a bad expression
-            raise ValueError(f"bad --filter {config.filter!r}: {err}") from None
-    kept = len(index)
-    if config.shuffle_seed is not None:
-        index = index.iloc[np.random.default_rng(config.shuffle_seed).permutation(len(index))]
-    # grouped by source video (a hash of its normalised location): a video never lands on both sides
-    videos = index["video_id"].astype(str)
-    held_out = {v for v in videos.unique() if _in_validation(v, config.val_fraction, config.val_seed)}
-    is_val = videos.isin(held_out).to_numpy()
-    splits = {"train": index[~is_val], "val": index[is_val]}
-
-    input_urls = [s.url for s in sources]
-    jobs = [(split, shard_no, chunk) for split, part in splits.items()
-            for shard_no, chunk in enumerate(_chunks(part, config))]
-    bar = tqdm(total=kept, desc="reshard", unit="sample", disable=not progress)
-    records: dict[str, list] = {"train": [], "val": []}
-    if address is not None:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        task = ray.remote(write_reshard_shard).options(num_cpus=1)
-        refs = [task.remote(dest, shard_name(split, no), _slim(chunk), input_urls, endpoint) for split, no, chunk in jobs]
-        for (split, _, chunk), ref in zip(jobs, refs):
-            records[split].append(ray.get(ref))
-            bar.update(len(chunk))
-    else:
-        for split, no, chunk in jobs:
-            records[split].append(write_reshard_shard(dest, shard_name(split, no), _slim(chunk), input_urls, endpoint))
-            bar.update(len(chunk))
-    bar.close()
-    for split, recs in records.items():
-        write_wids_index(dest, recs, split)
-    keymap = [pd.DataFrame({"key": chunk["key"].to_numpy(),
-                            "old_dataset": [input_urls[d] for d in chunk["src_dataset"]],
-                            "old_shard": chunk["shard"].to_numpy(), "split": split, "shard": shard_name(split, no)})
-              for split, no, chunk in jobs]
-    keymap_df = pd.concat(keymap, ignore_index=True) if keymap else \
-        pd.DataFrame(columns=["key", "old_dataset", "old_shard", "split", "shard"])
-    buf = io.BytesIO()
-    keymap_df.to_parquet(buf, index=False)
-    dest.write_bytes("keymap.parquet", buf.getvalue())
-    ledgers = [read_ledger(s) for s in sources]   # failures of the builds stay on record, apart
-    ledger = pd.concat(ledgers, ignore_index=True) if ledgers else pd.DataFrame()
-    if len(ledger):
-        buf = io.BytesIO()
-        ledger.to_parquet(buf, index=False)
-        dest.write_bytes("ledger/inherited.parquet", buf.getvalue())
-
-    counts = {s: sum(r["samples"] for r in recs) for s, recs in records.items()}
-    if sum(counts.values()) != kept:
-        raise RuntimeError(f"reshard wrote {sum(counts.values())} samples but {kept} were selected")
-    info = dict(infos[0])
-    info.pop("fingerprint", None)
-    info.pop("run", None)
-    info.update(
-        complete=True,
-        reshard={"inputs": input_urls, "config": asdict(config), "samples_in": total_in,
-                 "samples_selected": kept, "samples_filtered_out": total_in - kept, "splits": counts},
-        packages=package_versions(),
-        shards=[{"name": r["shard"], "tar": r["files"]["tar"]["name"], "samples": r["samples"], "bytes": r["bytes"],
-                 "sha256": r["sha256"]} for recs in records.values() for r in recs],
-        funnel={"samples": kept, "splits": counts},
-    )
-    write_json(dest, "dataset.json", info)
-    return {"out": dest.url, "samples_in": total_in, "samples_out": kept, "splits": counts,
-            "shards": {s: len(recs) for s, recs in records.items()}}
-
-
-def _slim(chunk: pd.DataFrame) -> pd.DataFrame:
+def slim(chunk: pd.DataFrame) -> pd.DataFrame:
     return chunk[list(INDEX_COLUMNS) + ["src_dataset", "src_tar", "src_offset"]].reset_index(drop=True)
 
 
 def write_reshard_shard(dest: Location, name: str, chunk: pd.DataFrame, inputs: list[str],
-                        endpoint: str | None = None) -> dict:
-    """Copy the chunk's samples verbatim into one new shard and commit it. Runs of samples that sit back
+                        endpoint: str | None = None, fingerprint: str = "") -> dict:
+    """Copy the chunk's samples verbatim into one new shard attempt and return its record (uncommitted). Runs of samples that sit back
     to back in one source tar (an unshuffled re-cut or merge) are copied with a single read; each copied
     sample must begin with its own header, else the source tar's headers are scanned and trusted."""
     locations = [Location(u, endpoint) for u in inputs]
@@ -312,10 +196,11 @@ def write_reshard_shard(dest: Location, name: str, chunk: pd.DataFrame, inputs: 
     index_buf = io.BytesIO()
     pq.write_table(table, index_buf)
     fields = {"samples": len(chunk), "bytes": writer.written, "sha256": writer.sha256, "errors_by_reason": {}}
-    return commit_shard(dest, name, buffer.getvalue(), index_buf.getvalue(), parquet_bytes([], LEDGER_COLUMNS), fields)
+    blobs = {"tar": buffer.getvalue(), "index": index_buf.getvalue(), "ledger": parquet_bytes([], LEDGER_COLUMNS)}
+    return write_attempt(dest, name, blobs, fields, fingerprint)
 
 
-def _chunks(part: pd.DataFrame, config: ReshardConfig):
+def chunks(part: pd.DataFrame, config: ReshardConfig):
     if not len(part):
         return
     if config.bytes_per_shard:

@@ -1,26 +1,16 @@
-"""Shard commits on any filesystem: the commit record names the bytes that count.
+"""A shard's bytes and its readers: one attempt's tar, index part and ledger part, and the read side.
 
 The build splits the manifest into fixed groups of input rows; group N becomes `train-N` whatever the
 number of workers or their timing, and its samples are written in (row, clip) order with a fixed tar
-mtime, so the same inputs give byte-identical tars.
-
-Object stores have no atomic rename, so a commit cannot be "write beside, then rename". Instead every
-attempt writes its parts under names of its own (`shards/train-000000.<attempt>.tar`, `index/…`,
-`ledger/…`), each as one whole object, and then writes the commit record `shards/train-000000.json`
-last. The record names the attempt's parts with their sizes and sha256. Readers, resume and verify trust
-only what a record names; a second attempt of the same shard (a retried or duplicated task) writes a
-complete record of its own, so whichever record is read names a complete, consistent set of parts.
-Parts no record names are stale and `clean_stale` removes them once no attempt can still be running.
-On a local disk each part is also fsynced and its directory fsynced after the rename of the record.
+mtime, so the same inputs give byte-identical tars. `ShardWriter` writes one attempt's parts under names
+of its own and returns the shard's record; the driver commits it (`commits.py` says how, and why a late
+or duplicated attempt can never change what readers see). Readers (`read_records`, `shard_urls`,
+`read_index`, `read_ledger`) go through the commit log: only parts an accepted record names exist for them.
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import os
-import re
-import uuid
 from collections import Counter
 from typing import Iterable
 
@@ -29,6 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipforge.pipeline.schema import TRANSIENT, is_ok
+from clipforge.pipeline.storage.commits import CommitLog, parallel_map, shard_name, write_attempt
+from clipforge.pipeline.storage.dataset import DatasetInfo
 from clipforge.pipeline.storage.fs import Location, as_location
 from clipforge.pipeline.storage.samples import encode_sample, sample_metadata
 from clipforge.pipeline.storage.tarwriter import FastTarWriter
@@ -45,22 +37,6 @@ LEDGER_COLUMNS = {
     "key": pa.string(), "shard": pa.string(), "stage": pa.string(), "reason": pa.string(),
     "message": pa.string(), "attempts": pa.int64(), "transient": pa.bool_(),
 }
-RECORD_FORMAT = "clipforge-shard-record-v2"
-TEMP_NAME = re.compile(r"\.tmp\d+$")   # `Location.write_bytes` writes `NAME.tmp<pid>` before its rename
-
-
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}"
-
-
-def record_name(shard: str) -> str:
-    return f"shards/{shard}.json"
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def parquet_bytes(rows: list[dict], columns: dict) -> bytes:
     arrays = [pa.array([r.get(name) for r in rows], type=kind) for name, kind in columns.items()]
     buf = io.BytesIO()
@@ -94,21 +70,20 @@ def unique_rows(rows: Iterable[dict]) -> list[dict]:
                                       r.get("key") or "", r.get("stage") or ""))
 
 
-class ShardCommitter:
-    """Writes one shard from all the rows of its input group and commits it with a record."""
+class ShardWriter:
+    """Writes one attempt of a shard from all the rows of its input group; returns its record, which
+    only the driver commits (`clipforge.pipeline.storage.commits.CommitLog`)."""
 
-    def __init__(self, out: str | os.PathLike | Location, layout: dict, split: str = "train"):
+    def __init__(self, out: str | os.PathLike | Location, layout: dict, split: str = "train",
+                 fingerprint: str = ""):
         self.out = as_location(out)
-        self.layout, self.split = layout, split
+        self.layout, self.split, self.fingerprint = layout, split, fingerprint
         for sub in ("shards", "index", "ledger"):
             self.out.makedirs(sub)
 
-    def read_record(self, index: int) -> dict | None:
-        return read_record(self.out, shard_name(self.split, index))
-
     def write(self, index: int, rows: Iterable[dict], inputs: int, attempts: dict | None = None,
               extra: dict | None = None) -> dict:
-        """Commit shard `index` from `rows` (ok and error rows of its `inputs` manifest rows)."""
+        """Write shard `index` from `rows` (ok and error rows of its `inputs` manifest rows)."""
         name = shard_name(self.split, index)
         rows = unique_rows(rows)
         index_rows, ledger_rows, ok_inputs = [], [], set()
@@ -136,48 +111,26 @@ class ShardCommitter:
             "decoders": dict(sorted(Counter(r["decoder"] for r in index_rows).items())),
             **(extra or {}),
         }
-        return commit_shard(self.out, name, tar_buffer.getvalue(), parquet_bytes(index_rows, INDEX_COLUMNS),
-                            parquet_bytes(ledger_rows, LEDGER_COLUMNS), fields)
-
-def commit_shard(out: Location, name: str, tar: bytes, index: bytes, ledger: bytes, fields: dict) -> dict:
-    """Write one attempt's parts under names of its own, then the record that names them (the commit)."""
-    attempt = uuid.uuid4().hex[:10]
-    blobs = {"tar": tar, "index": index, "ledger": ledger}
-    parts = {"tar": f"shards/{name}.{attempt}.tar", "index": f"index/{name}.{attempt}.parquet",
-             "ledger": f"ledger/{name}.{attempt}.parquet"}
-    for part, blob in blobs.items():
-        # the tar sits in shards/ beside the record, whose write syncs that folder after both renames
-        out.write_bytes(parts[part], blob, sync_dir=part != "tar")
-    record = {"format": RECORD_FORMAT, "shard": name, "attempt": attempt,
-              "files": {part: {"name": parts[part], "bytes": len(blob), "sha256": sha256_bytes(blob)}
-                        for part, blob in blobs.items()},
-              **fields}
-    out.write_text(record_name(name), json.dumps(record, indent=1, sort_keys=True))   # the commit
-    return record
-
-
-def read_record(out: Location, shard: str) -> dict | None:
-    try:
-        record = json.loads(out.read_text(record_name(shard)))
-    except (FileNotFoundError, ValueError):
-        return None
-    except OSError:
-        return None
-    return record if isinstance(record, dict) and record.get("format") == RECORD_FORMAT else None
+        blobs = {"tar": tar_buffer.getvalue(), "index": parquet_bytes(index_rows, INDEX_COLUMNS),
+                 "ledger": parquet_bytes(ledger_rows, LEDGER_COLUMNS)}
+        return write_attempt(self.out, name, blobs, fields, self.fingerprint)
 
 
 def read_records(dataset: str | os.PathLike | Location, split: str | None = "train") -> list[dict]:
-    """The commit records of one split (or of all when `split` is None), in shard order."""
+    """The accepted commit records of one split (or of all when `split` is None), in shard order.
+    Only records of the run `dataset.json` describes count (when it has a fingerprint)."""
     out = as_location(dataset)
-    names = [n for n in out.list("shards", ".json") if split is None or n.startswith(f"{split}-")]
-    records = [read_record(out, n[:-len(".json")]) for n in names]
-    return [r for r in records if r is not None]
+    fingerprint = None
+    if DatasetInfo.exists(out):
+        fingerprint = DatasetInfo.read(out).fingerprint_sha256
+    records = CommitLog(out).read(fingerprint).values()
+    return [r for r in records if split is None or r["shard"].startswith(f"{split}-")]
 
 
 def _read_parts(dataset, part: str, columns: dict, split: str | None) -> pd.DataFrame:
     out = as_location(dataset)
-    frames = [pq.read_table(io.BytesIO(out.read_bytes(r["files"][part]["name"]))).to_pandas()
-              for r in read_records(out, split)]
+    blobs = parallel_map(lambda r: out.read_bytes(r["files"][part]["name"]), read_records(out, split))
+    frames = [pq.read_table(io.BytesIO(b)).to_pandas() for b in blobs]
     frames = [f for f in frames if len(f)]
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
@@ -189,7 +142,7 @@ def read_ledger_part(out: Location, record: dict) -> pd.DataFrame:
 
 
 def read_index(dataset, split: str | None = None) -> pd.DataFrame:
-    """One row per sample, from the index parts that commit records name."""
+    """One row per sample, from the index parts that accepted records name."""
     return _read_parts(dataset, "index", INDEX_COLUMNS, split)
 
 
@@ -201,26 +154,6 @@ def shard_urls(dataset, split: str | None = "train") -> list[str]:
     """URLs (or local paths) of the committed tars, for webdataset and other readers."""
     out = as_location(dataset)
     return [out.child_url(r["files"]["tar"]["name"]) for r in read_records(out, split)]
-
-
-def clean_stale(out: Location, split: str | None = None) -> int:
-    named = set()
-    for r in read_records(out, split):
-        named.update(f["name"] for f in r["files"].values())
-    removed = 0
-    for folder in ("", "shards", "index", "ledger", "wids"):   # temporary files of killed writers (local disks)
-        for n in out.list(folder):
-            if TEMP_NAME.search(n):
-                out.delete(f"{folder}/{n}" if folder else n)
-                removed += 1
-    for folder, suffix in (("shards", ".tar"), ("index", ".parquet"), ("ledger", ".parquet")):
-        for n in out.list(folder, suffix):
-            if split is not None and not n.startswith(f"{split}-"):
-                continue
-            if n.count(".") >= 2 and f"{folder}/{n}" not in named:   # only attempt parts, never foreign files
-                out.delete(f"{folder}/{n}")
-                removed += 1
-    return removed
 
 
 def _index_row(row: dict, shard: str, size: int) -> dict:
@@ -239,7 +172,3 @@ def _ledger_row(row: dict, shard: str, attempts: int) -> dict:
             "source": row.get("source"), "key": row.get("key"), "shard": shard, "stage": row.get("stage"),
             "reason": row.get("reason"), "message": row.get("error"), "attempts": attempts,
             "transient": row.get("reason") in TRANSIENT}
-
-
-def write_json(out: Location, name: str, payload: dict) -> None:
-    out.write_text(name, json.dumps(payload, indent=2, sort_keys=True, default=str))

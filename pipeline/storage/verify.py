@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from clipforge.pipeline.storage.fs import Location, as_location
 from clipforge.pipeline.storage.samples import REQUIRED_MEMBERS, decode_sample
-from clipforge.pipeline.storage.shards import read_records, sha256_bytes
+from clipforge.pipeline.storage.commits import sha256_bytes
 
 
 def unsafe_name(name: str) -> str | None:
@@ -109,72 +109,3 @@ def verify_shard(out: Location, record: dict, layout: dict, tokenizer_sha: dict,
             problems.append(f"{name}: {record['inputs']} inputs but {record.get('inputs_with_samples', 0)} with "
                             f"samples and {record['inputs_failed']} failed")
     return {"samples": n, "key_hashes": np.asarray(hashes, dtype=np.uint64), "problems": problems[:max_problems]}
-
-
-def verify_dataset(dataset, split: str | None = None, max_problems: int = 50, address: str | None = None,
-                   endpoint: str | None = None) -> dict:
-    """Check a dataset end to end, reading every byte of every committed part. With `address`, the
-    shards are checked by Ray tasks on that cluster (the driver only gathers key hashes and problems)."""
-    root = as_location(dataset, endpoint)
-    problems: list[str] = []
-
-    def problem(msg):
-        if len(problems) < max_problems:
-            problems.append(msg)
-
-    if not root.exists("dataset.json"):
-        return {"dataset": root.url, "problems": [f"{root.child_url('dataset.json')} is missing"], "samples": 0,
-                "shards": 0}
-    info = json.loads(root.read_text("dataset.json"))
-    if info.get("complete") is False:
-        problem("dataset.json says the build did not complete (run build --resume)")
-    layout = info.get("layout") or info.get("fingerprint", {}).get("layout")
-    tokenizers = info.get("tokenizers") or info.get("fingerprint", {}).get("tokenizers") or {}
-    tok_sha = {k: v["sha256"] for k, v in tokenizers.items()}
-    records = read_records(root, split)
-    if address is not None:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        task = ray.remote(verify_shard).options(num_cpus=1)
-        results = ray.get([task.remote(root, r, layout, tok_sha, max_problems) for r in records])
-    else:
-        results = [verify_shard(root, r, layout, tok_sha, max_problems) for r in records]
-    samples = 0
-    for result in results:
-        samples += result["samples"]
-        for msg in result["problems"]:
-            problem(msg)
-    all_hashes = np.concatenate([r["key_hashes"] for r in results]) if results else np.zeros(0, np.uint64)
-    uniq, counts = np.unique(all_hashes, return_counts=True)
-    if (counts > 1).any():
-        problem(f"{int((counts > 1).sum())} keys appear more than once across shards")
-    for wids_name in root.list("wids", ".json"):
-        listed = json.loads(root.read_text(f"wids/{wids_name}"))["shardlist"]
-        by_tar = {r["files"]["tar"]["name"]: r for r in records}
-        for entry in listed:
-            tar = entry["url"].removeprefix("../")
-            r = by_tar.get(tar)
-            if r is None or r["samples"] != entry["nsamples"]:
-                problem(f"wids/{wids_name}: {tar} lists {entry['nsamples']} samples, its record disagrees")
-    funnel = info.get("funnel", {})
-    report = {"dataset": root.url, "shards": len(records), "samples": samples,
-              "ledger_rows": sum(sum(r.get("errors_by_reason", {}).values()) for r in records),
-              "inputs": funnel.get("inputs"), "roundtrip_psnr": _psnr_summary(records), "problems": problems}
-    if "inputs" not in funnel:   # a resharded dataset: no manifest to account for
-        return report
-    accounted = sum(r.get("inputs_with_samples", 0) + r.get("inputs_failed", 0) for r in records)
-    if funnel.get("inputs") is not None and accounted != funnel["inputs"]:
-        problem(f"{funnel['inputs']} inputs but {accounted} accounted for by samples and ledger rows")
-    if funnel.get("samples") is not None and funnel["samples"] != samples:
-        problem(f"dataset.json counts {funnel['samples']} samples, the shards hold {samples}")
-    report["problems"] = problems
-    return report
-
-
-def _psnr_summary(records: list[dict]) -> dict:
-    values = [v for r in records for v in r.get("roundtrip_psnr", []) if v is not None and v >= 0]
-    if not values:
-        return {"clips": 0}
-    return {"clips": len(values), "mean_db": round(float(np.mean(values)), 2), "min_db": round(float(np.min(values)), 2)}

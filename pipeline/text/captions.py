@@ -37,6 +37,7 @@ import pandas as pd
 
 from clipforge.pipeline.text.langid import script_and_language
 from clipforge.pipeline.schema import is_ok, mark_error
+from clipforge.pipeline.stages import Stage
 from clipforge.pipeline.text.tables import TableWriter, caption_column, iter_table, table_format
 
 STAGE = "captions"
@@ -378,7 +379,7 @@ def clean_caption(text, config: CleanConfig = CleanConfig()) -> tuple[str, list[
     return text, sorted(flags)
 
 
-class CleanCaption:
+class CleanCaption(Stage):
     """Stage: clean each ok row's caption.
 
     Input keys: `caption` (any type; None/NaN count as empty) and, when the row was cleaned before,
@@ -387,30 +388,28 @@ class CleanCaption:
     `caption_script` (see clipforge.pipeline.text.langid.SCRIPTS), `caption_language` (ISO 639-1 or "und").
     Reasons: `empty_caption` (nothing, or fewer than `min_chars` characters, left after cleaning);
     `internal_error` (a bug, caught so the job survives). Error rows pass through unchanged.
-    `stats` counts total, kept, dropped by reason, and rows per flag.
+    `stats()` counts total, kept, dropped by reason, and rows per flag.
     """
 
-    def __init__(self, config: CleanConfig = CleanConfig()):
-        self.config = config
-        self.stats: Counter = Counter()
+    name = STAGE
 
-    def __call__(self, rows: Iterable[dict]) -> Iterator[dict]:
-        for row in rows:
-            if not is_ok(row):
-                yield row
-                continue
-            self.stats["total"] += 1
-            try:
-                out = self._clean(row)
-            except Exception as err:  # never let one caption kill a Ray block
-                out = mark_error(row, STAGE, "internal_error", f"{type(err).__name__}: {err}")
-            self.stats["kept" if is_ok(out) else f"dropped_{out['reason']}"] += 1
-            yield out
+    def __init__(self, config: CleanConfig = CleanConfig()):
+        super().__init__()
+        self.config = config
+
+    def process(self, row: dict) -> Iterator[dict]:
+        self.counts["total"] += 1
+        try:
+            out = self._clean(row)
+        except Exception as err:  # never let one caption kill a Ray block
+            out = mark_error(row, STAGE, "internal_error", f"{type(err).__name__}: {err}")
+        self.counts["kept" if is_ok(out) else f"dropped_{out['reason']}"] += 1
+        yield out
 
     def _clean(self, row: dict) -> dict:
         raw = row["caption_raw"] if isinstance(row.get("caption_raw"), str) else row.get("caption")
         clean, flags = clean_caption(raw, self.config)
-        self.stats.update(f"flag_{f}" for f in flags)
+        self.counts.update(f"flag_{f}" for f in flags)
         script, language = script_and_language(clean)
         out = dict(row)
         out.update(caption_raw=raw if isinstance(raw, str) else as_text(raw), caption=clean,

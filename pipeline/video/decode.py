@@ -20,6 +20,7 @@ from clipforge.pipeline.video.clips import (ClipConfig, center_crop, crop_box, d
                             resize_for_short_side, sane_timestamps)
 from clipforge.pipeline.video.isolate import IsolatedCall, WorkerFailure
 from clipforge.pipeline.schema import is_ok, make_key, mark_error
+from clipforge.pipeline.stages import Stage
 from clipforge.pipeline.storage.fs import FetchError, fetch, is_remote as is_remote_video
 
 STAGE = "decode"
@@ -410,7 +411,7 @@ class PyAVReader:
                 break
 
 
-class DecodeVideo:
+class DecodeVideo(Stage):
     """Stage: one manifest row in, one row per clip out (or one error row).
 
     Input keys: video_id, source, start?, end?. Output keys per clip: key, clip_index, clips_total, mode,
@@ -422,20 +423,18 @@ class DecodeVideo:
 
     def __init__(self, config: ClipConfig = ClipConfig(), timeout_s: float = 120.0,
                  memory_limit_mb: int | None = 8192, isolate: bool = True, cpu_limit_s: float | None = None):
+        super().__init__()
         self.config = config
         self.fetch_max_bytes, self.fetch_timeout_s = 4 << 30, max(timeout_s, 60.0)
         cpu = cpu_limit_s if cpu_limit_s is not None else 2 * timeout_s + 10
         self.call = IsolatedCall(decode_video, timeout_s, memory_limit_mb, cpu_limit_s=cpu,
                                  init=import_decoders) if isolate else None
 
-    def __call__(self, rows: Iterable[dict]) -> Iterator[dict]:
-        for row in rows:
-            if not is_ok(row):
-                yield row
-                continue
-            yield from self._decode(row)
+    name = STAGE
+    produces_clips = True
 
-    def _decode(self, row: dict) -> Iterator[dict]:
+    def process(self, row: dict) -> Iterator[dict]:
+        self.counts["inputs"] += 1
         if is_remote_video(row["source"]):   # s3://, gs://, http(s)://: fetched here, decoded locally
             with tempfile.TemporaryDirectory(prefix="clipforge-fetch-") as tmp:
                 local = os.path.join(tmp, "video" + os.path.splitext(row["source"].split("?")[0])[1][:8])

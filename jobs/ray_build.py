@@ -21,6 +21,7 @@ import math
 import os
 import socket
 import time
+import uuid
 from typing import Iterator
 
 import numpy as np
@@ -224,28 +225,34 @@ class TokenizerPool:
 
         config = plan.config
         self.plan, self.tracker = plan, tracker
-        self.actor_cls = ray.remote(ImageTokenizerWorker).options(
-            num_gpus=config.tokenize_gpus, num_cpus=config.tokenize_cpus, max_restarts=-1, max_task_retries=0,
-            max_concurrency=WORKER_CONCURRENCY)
+        self.actor_cls = ray.remote(ImageTokenizerWorker)
+        self.actor_options = dict(num_gpus=config.tokenize_gpus, num_cpus=config.tokenize_cpus, max_restarts=-1,
+                                  max_task_retries=0, max_concurrency=WORKER_CONCURRENCY)
         self.workers: list = []
-        self.last = 0.0
+        self.last, self.made, self.run = 0.0, 0, uuid.uuid4().hex[:8]
         self.resize()
+
+    def _new_worker(self):
+        config = self.plan.config
+        self.made += 1
+        # named, so that an operator (or a test) can find and inspect a build's workers
+        return self.actor_cls.options(name=f"clipforge-tokenizer-{self.run}-{self.made}", **self.actor_options).remote(
+            self.plan.image_tokenizer, config.tokenize_dtype, config.tokenize_batch * config.clips.frames)
 
     def resize(self) -> None:
         import ray
 
         self.last = time.monotonic()
         want = plan_workers(self.plan.config)
-        config = self.plan.config
         while len(self.workers) < want:
-            self.workers.append(self.actor_cls.remote(self.plan.image_tokenizer, config.tokenize_dtype,
-                                                      config.tokenize_batch * config.clips.frames))
+            self.workers.append(self._new_worker())
         while len(self.workers) > want:
             ray.kill(self.workers.pop())
         self.tracker.actors = self.states()
 
     def states(self) -> dict:
-        """{worker: alive | not answering} from a short ping of each."""
+        """{worker: alive | starting or busy | dead, replaced} from a short ping of each; a worker that
+        died for good (not restarting) is replaced."""
         import ray
 
         refs = [w.ready.remote() for w in self.workers]
@@ -253,15 +260,16 @@ class TokenizerPool:
         done = set(ready)
         states = {}
         for i, ref in enumerate(refs):
-            name = f"tokenizer-{i}"
-            if ref in done:
-                try:
-                    name = ray.get(ref, timeout=1)
-                    states[name] = "alive"
-                    continue
-                except Exception:   # noqa: BLE001 — a dead actor answers with an error
-                    pass
-            states[name] = "not answering"
+            if ref not in done:
+                states[f"tokenizer-{i}"] = "starting or busy"
+                continue
+            try:
+                states[ray.get(ref, timeout=1)] = "alive"
+            except ray.exceptions.RayActorError:
+                states[f"tokenizer-{i}"] = "dead, replaced"
+                self.workers[i] = self._new_worker()
+            except Exception:   # noqa: BLE001 — an actor that answers with an error is still there
+                states[f"tokenizer-{i}"] = "not answering"
         return states
 
     def tick(self) -> None:

@@ -6,6 +6,7 @@ under-trained (a few steps), since the tests check the plumbing, not the picture
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +114,30 @@ def forget_commit(root, shard: str) -> None:
     for segment in (Path(root) / "commits").glob("*.jsonl"):
         lines = [line for line in segment.read_text().splitlines(keepends=True) if f'"shard": "{shard}"' not in line]
         segment.write_text("".join(lines))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A real S3-compatible server (moto's server mode) on loopback, for this test only."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    import pyarrow.fs as pafs
+    fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
+                           secret_key="testing", region="us-east-1", allow_bucket_creation=True)
+    for bucket in ("videos", "datasets"):
+        fs.create_dir(bucket)
+    yield endpoint
+    server.stop()

@@ -86,7 +86,9 @@ class DatasetInfo:
         return as_location(dataset, endpoint).exists(INFO_NAME)
 
     @classmethod
-    def read(cls, dataset, endpoint: str | None = None) -> "DatasetInfo":
+    def read(cls, dataset, endpoint: str | None = None, validate: bool = True) -> "DatasetInfo":
+        """`dataset.json`; `validate=False` for readers that only need what it has (shards written by
+        other tools may carry a minimal one)."""
         root = as_location(dataset, endpoint)
         try:
             data = json.loads(root.read_text(INFO_NAME))
@@ -95,7 +97,8 @@ class DatasetInfo:
         except ValueError as err:
             raise DatasetError(f"{root.child_url(INFO_NAME)} is not valid JSON: {err}") from None
         info = cls(data)
-        info.validate(root.url)
+        if validate:
+            info.validate(root.url)
         return info
 
     def validate(self, where: str = "") -> None:

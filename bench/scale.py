@@ -1,13 +1,30 @@
-"""Does the build's driver stay small as the corpus grows, and how fast does one process commit shards?
+"""Does a build's metadata stay cheap on an object store as shards grow, and does a shard task stay small?
 
-Prints JSON:
-- `driver`: peak RSS of a whole `build()` (in-process runner, so the driver also runs the shards) with
-  light stand-in stages (no video: each input becomes one sample of random codes) at 10k, 100k and 1M
-  manifest rows, each in a fresh process; `growth_mb_10k_to_1m` against the goal of < 300 MB.
-- `commit`: samples/s of `ShardCommitter.write` (tar + index + ledger + record) in one process, with
-  a baseline in the same run: writing the same tar bytes with a plain file write.
+Prints one JSON object:
+- `metadata`: on a filesystem that adds `--latency-ms` (default 20) to every request (a
+  `pyarrow.fs.PyFileSystem` over a local temp dir; a listing costs one request per 1000 entries, as
+  S3's list pages do; requests from different threads overlap, as on a network), a dataset as a build
+  leaves it after a crash with N committed shards (dataset.json, a released lease, commit segments of
+  1000 records, 3 empty parts per shard) is resumed and completed:
+  - `resume_startup_s`: `RunLease(take_over=True).acquire()` + `DatasetInfo.exists/read` +
+    `CommitLog.start_epoch` + the set of done shards;
+  - `completion_s`: `funnel_from_records` + `DatasetInfo.write` + `write_wids_index` +
+    `collect_garbage(older_than_s=900)` (nothing is garbage: it only reads the log and lists);
+  - with the requests each made, and a baseline in the same run: the previous design's one JSON record
+    per shard read serially (300 reads timed, extrapolated to N), `baseline_serial_record_reads_s`.
+  The Location is made with `Location(tmpdir)` and its `.fs` replaced; `.local` is set to False so that
+  writes and the lease take the object-store path (through the slow fs) rather than plain os calls.
+  Goal: resume + completion <= 60 s at 100k shards.
+- `task_slice_rss`: the extra RSS of one shard task's 64 manifest rows, each number from a fresh process:
+  the slice shipped pickled in the task's descriptor (`iter_shard_slices` on the driver, then
+  unpickle + `manifest_rows` in the task) against the old way (the task reads the manifest's row group
+  with `ParquetFile.read_row_group` and slices 64 rows), on a 1,048,576-row manifest in one row group.
+  Goal: < 50 MB.
+- `machine`: platform, cpus, python.
 
-    .venv/bin/python bench/scale.py [--rows 10000,100000,1000000] [--dir /tmp/clipforge-bench-scale]
+    .venv/bin/python bench/scale.py [--shards 10000,100000] [--latency-ms 20] [--dir /tmp] [--budget-s 330]
+
+A size that would not finish within `--budget-s` (estimated from the smaller ones) is skipped and named.
 """
 from __future__ import annotations
 
@@ -21,138 +38,449 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 
 import argparse
 import json
-import resource
+import math
+import platform
 import shutil
 import subprocess
+import tempfile
+import threading
 import time
-from pathlib import Path
+from collections import Counter
 
-import numpy as np
+import pyarrow.fs as pafs
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def stand_in_stages(plan):
-    """Each input becomes one sample of random codes: the driver and commit path without video."""
-    layout = plan.layout
-    shape = (layout["frames"], layout["tokens_h"], layout["tokens_w"])
-
-    def make_samples(rows):
-        for row in rows:
-            rng = np.random.default_rng(row["row_index"])
-            yield {**row, "key": f"{row['row_key']}_seq00", "clip_index": 0, "clips_total": 1, "mode": "sequential",
-                   "rate": 1.0, "span": 4.0, "frame_indices": [0, 1, 2, 3, 4], "timestamps": [0.0, 1.0, 2.0, 3.0, 4.0],
-                   "decoder": "none", "caption_raw": row.get("caption"),
-                   "vtok": rng.integers(0, layout["image_vocab"], shape).astype(np.uint16),
-                   "ttok": rng.integers(0, 300, 12).astype(np.int32),
-                   "tokenizers": plan.tokenizer_ids}
-    return [("stand_in", make_samples)]
+SPLIT = "train"
+PER_SHARD = 64
+SEGMENT_RECORDS = 1000
+BASELINE_READS = 300
+MANIFEST_ROWS = 1 << 20
 
 
-def tokenizers(work: Path) -> tuple[Path, Path]:
-    from clipforge.tokenizer.image_train import train_image_tokenizer
-    from clipforge.tokenizer.text import train_text_tokenizer
+# -- a filesystem with a network's latency -----------------------------------------------------------
+class LatencyHandler(pafs.FileSystemHandler):
+    """LocalFileSystem, `latency_s` slower per request. A listing costs one request per 1000 entries (S3
+    list pages); `get_file_info` of k paths costs k requests (HEADs). The sleep is outside any lock, so
+    requests from different threads overlap. Writes create their parent folders (stores have none)."""
 
-    image, text = work / "vq", work / "text.model"
-    if not image.exists():
-        rng = np.random.default_rng(0)
-        train_image_tokenizer(rng.integers(0, 255, (32, 64, 64, 3), dtype=np.uint8), image, preset="tiny", steps=1,
-                              batch_size=8, log=None)
-    if not text.exists():
-        train_text_tokenizer([f"a red circle moves left {i}" for i in range(400)], text, vocab_size=100)
-    return image, text
+    def __init__(self, latency_s: float):
+        self.base = pafs.LocalFileSystem()
+        self.latency_s = latency_s
+        self.lock = threading.Lock()
+        self.calls: Counter = Counter()
+
+    def _request(self, kind: str, n: int = 1) -> None:
+        with self.lock:
+            self.calls[kind] += n
+        time.sleep(self.latency_s * n)
+
+    def take_counts(self) -> dict:
+        with self.lock:
+            calls, self.calls = dict(self.calls), Counter()
+        return {"total": sum(calls.values()), **dict(sorted(calls.items()))}
+
+    def __eq__(self, other):
+        return self is other
+
+    def __ne__(self, other):
+        return self is not other
+
+    def get_type_name(self):
+        return "latency-local"
+
+    def normalize_path(self, path):
+        return path
+
+    def get_file_info(self, paths):
+        self._request("head", len(paths))
+        return self.base.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        infos = self.base.get_file_info(selector)
+        self._request("list_page", max(1, math.ceil(len(infos) / 1000)))
+        return infos
+
+    def create_dir(self, path, recursive):
+        self._request("create_dir")
+        self.base.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self._request("delete")
+        self.base.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self._request("delete")
+        self.base.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        raise OSError("refused: delete_root_dir_contents")
+
+    def delete_file(self, path):
+        self._request("delete")
+        self.base.delete_file(path)
+
+    def move(self, src, dest):
+        self._request("move")
+        self.base.move(src, dest)
+
+    def copy_file(self, src, dest):
+        self._request("copy")
+        self.base.copy_file(src, dest)
+
+    def open_input_stream(self, path):
+        self._request("get")
+        return self.base.open_input_stream(path)
+
+    def open_input_file(self, path):
+        self._request("get")
+        return self.base.open_input_file(path)
+
+    def open_output_stream(self, path, metadata=None):
+        self._request("put")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return self.base.open_output_stream(path)
+
+    def open_append_stream(self, path, metadata=None):
+        self._request("put")
+        return self.base.open_append_stream(path)
 
 
-def manifest(work: Path, rows: int) -> Path:
+def slow_location(path: str, handler: LatencyHandler):
+    from clipforge.pipeline.storage.fs import Location
+
+    loc = Location(path)
+    loc.fs = pafs.PyFileSystem(handler)
+    loc.local = False   # an object store: writes and the lease go through `fs`, not os calls
+    return loc
+
+
+# -- a dataset as a crashed build leaves it ----------------------------------------------------------
+def fingerprint() -> dict:
+    layout = {"frames": 5, "frame_size": 160, "tokens_h": 20, "tokens_w": 20, "text_slot": 64, "image_vocab": 20000}
+    return {"format_version": 3, "manifest": "/data/manifest.parquet", "manifest_sha256": "0" * 64,
+            "inputs": 0, "layout": layout, "tokenizers": {"image": {"id": "vq-bench", "sha256": "1" * 64},
+                                                          "text": {"id": "sp-bench", "sha256": "2" * 64}},
+            "config": {"inputs_per_shard": PER_SHARD}, "code": {"clipforge": "bench"}}
+
+
+def record(index: int, fp_sha: str) -> dict:
+    """A record shaped as `ShardCommitter.write` + `BuildShard` return it (parts empty)."""
+    from clipforge.pipeline.storage.commits import RECORD_FORMAT, new_attempt, shard_name, sha256_bytes
+
+    name, attempt, empty = shard_name(SPLIT, index), new_attempt(), sha256_bytes(b"")
+    files = {"tar": {"name": f"shards/{name}.{attempt}.tar", "bytes": 0, "sha256": empty},
+             "index": {"name": f"index/{name}.{attempt}.parquet", "bytes": 0, "sha256": empty},
+             "ledger": {"name": f"ledger/{name}.{attempt}.parquet", "bytes": 0, "sha256": empty}}
+    return {"format": RECORD_FORMAT, "shard": name, "attempt": attempt, "fingerprint": fp_sha, "files": files,
+            "samples": 60, "bytes": 0, "sha256": empty, "inputs": PER_SHARD, "inputs_with_samples": 60,
+            "inputs_failed": 4, "clip_failures": 0,
+            "errors_by_reason": {"decode_error": 3, "missing": 1}, "errors_by_stage": {"decode": 3, "fetch": 1},
+            "errors_by_stage_reason": {"decode/decode_error": 3, "fetch/missing": 1}, "transient_errors": 1,
+            "decoders": {"pyav": 60}, "videos_decoded": 60, "clips": 60, "roundtrip_psnr": [31.25],
+            "encode_settings": {"dtype": "bf16", "device": "cuda", "device_name": "NVIDIA H100 80GB HBM3"},
+            "rows": [index * PER_SHARD, (index + 1) * PER_SHARD]}
+
+
+def synthesize(path: str, shards: int) -> dict:
+    """dataset.json, a released lease of epoch 1, `shards` records in segments of 1000 (through the real
+    CommitLog/RunLease on a plain local Location) and 3 empty part files per shard (os calls)."""
+    from clipforge.pipeline.storage.commits import CommitLog, RunLease
+    from clipforge.pipeline.storage.dataset import DatasetInfo
+    from clipforge.pipeline.storage.fs import Location
+
+    t0 = time.perf_counter()
+    fast = Location(path)
+    fp = fingerprint()
+    fp["inputs"] = shards * PER_SHARD
+    info = DatasetInfo.started(fp, "2024-01-01T00:00:00Z")
+    info.write(fast)
+    lease = RunLease(fast)
+    epoch = lease.acquire()
+    log = CommitLog(fast)
+    log.start_epoch(epoch)
+    records = []
+    for i in range(shards):
+        r = record(i, info.fingerprint_sha256)
+        records.append(r)
+        log.add(r)
+        if len(log.buffer) >= SEGMENT_RECORDS:
+            log.flush()
+    log.flush()
+    lease.release()   # the dead run's lease
+    t1 = time.perf_counter()
+    for folder in ("shards", "index", "ledger"):
+        os.makedirs(os.path.join(path, folder), exist_ok=True)
+    flags = os.O_CREAT | os.O_WRONLY | os.O_EXCL
+    for r in records:
+        for part in r["files"].values():
+            os.close(os.open(os.path.join(path, part["name"]), flags, 0o644))
+    t2 = time.perf_counter()
+    commits_bytes = sum(os.path.getsize(os.path.join(path, "commits", n)) for n in os.listdir(os.path.join(path, "commits")))
+    return {"records_and_segments_s": round(t1 - t0, 2), "part_files_s": round(t2 - t1, 2),
+            "segments": log.seq, "commit_log_mb": round(commits_bytes / 2**20, 1)}
+
+
+def resume_and_complete(path: str, handler: LatencyHandler, shards: int) -> dict:
+    """What `build --resume` does with the dataset's metadata, timed on the slow Location."""
+    from clipforge.pipeline.storage.commits import CommitLog, RunLease, collect_garbage, shard_number
+    from clipforge.pipeline.storage.dataset import DatasetInfo, funnel_from_records, write_wids_index
+
+    loc = slow_location(path, handler)
+    handler.take_counts()
+    steps: dict[str, float] = {}
+
+    def step(name, t):
+        now = time.perf_counter()
+        steps[name] = round(now - t, 3)
+        return now
+
+    t0 = t = time.perf_counter()
+    lease = RunLease(loc, take_over=True)
+    epoch = lease.acquire()
+    try:
+        t = step("lease_acquire_s", t)   # includes the lease's settle_s (1 s) on an object store
+        assert DatasetInfo.exists(loc)
+        info = DatasetInfo.read(loc)
+        t = step("dataset_info_read_s", t)
+        log = CommitLog(loc)
+        accepted = log.start_epoch(epoch)
+        t = step("start_epoch_s", t)
+        done = {shard_number(n) for n in accepted if n.startswith(f"{SPLIT}-")}
+        t = step("done_set_s", t)
+        resume_s = t - t0
+        resume_requests = handler.take_counts()
+        assert len(done) == shards, (len(done), shards)
+
+        t1 = t
+        records = [r for name, r in sorted(log.effective.items()) if name.startswith(f"{SPLIT}-")]
+        funnel = funnel_from_records(records, info.fingerprint["inputs"])
+        t = step("funnel_s", t)
+        info.data.update({"complete": True, "funnel": funnel,
+                          "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        info.write(loc)
+        t = step("dataset_info_write_s", t)
+        write_wids_index(loc, records, SPLIT)
+        t = step("wids_index_s", t)
+        gc = collect_garbage(loc, older_than_s=900)
+        t = step("collect_garbage_s", t)
+        completion_s = t - t1
+        completion_requests = handler.take_counts()
+        assert funnel["accounted"] and funnel["shards"] == shards and gc["removed"] == 0, (funnel, gc)
+    finally:
+        lease.release()
+    handler.take_counts()
+    return {"epoch": epoch, "resume_startup_s": round(resume_s, 2), "completion_s": round(completion_s, 2),
+            "total_s": round(resume_s + completion_s, 2), "steps": steps,
+            "resume_requests": resume_requests, "completion_requests": completion_requests}
+
+
+def baseline_reads(root: str, handler: LatencyHandler) -> float:
+    """Seconds per record of the previous design: one `shards/<name>.json` GET per shard, one by one."""
+    path = os.path.join(root, "legacy")
+    os.makedirs(os.path.join(path, "shards"))
+    fp_sha = "3" * 64
+    for i in range(BASELINE_READS):
+        r = {**record(i, fp_sha), "format": "clipforge-shard-record-v2"}
+        with open(os.path.join(path, "shards", f"{r['shard']}.json"), "w") as f:
+            json.dump(r, f)
+    loc = slow_location(path, handler)
+    t = time.perf_counter()
+    for i in range(BASELINE_READS):
+        json.loads(loc.read_text(f"shards/{SPLIT}-{i:06d}.json"))
+    per_read = (time.perf_counter() - t) / BASELINE_READS
+    handler.take_counts()
+    shutil.rmtree(path)
+    return per_read
+
+
+def metadata(sizes: list[int], latency_ms: float, work: str, deadline: float) -> dict:
+    handler = LatencyHandler(latency_ms / 1000)
+    root = tempfile.mkdtemp(prefix="clipforge-bench-scale-", dir=work)
+    try:
+        per_read = baseline_reads(root, handler)
+        runs, skipped, last = [], [], None
+        for n in sizes:
+            if last is not None:   # setup, listing and parsing grow about linearly with shards
+                estimate = last[1] * n / last[0] * 1.2
+                if time.monotonic() + estimate > deadline:
+                    skipped.append({"shards": n, "reason": f"estimated {estimate:.0f} s from the {last[0]}-shard "
+                                                           f"run; over the --budget-s left"})
+                    continue
+            t = time.monotonic()
+            path = os.path.join(root, f"ds-{n}")
+            setup = synthesize(path, n)
+            res = resume_and_complete(path, handler, n)
+            t_rm = time.perf_counter()
+            shutil.rmtree(path)
+            setup["cleanup_s"] = round(time.perf_counter() - t_rm, 2)
+            runs.append({"shards": n, **res, "meets_goal_60s": res["total_s"] <= 60,
+                         "baseline_serial_record_reads_s": round(per_read * n, 1),
+                         "speedup_vs_baseline": round(per_read * n / res["total_s"], 1), "setup": setup,
+                         "wall_s": round(time.monotonic() - t, 1)})
+            last = (n, time.monotonic() - t)
+        return {"latency_ms": latency_ms, "list_page_entries": 1000, "location_local": False,
+                "baseline_per_record_read_s": round(per_read, 4), "runs": runs, "skipped": skipped,
+                "goal": "resume_startup_s + completion_s <= 60 s at 100k shards"}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# -- a shard task's manifest slice ------------------------------------------------------------------
+def rss_mb(field: str = "VmRSS") -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak() -> bool:
+    try:   # Linux: writing 5 resets VmHWM to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_prepare(work: str) -> dict:
+    """Fresh process: the manifest (one row group) and the pickled first 64-row slice, as the driver ships it."""
+    import pickle
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = work / f"manifest-{rows}.parquet"
-    if not path.exists():
-        writer = None
-        for start in range(0, rows, 100_000):
-            n = min(100_000, rows - start)
-            table = pa.table({"video": [f"/nonexistent/video{i}.mp4" for i in range(start, start + n)],
-                              "caption": [f"a red circle moves left, take {i}" for i in range(start, start + n)]})
-            writer = writer or pq.ParquetWriter(path, table.schema)
-            writer.write_table(table, row_group_size=65536)
-        writer.close()
-    return path
+    from clipforge.pipeline.manifest import iter_shard_slices
 
-
-def driver_run(work: Path, rows: int) -> dict:
-    """Runs in a fresh process: one build, then its own peak RSS."""
-    from clipforge.jobs.build import BuildConfig, build, with_overrides
-
-    image, text = tokenizers(work)
-    out = work / f"ds-{rows}"
-    shutil.rmtree(out, ignore_errors=True)
-    config = with_overrides(BuildConfig(), size=64, runner="local", text_slot=24)
+    path = os.path.join(work, "manifest.parquet")
+    n = MANIFEST_ROWS
+    table = pa.table({"video": [f"/data/videos/clip{i:08d}.mp4" for i in range(n)],
+                      "caption": [f"a red circle moves slowly left across a grey field, take {i:07d}" for i in range(n)],
+                      "id": [f"id{i:08d}" for i in range(n)]})
+    pq.write_table(table, path, row_group_size=n)
+    del table
+    groups = pq.ParquetFile(path).metadata.num_row_groups
+    pa.default_memory_pool().release_unused()
+    before, peak_reset = rss_mb(), reset_peak()
     t = time.perf_counter()
-    info = build(str(manifest(work, rows)), str(out), str(image), str(text), config, progress=False,
-                 log=lambda *_: None, stage_factory=stand_in_stages)
-    seconds = time.perf_counter() - t
-    shutil.rmtree(out, ignore_errors=True)
-    return {"rows": rows, "samples": info["funnel"]["samples"], "seconds": round(seconds, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    slices = iter_shard_slices(path, PER_SHARD)
+    shard, start, stop, df = next(slices)
+    slices.close()
+    first_slice_s = time.perf_counter() - t
+    driver_peak = round(rss_mb("VmHWM") - before, 1) if peak_reset else None
+    blob = pickle.dumps({"shard": shard, "start": start, "stop": stop, "rows": df}, protocol=5)
+    with open(os.path.join(work, "slice.pkl"), "wb") as f:
+        f.write(blob)
+    return {"path": path, "rows": n, "row_groups": groups, "file_mb": round(os.path.getsize(path) / 2**20, 1),
+            "slice_rows": len(df), "pickled_slice_bytes": len(blob), "driver_first_slice_s": round(first_slice_s, 2),
+            "driver_first_slice_extra_peak_rss_mb": driver_peak}
 
 
-def commit_rate(work: Path, shards: int = 40, per_shard: int = 64) -> dict:
-    from clipforge.pipeline.storage.fs import Location
-    from clipforge.pipeline.storage.shards import ShardCommitter
+def _warm_imports() -> None:
+    """Load what any task has loaded (pandas, pyarrow strings, manifest_rows) so that only the slice counts."""
+    import pickle
 
-    layout = {"frames": 5, "frame_size": 160, "tokens_h": 20, "tokens_w": 20, "text_slot": 64, "image_vocab": 20000}
-    rng = np.random.default_rng(0)
-    rows = [[{"row_index": s * per_shard + i, "clip_index": 0, "key": f"v{s}_{i}_seq00", "video_id": f"v{s}_{i}",
-              "row_id": f"r{s * per_shard + i}", "source": "/x.mp4", "caption": "a red circle moves left",
-              "mode": "sequential", "rate": 1.0, "span": 4.0, "frame_indices": [0, 1, 2, 3, 4],
-              "timestamps": [0.0, 1.0, 2.0, 3.0, 4.0], "decoder": "pyav",
-              "vtok": rng.integers(0, 20000, (5, 20, 20)).astype(np.uint16),
-              "ttok": rng.integers(0, 8000, 20).astype(np.int32)} for i in range(per_shard)] for s in range(shards)]
-    out = work / "commit"
-    shutil.rmtree(out, ignore_errors=True)
-    committer = ShardCommitter(Location(out), layout)
-    t = time.perf_counter()
-    total_bytes = 0
-    for s, shard_rows in enumerate(rows):
-        total_bytes += committer.write(s, shard_rows, inputs=per_shard)["bytes"]
-    ours = time.perf_counter() - t
-    blob = os.urandom(total_bytes // shards)
-    t = time.perf_counter()
-    for s in range(shards):   # baseline: the same bytes, one plain write + fsync per shard
-        with open(out / f"plain-{s}.tar", "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-    plain = time.perf_counter() - t
-    shutil.rmtree(out, ignore_errors=True)
-    samples = shards * per_shard
-    return {"samples": samples, "bytes_per_sample": total_bytes // samples,
-            "samples_per_s": round(samples / ours, 1), "plain_write_samples_per_s": round(samples / plain, 1),
-            "ratio_to_plain_write": round(plain / ours, 3)}
+    import pandas as pd
+    import pyarrow.parquet  # noqa: F401
+
+    from clipforge.pipeline.manifest import manifest_rows
+
+    df = pd.DataFrame({"video": ["/a.mp4", "/b.mp4"], "caption": ["x", "y"], "id": ["a", "b"]})
+    list(manifest_rows(pickle.loads(pickle.dumps(df, protocol=5)), 0))
+
+
+def rss_task(pickled: str) -> dict:
+    """Fresh process: a task unpickles its descriptor and makes its rows."""
+    import gc
+    import pickle
+
+    from clipforge.pipeline.manifest import manifest_rows
+
+    _warm_imports()
+    gc.collect()
+    before, peak_reset = rss_mb(), reset_peak()
+    with open(pickled, "rb") as f:
+        d = pickle.loads(f.read())
+    rows = list(manifest_rows(d["rows"], d["start"]))
+    after = rss_mb()
+    return {"rows": len(rows), "rss_before_mb": round(before, 1), "extra_rss_mb": round(after - before, 2),
+            "extra_peak_rss_mb": round(rss_mb("VmHWM") - before, 2) if peak_reset else None}
+
+
+def rss_old(path: str) -> dict:
+    """Fresh process: the old task read its manifest row group (kept cached) and sliced its 64 rows."""
+    import gc
+
+    import pyarrow.parquet as pq
+
+    from clipforge.pipeline.manifest import manifest_rows
+
+    _warm_imports()
+    gc.collect()
+    before, peak_reset = rss_mb(), reset_peak()
+    table = pq.ParquetFile(path).read_row_group(0)
+    df = table.slice(0, PER_SHARD).to_pandas()
+    rows = list(manifest_rows(df, 0))
+    after = rss_mb()
+    del table
+    return {"rows": len(rows), "rss_before_mb": round(before, 1), "extra_rss_mb": round(after - before, 2),
+            "extra_peak_rss_mb": round(rss_mb("VmHWM") - before, 2) if peak_reset else None}
+
+
+def _child(flag: str, value: str) -> dict:
+    res = subprocess.run([sys.executable, __file__, flag, value], capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"{flag} {value} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def task_slice_rss(work: str) -> dict:
+    root = tempfile.mkdtemp(prefix="clipforge-bench-rss-", dir=work)
+    try:
+        t = time.monotonic()
+        prep = _child("--rss-prepare", root)
+        new = _child("--rss-task", os.path.join(root, "slice.pkl"))
+        old = _child("--rss-old", prep["path"])
+        prep.pop("path")
+        return {"manifest": prep, "extra_rss_mb": new["extra_rss_mb"], "extra_peak_rss_mb": new["extra_peak_rss_mb"],
+                "old_row_group_read_extra_rss_mb": old["extra_rss_mb"],
+                "old_row_group_read_extra_peak_rss_mb": old["extra_peak_rss_mb"],
+                "task_rss_before_mb": new["rss_before_mb"], "meets_goal_50mb": new["extra_rss_mb"] < 50,
+                "goal": "extra RSS of a task's 64-row slice < 50 MB", "wall_s": round(time.monotonic() - t, 1)}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def machine() -> dict:
+    import pandas
+    import pyarrow
+
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "python": platform.python_version(), "pyarrow": pyarrow.__version__, "pandas": pandas.__version__,
+            "loadavg_at_start": list(os.getloadavg())}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", default="10000,100000,1000000")
-    parser.add_argument("--dir", default="/tmp/clipforge-bench-scale")
-    parser.add_argument("--driver-run", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--shards", default="10000,100000")
+    parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument("--dir", default=tempfile.gettempdir(), help="where temporary datasets are made")
+    parser.add_argument("--budget-s", type=float, default=330.0, help="skip sizes estimated to end past this")
+    parser.add_argument("--rss-prepare", help=argparse.SUPPRESS)
+    parser.add_argument("--rss-task", help=argparse.SUPPRESS)
+    parser.add_argument("--rss-old", help=argparse.SUPPRESS)
     a = parser.parse_args()
-    work = Path(a.dir)
-    work.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(ROOT))
-    if a.driver_run:
-        print(json.dumps(driver_run(work, a.driver_run)))
-        return
-    tokenizers(work)
-    runs = []
-    for rows in [int(r) for r in a.rows.split(",")]:
-        res = subprocess.run([sys.executable, __file__, "--dir", str(work), "--driver-run", str(rows)],
-                             capture_output=True, text=True, check=True)
-        runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    growth = runs[-1]["peak_rss_mb"] - runs[0]["peak_rss_mb"] if len(runs) > 1 else None
-    print(json.dumps({"driver": runs, "growth_mb_first_to_last": growth,
-                      "goal": "growth from 10k to 1M rows < 300 MB", "commit": commit_rate(work)}, indent=1))
+    for flag, fn in (("rss_prepare", rss_prepare), ("rss_task", rss_task), ("rss_old", rss_old)):
+        if getattr(a, flag):
+            print(json.dumps(fn(getattr(a, flag))))
+            return
+    t0 = time.monotonic()
+    info = machine()
+    rss = task_slice_rss(a.dir)
+    sizes = sorted(int(s) for s in a.shards.split(","))
+    out = {"metadata": metadata(sizes, a.latency_ms, a.dir, t0 + a.budget_s), "task_slice_rss": rss,
+           "machine": info, "wall_s": round(time.monotonic() - t0, 1)}
+    print(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import replace
 
-from clipforge.pipeline.text.captions import CleanCaption
+from clipforge.pipeline.stages import BuildConfig, build_stages
 from clipforge.pipeline.video.clips import ClipConfig
-from clipforge.pipeline.video.decode import DecodeVideo
 from clipforge.pipeline.manifest import manifest_rows, read_manifest
 from clipforge.pipeline.schema import is_ok
 
@@ -19,11 +19,15 @@ from clipforge.pipeline.schema import is_ok
 def estimate(manifest: str, sample: int = 50, seed: int = 0, clips: ClipConfig = ClipConfig(),
              image_tokenizer: str | None = None, text_tokenizer: str | None = None, workers: int = 64,
              gpus: int = 0, cost_per_core_hour: float = 0.04, cost_per_gpu_hour: float = 2.0,
-             bytes_per_sample: float | None = None) -> dict:
+             bytes_per_sample: float | None = None, config: BuildConfig | None = None) -> dict:
+    """`config` is the build's (its clip settings replaced by `clips`): the pilot runs its stages."""
+    config = replace(config or BuildConfig(), clips=clips)
+    stages = build_stages(config, image_tokenizer, text_tokenizer)
+    clean, decode = stages[0], stages[1]
+    tokenize = stages[2] if len(stages) > 2 else None
     df = read_manifest(manifest)
     pilot = df.sample(n=min(sample, len(df)), random_state=seed) if len(df) > sample else df
-    rows = list(CleanCaption()(manifest_rows(pilot.reset_index(drop=True))))
-    decode = DecodeVideo(clips, timeout_s=120)
+    rows = list(clean(manifest_rows(pilot.reset_index(drop=True))))
     reasons: Counter = Counter()
     clip_rows, t0 = [], time.perf_counter()
     try:
@@ -34,11 +38,9 @@ def estimate(manifest: str, sample: int = 50, seed: int = 0, clips: ClipConfig =
         decode.close()
     decode_s = time.perf_counter() - t0
     tokenize_s = None
-    if image_tokenizer and text_tokenizer and clip_rows:
-        from clipforge.pipeline.tokenize import TokenizeClips
-        stage = TokenizeClips(image_tokenizer, text_tokenizer)
+    if tokenize is not None and clip_rows:
         t1 = time.perf_counter()
-        tokenized = list(stage(iter(clip_rows)))
+        tokenized = list(tokenize(iter(clip_rows)))
         tokenize_s = time.perf_counter() - t1
         if bytes_per_sample is None and tokenized:
             ok = [r for r in tokenized if is_ok(r)]

@@ -153,11 +153,13 @@ def read_clip(path: str, size: int, frames: int) -> np.ndarray:
 
 def train_manifest_of(run: Path) -> str | None:
     """The manifest RUN's dataset was built from (latest.json -> dataset -> dataset.json -> manifest)."""
+    from clipforge.pipeline.storage.dataset import DatasetInfo
+
     latest = json.loads((run / "latest.json").read_text(encoding="utf-8"))
     dataset = latest.get("dataset")
-    if not dataset or not (Path(dataset) / "dataset.json").exists():
+    if not dataset or not DatasetInfo.exists(dataset):
         return None
-    return json.loads((Path(dataset) / "dataset.json").read_text(encoding="utf-8")).get("manifest")
+    return DatasetInfo.read(dataset, validate=False).manifest
 
 
 def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: int | None = None, seed: int = 0,

@@ -6,17 +6,18 @@ from pathlib import Path
 
 import numpy as np
 
-from clipforge.pipeline.text.captions import CleanCaption, CleanConfig
+from clipforge.pipeline.text.captions import CleanConfig
 from clipforge.pipeline.video.clips import ClipConfig
-from clipforge.pipeline.video.decode import DecodeVideo
 from clipforge.pipeline.manifest import manifest_rows, read_manifest
 from clipforge.pipeline.schema import is_ok
 from clipforge.tokenizer.image import TRAIN_LOG_FILE
 
 
 def clean_captions(manifest: str, config: CleanConfig = CleanConfig()) -> list[str]:
-    rows = CleanCaption(config)(manifest_rows(read_manifest(manifest)))
-    return [r["caption"] for r in rows if is_ok(r)]
+    from clipforge.pipeline.stages import BuildConfig, build_stages
+
+    (clean,) = build_stages(BuildConfig(captions=config), decode=False)
+    return [r["caption"] for r in clean(manifest_rows(read_manifest(manifest))) if is_ok(r)]
 
 
 def train_text(manifest: str, out: str, vocab_size: int = 8000, log=print) -> dict:
@@ -33,8 +34,11 @@ def sample_frames(manifest: str, size: int, max_frames: int = 4000, seed: int = 
     manifest order, until `max_frames` (decoded in the isolated decoder, like the build job)."""
     from tqdm import tqdm
 
-    config = ClipConfig(size=size, mode="both", seed=seed)
-    stage = DecodeVideo(config, timeout_s=120)
+    from clipforge.pipeline.stages import BuildConfig, build_stages
+
+    # the build's own decode stage, so that the tokenizer trains on the frames a build would encode (every
+    # video's, whatever its caption)
+    _, stage = build_stages(BuildConfig(clips=ClipConfig(size=size, mode="both", seed=seed)))
     rows = list(manifest_rows(read_manifest(manifest)))
     frames, total = [], 0
     try:

@@ -25,7 +25,6 @@ caption-dropout draws are seeded, so the replayed stream continues exactly where
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -41,15 +40,16 @@ from clipforge.tokenizer.text import TextTokenizer
 
 
 def read_dataset_info(dataset_dir: str | Path) -> dict:
-    path = Path(dataset_dir) / "dataset.json"
-    if not path.exists():
+    from clipforge.pipeline.storage.dataset import DatasetInfo
+
+    if not DatasetInfo.exists(str(dataset_dir)):
         raise FileNotFoundError(f"{dataset_dir}: no dataset.json (is this a built clipforge dataset?)")
-    info = json.loads(path.read_text(encoding="utf-8"))
-    layout = info.get("layout") or {}
+    info = DatasetInfo.read(str(dataset_dir), validate=False)
+    layout = info.layout or {}
     missing = [k for k in ("frames", "tokens_h", "tokens_w", "text_slot") if k not in layout]
     if missing:
-        raise ValueError(f"{path}: layout lacks {missing}")
-    return info
+        raise ValueError(f"{Path(dataset_dir) / 'dataset.json'}: layout lacks {missing}")
+    return {**info.data, "layout": layout, "tokenizers": info.tokenizers}
 
 
 def tokenizer_paths(dataset_dir: str | Path, info: dict, image: str | None = None, text: str | None = None

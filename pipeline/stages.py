@@ -12,11 +12,15 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Iterable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
 from clipforge.pipeline.schema import is_ok
+
+if TYPE_CHECKING:   # the configs' modules import this one (their stages subclass Stage)
+    from clipforge.pipeline.text.captions import CleanConfig
+    from clipforge.pipeline.video.clips import ClipConfig
 
 
 class Stage:

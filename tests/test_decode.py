@@ -11,8 +11,7 @@ import pandas as pd
 import pytest
 
 from clipforge.pipeline.video.clips import ClipConfig, orient_and_crop, resize_for_short_side
-from clipforge.pipeline.schema import REASONS, TRANSIENT
-from clipforge.pipeline.tokenize import image_error_reason
+from clipforge.pipeline.schema import TRANSIENT
 from clipforge.pipeline.video.decode import DecodeFailure, DecodeVideo
 from clipforge.pipeline.video.isolate import IsolatedCall
 from clipforge.pipeline.manifest import manifest_rows, read_manifest
@@ -209,19 +208,6 @@ def test_reasons_are_honest():
     assert "internal_error" in TRANSIENT and "decode_error" not in TRANSIENT
 
 
-def test_device_errors_in_the_image_tokenizer_are_transient():
-    import torch
-
-    assert image_error_reason(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")) \
-        == "tokenize_transient"
-    assert image_error_reason(RuntimeError("CUDA error: an illegal memory access was encountered")) \
-        == "tokenize_transient"
-    assert image_error_reason(MemoryError()) == "tokenize_transient"
-    assert image_error_reason(ValueError("expected 4 dimensions, got 3")) == "tokenize_error"
-    assert "tokenize_transient" in REASONS and "tokenize_transient" in TRANSIENT
-    assert "tokenize_error" not in TRANSIENT
-
-
 def test_isolated_call_survives_a_crash():
     call = IsolatedCall(_crash, timeout_s=10.0)
     assert call(None)[:2] == ("failure", "worker_crash")
@@ -307,21 +293,3 @@ def test_every_shared_video_gives_clips_or_a_reason_and_the_right_frames():
     finally:
         stage.close()
     assert decoders == {"decord", "pyav"}     # AV1, no-duration, multi-stream files go through PyAV
-
-
-def test_the_tokenize_stage_retries_device_errors(image_tokenizer, text_tokenizer):
-    """An out-of-memory error on the GPU is the transient reason, for each row of the failed batch."""
-    import torch
-
-    from clipforge.pipeline.tokenize import TokenizeClips
-
-    stage = TokenizeClips(str(image_tokenizer), str(text_tokenizer), device="cpu")
-
-    def out_of_memory(frames):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    stage.image.encode = out_of_memory
-    rows = [{"status": "ok", "key": f"k{i}", "frames": np.zeros((5, 64, 64, 3), np.uint8), "caption": "a red circle"}
-            for i in range(2)]
-    out = list(stage(rows))
-    assert [(r["status"], r["reason"]) for r in out] == [("error", "tokenize_transient")] * 2

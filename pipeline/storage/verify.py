@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import tarfile
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from clipforge.pipeline.storage.fs import Location, as_location
+from clipforge.pipeline.storage.fs import Location
 from clipforge.pipeline.storage.samples import REQUIRED_MEMBERS, decode_sample
 from clipforge.pipeline.storage.commits import sha256_bytes
 

@@ -29,7 +29,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import ftfy as _ftfy
 from ftfy.fixes import fix_character_width as _fix_character_width

@@ -12,14 +12,14 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from clipforge.pipeline.video.clips import (ClipConfig, center_crop, crop_box, display_size, orient_for_display, plan_clips,
                             resize_for_short_side, sane_timestamps)
 from clipforge.pipeline.video.isolate import IsolatedCall, WorkerFailure
-from clipforge.pipeline.schema import is_ok, make_key, mark_error
+from clipforge.pipeline.schema import make_key, mark_error
 from clipforge.pipeline.stages import Stage
 from clipforge.pipeline.storage.fs import FetchError, fetch, is_remote as is_remote_video
 

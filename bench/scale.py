@@ -9,7 +9,7 @@ Prints one JSON object:
   - `resume_startup_s`: `RunLease(take_over=True).acquire()` + `DatasetInfo.exists/read` +
     `CommitLog.start_epoch` + the set of done shards;
   - `completion_s`: `funnel_from_records` + `DatasetInfo.write` + `write_wids_index` +
-    `collect_garbage(older_than_s=900)` (nothing is garbage: it only reads the log and lists);
+    `collect_garbage(older_than_s=900)` with the driver's accepted set (nothing is garbage: it only lists);
   - with the requests each made, and a baseline in the same run: the previous design's one JSON record
     per shard read serially (300 reads timed, extrapolated to N), `baseline_serial_record_reads_s`.
   The Location is made with `Location(tmpdir)` and its `.fs` replaced; `.local` is set to False so that
@@ -260,7 +260,7 @@ def resume_and_complete(path: str, handler: LatencyHandler, shards: int) -> dict
         t = step("dataset_info_write_s", t)
         write_wids_index(loc, records, SPLIT)
         t = step("wids_index_s", t)
-        gc = collect_garbage(loc, older_than_s=900)
+        gc = collect_garbage(loc, older_than_s=900, accepted=log.effective)   # as the driver does
         t = step("collect_garbage_s", t)
         completion_s = t - t1
         completion_requests = handler.take_counts()

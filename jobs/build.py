@@ -136,7 +136,7 @@ def build(manifest: str, out: str, image_tokenizer: str, text_tokenizer: str,
         finally:
             commit_log.flush(lease)
         tracker.close()
-        collect_garbage(dest, config.gc_grace_s)
+        collect_garbage(dest, config.gc_grace_s, accepted=commit_log.effective)
         paths = {"image": absolute(image_tokenizer), "text": absolute(text_tokenizer)}
         return _complete(dest, commit_log, fingerprint, config, tracker, paths)
     finally:

@@ -132,7 +132,7 @@ def reshard(inputs: list[str], out: str, config: ReshardConfig = ReshardConfig()
         finally:
             commit_log.flush(lease)
         tracker.close()
-        collect_garbage(dest, 0.0 if address is None else 900.0)
+        collect_garbage(dest, 0.0 if address is None else 900.0, accepted=commit_log.effective)
         return _complete(dest, commit_log, sources, jobs, input_urls, config, total_in, kept)
     finally:
         lease.release()

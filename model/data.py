@@ -86,9 +86,12 @@ def shard_urls(dataset_dir: str | Path, split: str) -> list[str]:
     shards/SPLIT-*.tar."""
     from clipforge.pipeline.storage.shards import shard_urls as committed_shard_urls
 
+    from clipforge.pipeline.storage.commits import ATTEMPT_PART
+
     urls = committed_shard_urls(str(dataset_dir), split)
-    if not urls and Path(dataset_dir, "shards").is_dir():
-        urls = [str(p) for p in sorted(Path(dataset_dir, "shards").glob(f"{split}-*.tar"))]
+    if not urls and Path(dataset_dir, "shards").is_dir():   # never an attempt part no record names
+        urls = [str(p) for p in sorted(Path(dataset_dir, "shards").glob(f"{split}-*.tar"))
+                if not ATTEMPT_PART.match(p.name)]
     return urls
 
 

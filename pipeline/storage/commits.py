@@ -381,17 +381,20 @@ def named_parts(records: Iterable[dict]) -> set[str]:
 
 
 def collect_garbage(out: str | os.PathLike | Location, older_than_s: float = DEFAULT_GRACE_S,
-                    dry_run: bool = False, now: float | None = None) -> dict:
+                    dry_run: bool = False, now: float | None = None, accepted: dict | None = None) -> dict:
     """Remove attempt parts that no accepted record names and that are older than `older_than_s`, and
-    temporary files of killed writers as old. Call it holding the dataset's lease. Any error while
-    reading the log propagates before anything is deleted."""
+    temporary files of killed writers as old. Call it holding the dataset's lease; `accepted` is the
+    holder's own accepted set (else the log is read). Any error while reading the log or listing a
+    folder propagates before anything is deleted."""
     out = as_location(out)
-    keep = named_parts(CommitLog(out).read().values())
+    keep = named_parts((CommitLog(out).read() if accepted is None else accepted).values())
     now = time.time() if now is None else now
     removed, young, removed_bytes = [], 0, 0
-    for folder in (*PART_FOLDERS, "", "wids", COMMITS, LEASES):
-        sel = pafs.FileSelector(out.path(folder), allow_not_found=True, recursive=False)
-        for info in out.fs.get_file_info(sel):
+    folders = (*PART_FOLDERS, "", "wids", COMMITS, LEASES)
+    listings = parallel_map(lambda folder: out.fs.get_file_info(
+        pafs.FileSelector(out.path(folder), allow_not_found=True, recursive=False)), list(folders))
+    for folder, infos in zip(folders, listings):
+        for info in infos:
             if info.type != pafs.FileType.File:
                 continue
             name = f"{folder}/{info.base_name}" if folder else info.base_name

@@ -329,6 +329,9 @@ class RunLease:
                 if self._epochs()[-1] != self.epoch:
                     self.lost = "a newer driver took the dataset's lease"
                     return
+                if json.loads(self.out.read_text(self._name(self.epoch))).get("owner") != self.owner:
+                    self.lost = "another driver wrote this epoch's lease"   # a racing PUT landed late
+                    return
                 self.out.write_bytes(self._name(self.epoch), self._payload())
                 self.renewed_at = time.monotonic()
             except OSError:

@@ -243,3 +243,51 @@ def test_two_builds_on_one_out_at_once(corpus, image_tokenizer, text_tokenizer, 
     # refused while the other runs, or, if it started after the other ended, as an existing dataset
     assert refused.count("\n") == 1 and ("in use" in refused or "already holds" in refused), refused
     assert verify_dataset(tmp_path / "ds")["problems"] == []
+
+
+def _foreign_lease(root: Location, owner: str, renewed_ago_s: float) -> None:
+    import json
+    import time
+    root.makedirs("lease")
+    root.write_text("lease/000001.json", json.dumps({"epoch": 1, "owner": owner, "purpose": "build",
+                                                     "renewed": time.time() - renewed_ago_s, "ttl_s": 120,
+                                                     "released": False}))
+
+
+def test_a_fresh_lease_of_another_machine_needs_take_over_and_a_stale_one_does_not(tmp_path):
+    root = Location(tmp_path / "ds")
+    _foreign_lease(root, "another-host:4242:abcd", renewed_ago_s=5)
+    with pytest.raises(LeaseHeld, match="another-host:4242"):
+        RunLease(root).acquire()
+    lease = RunLease(root, take_over=True)
+    assert lease.acquire() == 2
+    lease.release()
+    stale = Location(tmp_path / "stale")
+    _foreign_lease(stale, "another-host:4242:abcd", renewed_ago_s=600)   # expired: taken without a flag
+    lease = RunLease(stale)
+    assert lease.acquire() == 2
+    lease.release()
+
+
+def test_a_driver_killed_on_this_machine_does_not_hold_its_lease(tmp_path):
+    import socket
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(proc.stdout)
+    root = Location(tmp_path / "ds")
+    _foreign_lease(root, f"{socket.gethostname()}:{dead_pid}:abcd", renewed_ago_s=1)
+    lease = RunLease(root)
+    assert lease.acquire() == 2
+    lease.release()
+
+
+def test_resume_after_an_upgrade_is_refused_naming_the_version_that_differs():
+    from clipforge.pipeline.storage.dataset import DatasetError, code_versions
+
+    fingerprint = {**FINGERPRINT, "code": code_versions()}
+    info = DatasetInfo.started(fingerprint, "now")
+    info.check_resume(fingerprint)   # the same code: accepted
+    upgraded = {**fingerprint, "code": {**fingerprint["code"], "av": "99.0.0"}}
+    with pytest.raises(DatasetError, match=r"code differs .*av: was .*, now '99.0.0'"):
+        info.check_resume(upgraded)
+    assert "ffmpeg" in fingerprint["code"] and "clipforge" in fingerprint["code"]

@@ -124,10 +124,6 @@ def in_validation(video_id: str, fraction: float, seed: int) -> bool:
     return h / 2**64 < fraction
 
 
-def slim(chunk: pd.DataFrame) -> pd.DataFrame:
-    return chunk[list(INDEX_COLUMNS) + ["src_dataset", "src_tar", "src_offset"]].reset_index(drop=True)
-
-
 def write_reshard_shard(dest: Location, name: str, chunk: pd.DataFrame, inputs: list[str],
                         endpoint: str | None = None, fingerprint: str = "") -> dict:
     """Copy the chunk's samples verbatim into one new shard attempt and return its record (uncommitted). Runs of samples that sit back
@@ -198,21 +194,3 @@ def write_reshard_shard(dest: Location, name: str, chunk: pd.DataFrame, inputs: 
     fields = {"samples": len(chunk), "bytes": writer.written, "sha256": writer.sha256, "errors_by_reason": {}}
     blobs = {"tar": buffer.getvalue(), "index": index_buf.getvalue(), "ledger": parquet_bytes([], LEDGER_COLUMNS)}
     return write_attempt(dest, name, blobs, fields, fingerprint)
-
-
-def chunks(part: pd.DataFrame, config: ReshardConfig):
-    if not len(part):
-        return
-    if config.bytes_per_shard:
-        sizes = part["bytes"].fillna(0).to_numpy()
-        start, acc = 0, 0
-        for i, size in enumerate(sizes):
-            if acc and acc + size > config.bytes_per_shard:
-                yield part.iloc[start:i]
-                start, acc = i, 0
-            acc += size
-        yield part.iloc[start:]
-        return
-    step = max(1, config.samples_per_shard or 1000)
-    for i in range(0, len(part), step):
-        yield part.iloc[i:i + step]

@@ -291,3 +291,21 @@ def test_resume_after_an_upgrade_is_refused_naming_the_version_that_differs():
     with pytest.raises(DatasetError, match=r"code differs .*av: was .*, now '99.0.0'"):
         info.check_resume(upgraded)
     assert "ffmpeg" in fingerprint["code"] and "clipforge" in fingerprint["code"]
+
+
+def test_gc_drops_superseded_epochs_and_leases_and_readers_see_the_same(tmp_path):
+    root = Location(tmp_path / "ds")
+    writer = ShardWriter(root, LAYOUT, fingerprint=SHA)
+    for shard in range(3):   # three drivers in turn, each committing one shard
+        with RunLease(root) as lease:
+            log = CommitLog(root)
+            log.start_epoch(lease.epoch)
+            log.commit([writer.write(shard, _rows(), inputs=2)], lease)
+    before = [r["attempt"] for r in read_records(root)]
+    assert len(before) == 3 and len(list((tmp_path / "ds" / "commits").iterdir())) == 9
+    with RunLease(root, purpose="gc"):
+        collect_garbage(root, older_than_s=0.0)
+    assert sorted(p.name for p in (tmp_path / "ds" / "commits").iterdir()) == [
+        "000003-00000001.jsonl", "000003-checkpoint.jsonl", "epoch-000003.json"]
+    assert sorted(p.name for p in (tmp_path / "ds" / "lease").iterdir()) == ["000004.json"]
+    assert [r["attempt"] for r in read_records(root)] == before

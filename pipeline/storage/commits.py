@@ -383,10 +383,17 @@ def named_parts(records: Iterable[dict]) -> set[str]:
     return {f["name"] for r in records for f in r["files"].values()}
 
 
+def _epoch_of(name: str) -> int | None:
+    """The commit epoch a file of `commits/` belongs to (None for anything else)."""
+    match = SEGMENT.match(name) or EPOCH_FILE.match(name)
+    return int(match.group(1)) if match else None
+
+
 def collect_garbage(out: str | os.PathLike | Location, older_than_s: float = DEFAULT_GRACE_S,
                     dry_run: bool = False, now: float | None = None, accepted: dict | None = None) -> dict:
     """Remove attempt parts that no accepted record names and that are older than `older_than_s`, and
-    temporary files of killed writers as old. Call it holding the dataset's lease; `accepted` is the
+    as old: temporary files of killed writers, the commit files of epochs before the latest (folded into
+    its checkpoint) and leases before the latest. Call it holding the dataset's lease; `accepted` is the
     holder's own accepted set (else the log is read). Any error while reading the log or listing a
     folder propagates before anything is deleted."""
     out = as_location(out)
@@ -396,13 +403,21 @@ def collect_garbage(out: str | os.PathLike | Location, older_than_s: float = DEF
     folders = (*PART_FOLDERS, "", "wids", COMMITS, LEASES)
     listings = parallel_map(lambda folder: out.fs.get_file_info(
         pafs.FileSelector(out.path(folder), allow_not_found=True, recursive=False)), list(folders))
+    by_folder = dict(zip(folders, listings))
+    # files of commit epochs before the latest (readers never read them again) and leases before the latest
+    latest_commit = max((e for i in by_folder[COMMITS] if (e := _epoch_of(i.base_name)) is not None), default=0)
+    latest_lease = max((int(i.base_name[:-5]) for i in by_folder[LEASES] if i.base_name[:-5].isdigit()), default=0)
     for folder, infos in zip(folders, listings):
         for info in infos:
             if info.type != pafs.FileType.File:
                 continue
             name = f"{folder}/{info.base_name}" if folder else info.base_name
-            garbage = TEMP_NAME.search(info.base_name) or (folder in PART_FOLDERS and
-                                                           ATTEMPT_PART.match(info.base_name))
+            epoch = _epoch_of(info.base_name) if folder == COMMITS else None
+            garbage = (TEMP_NAME.search(info.base_name)
+                       or (folder in PART_FOLDERS and ATTEMPT_PART.match(info.base_name))
+                       or (epoch is not None and epoch < latest_commit)
+                       or (folder == LEASES and info.base_name[:-5].isdigit()
+                           and int(info.base_name[:-5]) < latest_lease))
             if not garbage or name in keep:
                 continue
             mtime = info.mtime.timestamp() if info.mtime is not None else now

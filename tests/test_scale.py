@@ -248,9 +248,10 @@ def test_losing_a_worker_node_mid_build_loses_and_duplicates_nothing(wide_manife
 @pytest.mark.slow
 def test_on_s3_a_node_added_mid_build_runs_shards_and_a_removed_one_loses_nothing(
         wide_manifest, image_tokenizer, text_tokenizer, s3_server, tmp_path, fresh_ray):
-    """The output on the S3 server on loopback; a head and one worker node of 1 CPU. After two commits the
-    worker is removed without grace and a new node joins: the new node's id shows in progress.json
-    (it ran shard tasks), and the dataset equals the in-process build's."""
+    """The output on the S3 server on loopback; a head and one worker node of 1 CPU. After the first commit
+    the worker is removed without grace and a node with a GPU joins: the new node's id shows in
+    progress.json (it ran shard tasks), a tokenizer worker on its GPU encoded frames, and the dataset
+    equals the in-process build's."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -281,7 +282,7 @@ def test_on_s3_a_node_added_mid_build_runs_shards_and_a_removed_one_loses_nothin
         swapped.wait(timeout=300)
         if builder.is_alive():   # Ray starts nodes with signals: only from the main thread
             cluster.remove_node(worker, allow_graceful=False)
-            added.append(cluster.add_node(num_cpus=2))
+            added.append(cluster.add_node(num_cpus=2, num_gpus=1))   # a GPU joins: the tokenizer pool grows
         builder.join(timeout=600)
         progress = json.loads(Location(out).read_text("progress.json"))
     finally:
@@ -291,6 +292,7 @@ def test_on_s3_a_node_added_mid_build_runs_shards_and_a_removed_one_loses_nothin
     info = result["info"]
     assert swapped.is_set() and added, "the nodes were not swapped while the build ran"
     assert added[0].node_id in progress["workers"]["nodes"], progress["workers"]
+    assert sum(progress["workers"]["tokenize"].values()) > 0, progress["workers"]   # the joined GPU's worker encoded
     assert info["funnel"]["accounted"] and info["funnel"]["inputs"] == 160
     local = tmp_path / "local"
     build(str(long_manifest), str(local), str(image_tokenizer), str(text_tokenizer), _config(runner="local"),

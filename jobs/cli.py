@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--samples-per-shard", type=int, default=1000)
     s.add_argument("--bytes-per-shard", type=int, help="close shards at this size instead")
     s.add_argument("--shuffle-seed", type=int, help="shuffle with this seed (default: keep the order)")
-    s.add_argument("--filter", help='pandas query over the index, e.g. "rate >= 1 and caption_tokens <= 64"')
+    s.add_argument("--filter", help='keep the samples this comparison of index columns selects, e.g. '
+                   '"rate >= 1 and caption_tokens <= 64" (comparisons, in, and/or/not, parentheses only)')
     s.add_argument("--val-fraction", type=float, default=0.0, help="share of source videos held out")
     s.add_argument("--val-seed", type=int, default=0)
     s.add_argument("--address", help="Ray cluster address: write the output shards as Ray tasks there")

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipforge.jobs.executor import run_tasks
+from clipforge.pipeline.filters import FilterError, RowFilter, parse_filter
 from clipforge.pipeline.storage.commits import (CommitLog, RunLease, collect_garbage, fingerprint_sha256,
                                                 parallel_map, shard_name)
 from clipforge.pipeline.storage.dataset import (FORMAT_VERSION, DatasetError, DatasetInfo, package_versions,
@@ -78,17 +79,13 @@ class OutputPlan:
         return frame[list(INDEX_COLUMNS) + list(PLAN_COLUMNS)]
 
 
-def _filtered(part: pa.Table, expression: str | None) -> pa.Table:
-    if not expression:
+def _filtered(part: pa.Table, row_filter: RowFilter | None) -> pa.Table:
+    if row_filter is None:
         return part
-    try:
-        kept = part.select(list(INDEX_COLUMNS)).to_pandas().query(expression, engine="python").index.to_numpy()
-    except Exception as err:   # noqa: BLE001 — pandas raises many types for a bad expression
-        raise ValueError(f"bad --filter {expression!r}: {err}") from None
-    return part.take(pa.array(kept, pa.int64()))
+    return part.filter(pa.array(row_filter(part.select(list(INDEX_COLUMNS)).to_pandas())))
 
 
-def _read_sources(sources: list[Location], expression: str | None) -> tuple[pa.Table, list[str], np.ndarray]:
+def _read_sources(sources: list[Location], row_filter: RowFilter | None) -> tuple[pa.Table, list[str], np.ndarray]:
     """(selected samples of every source as one Arrow table, tar names, uint64 hashes of every key read).
     Index parts are read a batch at a time and filtered as they come: memory holds the selection."""
     tables, tars, key_hashes = [], [], []
@@ -108,7 +105,7 @@ def _read_sources(sources: list[Location], expression: str | None) -> tuple[pa.T
                 part = part.append_column("src_tar", pa.array(np.full(part.num_rows, len(tars), np.int32)))
                 part = part.append_column("src_offset", pc.subtract(pc.cumulative_sum(sizes), sizes))
                 tars.append(record["files"]["tar"]["name"])
-                tables.append(_filtered(part, expression))
+                tables.append(_filtered(part, row_filter))
     hashes = np.concatenate(key_hashes) if key_hashes else np.zeros(0, np.uint64)
     empty = pa.table({**{c: pa.array([], t) for c, t in INDEX_COLUMNS.items()},
                       "src_dataset": pa.array([], pa.int32()), "src_tar": pa.array([], pa.int32()),
@@ -144,8 +141,17 @@ def _bounds(table: pa.Table, config: ReshardConfig) -> list[tuple[int, int]]:
     return [(i, min(n, i + step)) for i in range(0, n, step)]
 
 
-def plan_output(sources: list[Location], config: ReshardConfig) -> OutputPlan:
-    index, tars, hashes = _read_sources(sources, config.filter)
+def _row_filter(expression: str | None) -> RowFilter | None:
+    if not expression:
+        return None
+    try:
+        return parse_filter(expression, list(INDEX_COLUMNS))
+    except FilterError as err:
+        raise FilterError(f"bad --filter {expression!r}: {err}") from None
+
+
+def plan_output(sources: list[Location], config: ReshardConfig, row_filter: RowFilter | None = None) -> OutputPlan:
+    index, tars, hashes = _read_sources(sources, row_filter)
     _refuse_duplicate_keys(hashes, index)
     if config.shuffle_seed is not None:
         index = index.take(pa.array(np.random.default_rng(config.shuffle_seed).permutation(index.num_rows)))
@@ -168,6 +174,7 @@ def reshard(inputs: list[str], out: str, config: ReshardConfig = ReshardConfig()
             take_over: bool = False) -> dict:
     """Reshard `inputs` into `out` (local paths or URLs). With `address`, each output shard is written by
     a Ray task on that cluster; the driver holds the index (a few hundred bytes a sample), never sample data."""
+    row_filter = _row_filter(config.filter)   # first: a bad expression is refused before anything is read
     dest = Location(out, endpoint)
     sources = [Location(p, endpoint) for p in inputs]
     infos = [DatasetInfo.read(src) for src in sources]
@@ -177,6 +184,9 @@ def reshard(inputs: list[str], out: str, config: ReshardConfig = ReshardConfig()
                    "tokenizers": {k: {kk: vv for kk, vv in v.items() if kk != "path"}
                                   for k, v in infos[0].tokenizers.items()},
                    "config": asdict(config), "sources": [i.fingerprint_sha256 for i in infos]}
+    if DatasetInfo.exists(dest) and DatasetInfo.read(dest, validate=False).complete:
+        raise FileExistsError(f"{out} already holds a dataset")
+    plan = plan_output(sources, config, row_filter)   # reads only: a duplicate key writes nothing
     lease = RunLease(dest, take_over=take_over, purpose="reshard")
     lease.acquire()
     try:
@@ -195,7 +205,6 @@ def reshard(inputs: list[str], out: str, config: ReshardConfig = ReshardConfig()
             info.write(dest)
         sha = fingerprint_sha256(fingerprint)
         accepted = commit_log.start_epoch(lease.epoch)
-        plan = plan_output(sources, config)
         todo = [(split, no, start, stop) for split, no, start, stop in plan.shards()
                 if shard_name(split, no) not in accepted]
         tracker = ProgressTracker(dest, sum(stop - start for _, _, start, stop in todo), len(todo), progress,

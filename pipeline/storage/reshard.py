@@ -30,7 +30,7 @@ class ReshardConfig:
     samples_per_shard: int | None = 1000
     bytes_per_shard: int | None = None       # when set, shards close at this size instead
     shuffle_seed: int | None = None          # None keeps the input order
-    filter: str | None = None                # a pandas query over the index, e.g. "rate >= 1 and caption_tokens <= 64"
+    filter: str | None = None                # a comparison of index columns (pipeline/filters.py), e.g. "rate >= 1 and caption_tokens <= 64"
     val_fraction: float = 0.0                # share of source videos held out for validation
     val_seed: int = 0
 

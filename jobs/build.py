@@ -20,8 +20,9 @@ from clipforge.pipeline.manifest import check_unique_ids, count_rows, iter_shard
 from clipforge.pipeline.stages import RUN_ONLY_FIELDS, BuildConfig, build_stages
 from clipforge.pipeline.storage.commits import (CommitLog, RunLease, collect_garbage, fingerprint_sha256,
                                                 shard_number)
-from clipforge.pipeline.storage.dataset import (FORMAT_VERSION, DatasetError, DatasetInfo, absolute, code_versions,
-                                                funnel_from_records, package_versions, write_wids_index)
+from clipforge.pipeline.storage.dataset import (FORMAT_VERSION, DatasetError, DatasetInfo, absolute,
+                                                check_output_folder, code_versions, funnel_from_records,
+                                                package_versions, write_wids_index)
 from clipforge.pipeline.storage.fs import Location
 from clipforge.pipeline.storage.progress import ProgressTracker
 from clipforge.pipeline.storage.shards import ShardWriter
@@ -93,6 +94,7 @@ def build(manifest: str, out: str, image_tokenizer: str, text_tokenizer: str,
     fingerprint = {"format_version": FORMAT_VERSION, "manifest": str(manifest),
                    "manifest_sha256": manifest_digest(manifest), "inputs": rows, "layout": layout,
                    "tokenizers": tokenizer_ids, "config": _fingerprint_config(config), "code": code_versions()}
+    check_output_folder(dest)
     lease = RunLease(dest, ttl_s=config.lease_ttl_s, take_over=take_over)
     lease.acquire()
     try:

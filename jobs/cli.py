@@ -47,7 +47,7 @@ def _cmd_audit(a):
 def _cmd_train_text(a):
     from clipforge.jobs.tokenizers import train_text
 
-    train_text(a.input, a.out, vocab_size=a.vocab_size)
+    train_text(a.input, a.out, vocab_size=a.vocab_size, overwrite=a.overwrite)
 
 
 def _cmd_train_image(a):
@@ -55,7 +55,7 @@ def _cmd_train_image(a):
 
     result = train_image(a.input, a.out, preset=a.preset, steps=a.steps, batch_size=a.batch_size,
                          max_frames=a.max_frames, seed=a.seed, device=a.device, max_minutes=a.max_minutes,
-                         resume=a.resume, lr=a.lr,
+                         resume=a.resume, lr=a.lr, overwrite=a.overwrite,
                          overrides={k: v for k, v in (("encoder_kernel", a.encoder_kernel), ("padding", a.padding))
                                     if v is not None})
     print(json.dumps(result, default=str))
@@ -143,7 +143,7 @@ def _cmd_train(a):
                          clip_modes=a.clip_modes.split(",") if a.clip_modes else None,
                          **{k: v for k, v in given.items() if v is not None},
                          **_model_overrides(a))
-    summary = train(a.dataset, a.out, config, resume=a.resume)
+    summary = train(a.dataset, a.out, config, resume=a.resume, overwrite=a.overwrite)
     if summary.get("world_size", 1) == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, default=str))
 
@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("input", metavar="IN", help="manifest")
     s.add_argument("--out", required=True, help="output .model file")
     s.add_argument("--vocab-size", type=int, default=8000)
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing tokenizer at --out (datasets built with it no longer match it)")
     s = cmd("train-image", _cmd_train_image, "train the VQ image tokenizer on frames sampled from a manifest", toksub)
     s.add_argument("input", metavar="IN", help="manifest")
     s.add_argument("--out", required=True, metavar="DIR")
@@ -249,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.add_argument("--max-minutes", type=float, help="wall-time budget of this run; stops, saves, resumable")
     s.add_argument("--resume", action="store_true", help="continue from DIR/train_state.pt (same settings)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing tokenizer in DIR (datasets built with it no longer match it)")
     s.add_argument("--encoder-kernel", type=int, choices=[1, 3],
                    help="1: each code is computed from its own patch only (default: the preset's, 3)")
     s.add_argument("--padding", choices=["zeros", "replicate"],
@@ -371,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--record-keys", action="store_true", help="write RUN/keys/rankR.txt: the samples each rank used")
     s.add_argument("--resume", action="store_true",
                    help="continue RUN from its latest checkpoint with the configuration saved there")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the training run already in RUN (default: refuse to touch it)")
     s.add_argument("--fp32", action="store_true",
                    help="train in float32 even where bf16 autocast would run (cuda, cpus with native bf16)")
 

@@ -17,6 +17,9 @@ SQUARE_SIZES = ((64, 64), (96, 96), (128, 128), (144, 144))   # (width, height) 
 CROSS_BAND = 0.25   # the demo's paths run within the middle quarter of the frame across their direction
 
 
+DEMO_MARKER = ".clipforge-demo"
+
+
 def run_demo(out: str = "demo-out", videos: int = 1500, train_minutes: float = 5.5, candidates: int = 4,
              log=print) -> dict:
     """train_minutes: both training stages together, a third for the image stage. candidates: videos drawn
@@ -33,7 +36,12 @@ def run_demo(out: str = "demo-out", videos: int = 1500, train_minutes: float = 5
     from clipforge.jobs.verify import verify_dataset
 
     root = Path(out)
+    marker = root / DEMO_MARKER
+    if root.exists() and any(root.iterdir()) and not marker.exists():
+        raise FileExistsError(f"{root} is not empty and is not a folder clipforge demo made: pick a new --out "
+                              f"(the demo replaces what it wrote on a rerun, so it never writes over other files)")
     root.mkdir(parents=True, exist_ok=True)
+    marker.write_text("made by clipforge demo: a rerun replaces this folder's demo outputs\n")
     paths = {k: root / v for k, v in {"corpus": "corpus", "held": "held", "text_tokenizer": "tokenizers/text.model",
                                        "image_tokenizer": "tokenizers/image", "dataset": "dataset",
                                        "audit": "audit", "image_run": "run-image", "run": "run",
@@ -59,15 +67,16 @@ def run_demo(out: str = "demo-out", videos: int = 1500, train_minutes: float = 5
     held = write_synthetic_corpus(paths["held"], SynthConfig(videos=4, seed=1, max_seconds=8.0))
     done("synth")
     step("text tokenizer")
-    train_text(str(manifest), str(paths["text_tokenizer"]), vocab_size=400, log=log)
+    train_text(str(manifest), str(paths["text_tokenizer"]), vocab_size=400, log=log, overwrite=True)   # our own
     done("text tokenizer")
     step("image tokenizer")
     # local codes (1x1 encoder kernel) at the recipe's lr: the default 3e-3 collapsed with them once
     train_image(str(manifest), str(paths["image_tokenizer"]), preset="tiny", max_frames=3000, lr=1.5e-3,
-                steps=4000, max_minutes=2.0, overrides={"encoder_kernel": 1, "padding": "replicate"}, log=log)
+                steps=4000, max_minutes=2.0, overrides={"encoder_kernel": 1, "padding": "replicate"}, log=log,
+                overwrite=True)
     done("image tokenizer")
     step("build")
-    if paths["dataset"].exists():   # a rerun of the demo starts the dataset afresh
+    if paths["dataset"].exists():   # a rerun of the demo (its marker is there) starts its dataset afresh
         import shutil
         shutil.rmtree(paths["dataset"])
     config = with_overrides(BuildConfig(), size=64, mode="both", inputs_per_shard=32, text_slot=40, tokenize_batch=32)
@@ -86,7 +95,8 @@ def run_demo(out: str = "demo-out", videos: int = 1500, train_minutes: float = 5
     tokenizers = dict(image_tokenizer=str(paths["image_tokenizer"]), text_tokenizer=str(paths["text_tokenizer"]))
     first = train(str(paths["dataset"]), str(paths["image_run"]),
                   TrainConfig(stage="image", steps=5000, max_minutes=train_minutes / 3, batch_size=32, lr=2e-3,
-                              warmup_steps=30, n_layer=2, **tokenizers))   # 2 layers: twice the steps of 4
+                              warmup_steps=30, n_layer=2, **tokenizers),   # 2 layers: twice the steps of 4
+                  overwrite=True)
     log(json.dumps(first, default=str))
     # the whole model trains, without the joint frame-0 loss: in minutes it costs steps and prompt following
     # (docs/model.md, "Generalisation on CPU"). No dropout: its masks were a fifth of a step here, and in
@@ -94,7 +104,7 @@ def run_demo(out: str = "demo-out", videos: int = 1500, train_minutes: float = 5
     result = train(str(paths["dataset"]), str(paths["run"]),
                    TrainConfig(stage="sequential", steps=6000, max_minutes=train_minutes * 2 / 3, batch_size=16,
                                lr=1e-3, warmup_steps=20, init_from=str(paths["image_run"]), freeze_base=False,
-                               joint_image=False, dropout=0.0, **tokenizers))
+                               joint_image=False, dropout=0.0, **tokenizers), overwrite=True)
     log(json.dumps(result, default=str))
     done("train")
     step("sample")

@@ -24,8 +24,8 @@ from clipforge.jobs.executor import run_tasks
 from clipforge.pipeline.filters import FilterError, RowFilter, parse_filter
 from clipforge.pipeline.storage.commits import (CommitLog, RunLease, collect_garbage, fingerprint_sha256,
                                                 parallel_map, shard_name)
-from clipforge.pipeline.storage.dataset import (FORMAT_VERSION, DatasetError, DatasetInfo, package_versions,
-                                                write_wids_index)
+from clipforge.pipeline.storage.dataset import (FORMAT_VERSION, DatasetError, DatasetInfo, check_output_folder,
+                                                package_versions, write_wids_index)
 from clipforge.pipeline.storage.fs import Location
 from clipforge.pipeline.storage.progress import ProgressTracker
 from clipforge.pipeline.storage.reshard import ReshardConfig, in_validation, write_reshard_shard
@@ -186,6 +186,7 @@ def reshard(inputs: list[str], out: str, config: ReshardConfig = ReshardConfig()
                    "config": asdict(config), "sources": [i.fingerprint_sha256 for i in infos]}
     if DatasetInfo.exists(dest) and DatasetInfo.read(dest, validate=False).complete:
         raise FileExistsError(f"{out} already holds a dataset")
+    check_output_folder(dest)
     plan = plan_output(sources, config, row_filter)   # reads only: a duplicate key writes nothing
     lease = RunLease(dest, take_over=take_over, purpose="reshard")
     lease.acquire()

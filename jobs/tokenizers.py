@@ -20,8 +20,19 @@ def clean_captions(manifest: str, config: CleanConfig = CleanConfig()) -> list[s
     return [r["caption"] for r in clean(manifest_rows(read_manifest(manifest))) if is_ok(r)]
 
 
-def train_text(manifest: str, out: str, vocab_size: int = 8000, log=print) -> dict:
+def refuse_existing(out, overwrite: bool, what: str) -> None:
+    """A tokenizer that datasets may be pinned to (by its hash) is replaced only when asked."""
+    path = Path(out)
+    if overwrite or not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    raise FileExistsError(f"{out} already holds {what}: datasets built with it are pinned to its hash; pick a new "
+                          f"--out, or pass --overwrite to replace it")
+
+
+def train_text(manifest: str, out: str, vocab_size: int = 8000, log=print, overwrite: bool = False) -> dict:
     from clipforge.tokenizer.text import train_text_tokenizer
+
+    refuse_existing(out, overwrite, "a text tokenizer")
 
     captions = clean_captions(manifest)
     tok = train_text_tokenizer(captions, out, vocab_size=vocab_size)
@@ -59,7 +70,8 @@ def sample_frames(manifest: str, size: int, max_frames: int = 4000, seed: int = 
 def train_image(manifest: str, out: str, preset: str = "tiny", steps: int | None = None,
                 batch_size: int | None = None, max_frames: int = 4000, seed: int = 0, device: str | None = None,
                 max_minutes: float | None = None, resume: bool = False, lr: float | None = None,
-                eval_frames: int = 64, progress: bool = True, overrides: dict | None = None, log=print) -> dict:
+                eval_frames: int = 64, progress: bool = True, overrides: dict | None = None, log=print,
+                overwrite: bool = False) -> dict:
     """Sample frames from the manifest, train (or, with `resume`, continue) the preset, evaluate on a spread
     of the training frames. steps / batch_size / lr default to the preset's; `max_minutes` bounds this run;
     `overrides` replaces fields of the preset's VQConfig (e.g. {"encoder_kernel": 1, "padding": "replicate"})."""
@@ -70,6 +82,8 @@ def train_image(manifest: str, out: str, preset: str = "tiny", steps: int | None
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    if not resume:
+        refuse_existing(out, overwrite, "an image tokenizer (or other files)")
     config = replace(PRESETS[preset], **(overrides or {}))
     frames = sample_frames(manifest, config.image_size, max_frames, seed, progress)
     log(f"image tokenizer: training {preset}{' ' + json.dumps(overrides) if overrides else ''} on {len(frames)} frames")

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from clipforge.model.distributed import (all_reduce_mean, default_device, dist_context, rng_state, uses_bf16_autocast,
                                          set_rng_state, weights_digest)
 from clipforge.model.data import SequenceBuilder, ShardStream, make_loader, read_dataset_info, shard_urls, tokenizer_paths
-from clipforge.model.checkpoint import (copy_tokenizers, default_spans, load_checkpoint, model_from_checkpoint,
+from clipforge.model.checkpoint import (claim_run_folder, copy_tokenizers, default_spans, load_checkpoint, model_from_checkpoint,
                                         truncate_jsonl, write_json)
 from clipforge.model.gpt import STAGES, CogVideo, CogVideoConfig, default_window
 
@@ -119,7 +119,7 @@ def config_from_checkpoint(ckpt: dict) -> TrainConfig:
 
 
 def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig | None = None,
-          log: Callable[[str], None] | None = print, resume: bool = False) -> dict:
+          log: Callable[[str], None] | None = print, resume: bool = False, overwrite: bool = False) -> dict:
     """Train on DATASET's shards into RUN; returns {"train_loss", "val_loss", "steps", "seconds",
     "tokens_per_s", "params", "trainable_params", "stage", "ckpt", ...}.
 
@@ -141,6 +141,8 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
     config.validate()
     rank, world, device, joined = dist_context(config.device)
     master = rank == 0
+    if master and not resume:   # only rank 0 writes the run's files
+        claim_run_folder(run, overwrite)
     log = (log or (lambda msg: None)) if master else (lambda msg: None)
     torch.manual_seed(config.seed + rank)  # dropout differs between ranks, as it would with more data
     run.mkdir(parents=True, exist_ok=True)

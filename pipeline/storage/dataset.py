@@ -164,6 +164,26 @@ class DatasetInfo:
                                    f"({first_difference(a, b)})")
 
 
+# what a clipforge job writes at the top of a dataset folder: anything else there is the user's
+OWN_NAMES = frozenset({INFO_NAME, "progress.json", "lease", "commits", "shards", "index", "ledger", "wids",
+                       "keymap.parquet"})
+
+
+def check_output_folder(dest: Location) -> None:
+    """Refuse an output folder that holds anything but a clipforge dataset's own files: a job writes into
+    a new or empty folder, or continues its own dataset, and never mixes its files with a user's."""
+    import pyarrow.fs as pafs
+
+    if dest.exists(INFO_NAME):
+        return
+    infos = dest.fs.get_file_info(pafs.FileSelector(dest.path(), allow_not_found=True, recursive=False))
+    foreign = sorted(i.base_name for i in infos if i.base_name not in OWN_NAMES)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise DatasetError(f"{dest.url} is not empty and not a clipforge dataset (it holds {shown}): "
+                           f"write into a new or empty folder")
+
+
 def funnel_from_records(records: list[dict], inputs: int) -> dict:
     """inputs → videos decoded → clips → samples written, and failures by stage/reason.
 

@@ -90,7 +90,11 @@ def _barh(items: list, title: str, xlabel: str = "captions") -> str:
     fig = _figure(6.0, 0.3 * len(items) + 1.2)
     ax = fig.add_subplot()
     labels = [str(k) for k, _ in items][::-1]
-    bars = ax.barh(labels, [v for _, v in items][::-1], color="#7aa6d8", height=0.7)
+    bars = ax.barh(range(len(labels)), [v for _, v in items][::-1], color="#7aa6d8", height=0.7)
+    # captions are text, never markup: "$x$" in one must not go to matplotlib's math parser
+    ax.set_yticks(range(len(labels)), labels)
+    for tick in ax.get_yticklabels():
+        tick.set_parse_math(False)
     ax.bar_label(bars, labels=[f"{v:,}" for _, v in items][::-1], padding=3, fontsize=8)
     ax.margins(x=0.15)
     ax.set_xlim(left=0, right=None if any(v for _, v in items) else 1)

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 from clipforge.jobs.executor import run_tasks
 from clipforge.pipeline.build_shard import BuildShard, lost_inputs, previous_attempts
-from clipforge.pipeline.manifest import check_unique_ids, count_rows, iter_shard_slices, manifest_digest, manifest_rows
+from clipforge.pipeline.manifest import count_rows, iter_shard_slices, manifest_digest, manifest_rows, repeated_id_rows
 from clipforge.pipeline.stages import RUN_ONLY_FIELDS, BuildConfig, build_stages
 from clipforge.pipeline.storage.commits import (CommitLog, RunLease, collect_garbage, fingerprint_sha256,
                                                 shard_number)
@@ -108,8 +108,6 @@ def build(manifest: str, out: str, image_tokenizer: str, text_tokenizer: str,
             if commit_log.read():
                 raise DatasetError(f"{out} holds commit records but no dataset.json (another tool's or a damaged "
                                    f"dataset): build into a new --out")
-            if "id" in columns:
-                check_unique_ids(manifest)
             DatasetInfo.started(fingerprint, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())).write(dest)
         sha = fingerprint_sha256(fingerprint)
         accepted = commit_log.start_epoch(lease.epoch)
@@ -122,7 +120,8 @@ def build(manifest: str, out: str, image_tokenizer: str, text_tokenizer: str,
         log(f"build: {rows} inputs in {n_shards} shards; {len(skip)} already committed")
         tracker = ProgressTracker(dest, rows - sum(int(done[i]["inputs"]) for i in skip), n_shards - len(skip),
                                   progress)
-        descriptors = _descriptors(manifest, config.inputs_per_shard, skip, redo, dest)
+        repeated = repeated_id_rows(manifest) if "id" in columns else {}   # become ledger rows, never stop a build
+        descriptors = _descriptors(manifest, config.inputs_per_shard, skip, redo, dest, repeated)
         run = _Committer(commit_log, lease, tracker, config.commit_every_s)
         try:
             if config.runner == "ray":
@@ -188,10 +187,12 @@ def _fingerprint_config(config: BuildConfig) -> dict:
     return {k: v for k, v in asdict(config).items() if k not in RUN_ONLY_FIELDS}
 
 
-def _descriptors(manifest: str, per_shard: int, skip: frozenset, redo: dict, dest: Location) -> Iterator[dict]:
+def _descriptors(manifest: str, per_shard: int, skip: frozenset, redo: dict, dest: Location,
+                 repeated: dict[int, str]) -> Iterator[dict]:
     """Shard descriptors with their rows, streamed from the manifest (read once, in order)."""
     for shard, start, stop, rows in iter_shard_slices(manifest, per_shard, skip=skip):
-        d = {"shard": shard, "start": start, "stop": stop, "rows": rows}
+        d = {"shard": shard, "start": start, "stop": stop, "rows": rows,
+             "repeated_ids": {i: v for i, v in repeated.items() if start <= i < stop}}
         if shard in redo:
             d["attempts"] = previous_attempts(dest, redo[shard])
             d["replaces"] = redo[shard]["attempt"]
@@ -200,7 +201,7 @@ def _descriptors(manifest: str, per_shard: int, skip: frozenset, redo: dict, des
 
 def failed_shard(plan: BuildPlan, d: dict, err: BaseException) -> dict:
     """Every input of a shard whose task never succeeded becomes a transient ledger row."""
-    rows = list(manifest_rows(d["rows"], first_index=d["start"]))
+    rows = list(manifest_rows(d["rows"], first_index=d["start"], repeated_ids=d.get("repeated_ids")))
     message = f"the shard task failed {plan.config.task_attempts} times: {type(err).__name__}: {str(err)[:200]}"
     lost = [dict(r, error=message) for r in lost_inputs(rows, [])]
     record = plan.writer().write(d["shard"], lost, inputs=len(rows), attempts=d.get("attempts"),

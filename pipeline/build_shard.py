@@ -66,7 +66,7 @@ class BuildShard:
 
     def build(self, d: dict) -> dict:
         t0 = time.perf_counter()
-        inputs = list(manifest_rows(d["rows"], first_index=d["start"]))
+        inputs = list(manifest_rows(d["rows"], first_index=d["start"], repeated_ids=d.get("repeated_ids")))
         read_s = time.perf_counter() - t0
         stream: Iterator[dict] = iter(inputs)
         timed: list[tuple[str, TimedStage]] = []

@@ -68,13 +68,13 @@ def _printable(value):
     return value.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(value, str) else value
 
 
-def manifest_rows(df: pd.DataFrame, first_index: int = 0) -> Iterator[dict]:
+def manifest_rows(df: pd.DataFrame, first_index: int = 0, repeated_ids: dict[int, str] | None = None) -> Iterator[dict]:
     """One row dict per manifest row, in manifest order; `first_index` is the first row's position in
     the whole manifest (a worker reading its slice passes the slice's start).
 
     A row that cannot be used (empty or unparseable `video`, a NUL byte, text that is not UTF-8, ...)
-    becomes a `bad_manifest_row` error row and never raises; only an id repeated inside `df` raises
-    (the build checks ids over the whole manifest first, with `check_unique_ids`)."""
+    becomes a `bad_manifest_row` error row and never raises. So does a row whose id an earlier row has:
+    inside `df`, or anywhere before it in the manifest (`repeated_ids`, from `repeated_id_rows`)."""
     extras = [c for c in df.columns if c not in RESERVED]
     seen: set[str] = set()
     for offset, rec in enumerate(df.to_dict("records")):
@@ -85,8 +85,10 @@ def manifest_rows(df: pd.DataFrame, first_index: int = 0) -> Iterator[dict]:
             yield _bad_row(rec, row_index, None, extras, f"the `id` value cannot be read as text ({err})")
             continue
         if row_id is not None:
-            if row_id in seen:   # ids are checked unique over the whole manifest by the build; here too
-                raise ValueError(f"manifest row {row_index}: id {row_id!r} is used by an earlier row")
+            if row_id in seen or row_index in (repeated_ids or {}):   # the earlier row keeps the id's key
+                yield _bad_row(rec, row_index, None, extras,
+                               f"the id {_printable(row_id)[:200]!r} is used by an earlier row of the manifest")
+                continue
             seen.add(row_id)
         try:
             row = _manifest_row(rec, row_index, row_id, extras)
@@ -259,6 +261,37 @@ def check_unique_ids(path: str) -> None:
     dupes = [i for i, n in counts.items() if n > 1][:3]
     if dupes:
         raise ValueError(f"{path}: the `id` column repeats values, e.g. {dupes}; ids must be unique (or drop the column)")
+
+
+def repeated_id_rows(path: str) -> dict[int, str]:
+    """{row index: id} of every row whose `id` an earlier row already has (keys are made from ids, so
+    those rows become `bad_manifest_row` ledger rows; the first row with an id keeps it). The same two
+    bounded passes as `check_unique_ids`; the second one only when some hash repeats."""
+    parts = [_id_hashes(ids) for ids in _id_chunks(path)]
+    hashes = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
+    del parts
+    hashes.sort()
+    repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+    del hashes
+    if not len(repeated):
+        return {}
+    seen: set[str] = set()
+    out: dict[int, str] = {}
+    first = 0
+    for chunk in _raw_chunks(path, 1 << 18, columns=["id"]):
+        if not isinstance(chunk, pd.DataFrame):
+            chunk = chunk.to_pandas()
+        n = len(chunk)
+        if "id" in chunk.columns:
+            for offset, value in enumerate(chunk["id"].to_numpy(dtype=object)):
+                row_id = _row_id(value)
+                if row_id is None or not np.isin(_id_hashes(np.array([row_id], dtype=object)), repeated)[0]:
+                    continue
+                if row_id in seen:
+                    out[first + offset] = row_id
+                seen.add(row_id)
+        first += n
+    return out
 
 
 def iter_shard_slices(path: str, rows_per_shard: int, skip: set[int] | frozenset = frozenset(),

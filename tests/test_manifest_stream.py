@@ -147,6 +147,19 @@ def test_bad_rows_without_ids_get_keys_from_their_position():
     assert [r["status"] for r in rows] == ["error", "error", "ok"]
     assert rows[0]["key"] != rows[1]["key"] and "10" in rows[0]["key"] and "11" in rows[1]["key"]
     assert rows[0]["row_id"] == "r10"
-    df = pd.DataFrame({"video": ["/a.mp4", "/b.mp4"], "caption": ["a", "b"], "id": ["x", "x"]})
-    with pytest.raises(ValueError, match="used by an earlier row"):
-        list(manifest_rows(df))
+    # a repeated id is a row of its own in the ledger, inside a slice or from the manifest's earlier rows
+    df = pd.DataFrame({"video": ["/a.mp4", "/b.mp4", "/c.mp4"], "caption": ["a", "b", "c"], "id": ["x", "x", "y"]})
+    rows = list(manifest_rows(df, first_index=5, repeated_ids={7: "y"}))
+    assert [(r["status"], r.get("reason")) for r in rows] == [("ok", None), ("error", "bad_manifest_row"),
+                                                               ("error", "bad_manifest_row")]
+    assert "used by an earlier row" in rows[1]["error"] and len({r["key"] for r in rows}) == 3
+
+
+def test_repeated_ids_are_found_across_chunks_and_formats(tmp_path):
+    from clipforge.pipeline.manifest import repeated_id_rows
+
+    df = pd.DataFrame({"video": [f"/{i}.mp4" for i in range(8)], "caption": ["c"] * 8,
+                       "id": ["a", "b", None, "a", "", "c", "b", "a"]})
+    for name in ("m.parquet", "m.csv"):
+        path = _write(df, tmp_path / name) if name.endswith("csv") else _write(df, tmp_path / name, 3)
+        assert repeated_id_rows(str(path)) == {3: "a", 6: "b", 7: "a"}

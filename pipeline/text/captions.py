@@ -43,7 +43,7 @@ from clipforge.pipeline.text.tables import TableWriter, caption_column, iter_tab
 STAGE = "captions"
 MAX_PASSES = 6
 FLAGS = ("html", "ftfy", "mojibake", "url", "email", "handle", "control", "whitespace", "boilerplate",
-         "prefix", "truncated", "empty", "too_short")
+         "prefix", "truncated", "empty", "too_short", "raw_cut")   # raw_cut: the build kept only the original's start
 
 
 @dataclass(frozen=True)
@@ -379,6 +379,9 @@ def clean_caption(text, config: CleanConfig = CleanConfig()) -> tuple[str, list[
     return text, sorted(flags)
 
 
+RAW_CAPTION_CHARS = 8192   # of a caption's original text, kept in samples and the index
+
+
 class CleanCaption(Stage):
     """Stage: clean each ok row's caption.
 
@@ -408,11 +411,17 @@ class CleanCaption(Stage):
 
     def _clean(self, row: dict) -> dict:
         raw = row["caption_raw"] if isinstance(row.get("caption_raw"), str) else row.get("caption")
+        raw = raw if isinstance(raw, str) else as_text(raw)
+        # a caption of megabytes would be copied into every clip's KEY.json and the index: what is kept
+        # of the original (and cleaned) is bounded, and flagged when cut
+        cut = len(raw) > RAW_CAPTION_CHARS
+        raw = raw[:RAW_CAPTION_CHARS] if cut else raw
         clean, flags = clean_caption(raw, self.config)
+        flags = [*flags, "raw_cut"] if cut else flags
         self.counts.update(f"flag_{f}" for f in flags)
         script, language = script_and_language(clean)
         out = dict(row)
-        out.update(caption_raw=raw if isinstance(raw, str) else as_text(raw), caption=clean,
+        out.update(caption_raw=raw, caption=clean,
                    caption_flags=flags, caption_script=script, caption_language=language)
         if "empty" in flags:
             changed = [f for f in flags if f != "empty"]

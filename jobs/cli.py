@@ -6,9 +6,14 @@ underscores); flags given on the command line win. Bad input exits non-zero with
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
+
+
+# what a full disk, a quota, a read-only or too small filesystem say: the user's to fix, in one line
+USER_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG}
 
 
 def _cmd_synth(a):
@@ -122,6 +127,8 @@ def _cmd_verify(a):
     from clipforge.jobs.verify import verify_dataset
 
     report = verify_dataset(a.dataset, address=a.address, endpoint=a.endpoint)
+    if not report.get("shards") and report["problems"] and "dataset.json" in report["problems"][0]:
+        sys.exit(f"clipforge: error: {report['problems'][0]}")   # not a dataset at all: one line
     print(json.dumps(report, indent=2, default=str))
     if report["problems"]:
         sys.exit(1)
@@ -439,7 +446,12 @@ def _load_config(path: str) -> dict:
     text = Path(path).read_text()
     if path.endswith((".yaml", ".yml")):
         import yaml
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:   # a multi-line report with the offending text: one line of it
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"not valid YAML{where}: {getattr(err, 'problem', None) or type(err).__name__}") from None
     else:
         try:
             import tomllib                  # Python 3.11+
@@ -479,7 +491,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             values = _load_config(config_path)
         except (OSError, ValueError) as err:
-            parser.exit(2, f"clipforge: error: --config {config_path}: {err}\n")
+            parser.exit(2, f"clipforge: error: --config {config_path}: {' '.join(str(err).split())}\n")
         actions = {a.dest: a for a in leaf._actions}
         unknown = sorted(set(values) - set(actions))
         if unknown:
@@ -490,14 +502,21 @@ def main(argv: list[str] | None = None) -> None:
                 actions[dest].nargs = "?"
         leaf.set_defaults(**values)
     args = parser.parse_args(argv)
+    from clipforge.pipeline.errors import ClipforgeError
     from clipforge.pipeline.storage.commits import LeaseHeld, LeaseLost
 
     try:
         args.fn(args)
     except KeyboardInterrupt:
         parser.exit(130, "clipforge: interrupted\n")
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, PermissionError, IsADirectoryError,
-            LeaseHeld, LeaseLost) as err:
+    except OSError as err:
+        if err.errno not in USER_ERRNOS and not isinstance(err, (FileNotFoundError, FileExistsError,
+                                                                 PermissionError, IsADirectoryError,
+                                                                 NotADirectoryError)):
+            raise   # a bug or an unexpected system failure: keep the traceback
+        where = f" ({err.filename})" if getattr(err, "filename", None) and str(err.filename) not in str(err) else ""
+        parser.exit(2, f"clipforge: error: {' '.join(str(err).split())}{where}\n")
+    except (ClipforgeError, ValueError, KeyError, LeaseHeld, LeaseLost) as err:
         message = " ".join(str(err).split()) or type(err).__name__
         parser.exit(2, f"clipforge: error: {message}\n")
 

@@ -6,17 +6,21 @@ from pathlib import Path
 import numpy as np
 
 from clipforge.pipeline.video.clips import ClipConfig
-from clipforge.pipeline.video.decode import decode_video
-from clipforge.pipeline.video.isolate import IsolatedCall
+from clipforge.pipeline.video.decode import isolated_decoder
 from clipforge.pipeline.schema import video_id_for
 
 
 def plan_video(video: str, out: str | None = None, size: int = 160, frames: int = 5, mode: str = "sequential",
-               trim: float = 0.0, timeout_s: float = 120.0) -> dict:
+               trim: float = 0.0, timeout_s: float = 120.0, memory_limit_mb: int | None = 8192,
+               cpu_limit_s: float | None = None) -> dict:
     """SPEC §2's JSON: {"video", "decoder", "source", "clips": [...], "failure"}; with `out`, each clip's
-    frames as `.npy` (uint8 [T,S,S,3]) and a contact-sheet PNG (one row per clip)."""
+    frames as `.npy` (uint8 [T,S,S,3]) and a contact-sheet PNG (one row per clip).
+
+    The video is decoded as the build decodes it: in an isolated child with the same time, CPU-time and
+    memory limits and scrubbed environment (`isolated_decoder`), after the same content sniffing and
+    container allowlist (`decode_video`)."""
     config = ClipConfig(size=size, frames=frames, mode=mode, trim=trim)
-    call = IsolatedCall(decode_video, timeout_s)
+    call = isolated_decoder(timeout_s, memory_limit_mb, cpu_limit_s)
     try:
         outcome = call(video, config, video_id_for(video))
     finally:

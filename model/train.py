@@ -353,9 +353,11 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
                 "data": {"batches_per_rank": step * accum, "batch_size": config.batch_size},
                 "seconds": seconds, "world_size": world, "rank_weights_sha256": digests,
                 "freeze_base": freeze, "joint_image": joint}
-        tmp = run / (name + ".tmp")
-        torch.save(blob, tmp)
-        os.replace(tmp, run / name)
+        with open(run / (name + ".tmp"), "wb") as f:   # fsynced before the rename that publishes it
+            torch.save(blob, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(run / (name + ".tmp"), run / name)
         write_json(run / "latest.json", {
             "ckpt": name, "step": step, "stage": config.stage, "stages": stages, "train_loss": train_loss,
             **val, "eval_split": eval_split, "seconds": round(seconds, 1), "default_span": spans,

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from clipforge.pipeline.schema import OK, make_key, mark_error, video_id_for
-from clipforge.pipeline.storage.fs import is_url, open_url
+from clipforge.pipeline.storage.fs import is_url, open_url, redact_url
 from clipforge.pipeline.text.tables import iter_table, read_table, table_format
 
 RESERVED = ("video", "caption", "id", "start", "end")
@@ -119,7 +119,7 @@ def _manifest_row(rec: dict, row_index: int, row_id: str | None, extras: list) -
         raise _BadRow(f"the `video` value is not valid UTF-8 text: {_printable(source)[:200]}")
     if source:
         try:
-            video_id = video_id_for(source)
+            video_id = video_id_for(redact_url(source))   # one video, whatever credentials sign it
         except ValueError as err:   # urlsplit: "Invalid IPv6 URL", a bad port, ...
             raise _BadRow(f"the `video` value {source[:200]!r} is not a usable path or URL ({err})") from None
     else:

@@ -22,6 +22,7 @@ REASONS = {
     "bad_manifest_row": "the manifest row lacks a usable video path or caption",
     "missing": "the video file does not exist",
     "fetch_error": "a remote video could not be fetched (network, size limit): may succeed on a retry",
+    "fetch_refused": "the remote video's URL redirects where clipforge will not follow (private address, non-http)",
     "empty": "the video file has zero bytes",
     "not_a_video": "the file has no video stream or is not a media file",
     "unsupported_codec": "no decoder could open the video stream",

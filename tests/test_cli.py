@@ -66,7 +66,7 @@ def test_estimate_runs_a_pilot(corpus, image_tokenizer, text_tokenizer):
     pilot = __import__("pandas").read_parquet(corpus).sample(n=4, random_state=0)
     good = int((~pilot["broken"]).sum())
     assert 0 < good < 4                                    # the sample holds both kinds, or this proves little
-    assert est["pilot"]["clips"] == good and sum(est["pilot"]["failures"].values()) == 4 - good
+    assert est["pilot"]["clips"] == good and sum(est["pilot"]["failures"].values()) == 4 - good, est["pilot"]
     assert est["expected_samples"] == round(good / 4 * 10)
     assert est["failure_rate"] == (4 - good) / 4
     assert est["wall_hours"] > 0 and est["expected_bytes"] is not None and est["expected_bytes"] > 0

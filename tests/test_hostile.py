@@ -119,3 +119,92 @@ def test_the_audit_renders_captions_that_look_like_math(tmp_path):
     audit(str(manifest), str(tmp_path / "audit"))
     html = (tmp_path / "audit" / "report.html").read_text()
     assert "<img" in html and json.loads((tmp_path / "audit" / "summary.json").read_text())
+
+
+def _hostile_manifest(corpus, folder: Path) -> tuple[Path, list[int], list[int]]:
+    """Good videos mixed with 30 hostile rows, as JSON Lines (mixed types per column). Returns the
+    manifest, the rows that must give samples and the rows that must be ledger rows."""
+    good = pd.read_parquet(corpus)
+    good = good[~good["broken"]] if "broken" in good.columns else good
+    videos = [str(v) for v in good["video"]][:3]
+    folder.mkdir(parents=True, exist_ok=True)
+    playlist = folder / "list.m3u8"
+    playlist.write_text(f"#EXTM3U\n#EXTINF:1,\n{videos[0]}\n")
+    secret = "http://alice:SECRETPW@127.0.0.1:9/v.mp4?X-Amz-Security-Token=SECRETTOKEN&X-Amz-Signature=SECRETSIG"
+    hostile = [
+        {"video": "http://[::1/v.mp4", "caption": "a red circle moves left"},
+        {"video": "/videos/a\x00b.mp4", "caption": "a red circle moves left"},
+        {"video": "", "caption": "a red circle moves left"},
+        {"video": None, "caption": "a red circle moves left"},
+        {"video": 12345, "caption": "a red circle moves left"},
+        {"video": "ftp://example.invalid/v.mp4", "caption": "a red circle moves left"},
+        {"video": "s3://", "caption": "a red circle moves left"},
+        {"video": secret, "caption": "a red circle moves left"},
+        {"video": "https://bob:SECRETPW@127.0.0.1:9/x.mp4", "caption": "a blue square"},
+        {"video": str(playlist), "caption": "a playlist"},
+        {"video": str(folder), "caption": "a folder"},
+        {"video": str(folder / "missing.mp4"), "caption": "missing"},
+        {"video": videos[0], "caption": None},
+        {"video": videos[0], "caption": 12345},
+        {"video": videos[0], "caption": ["a", "list"]},
+        {"video": videos[0], "caption": {"a": "dict"}},
+        {"video": videos[0], "caption": ""},
+        {"video": videos[0], "caption": "\x00\x01\x02"},
+        {"video": videos[1], "caption": "a red circle moves left", "start": 1e308, "end": 1e308},
+        {"video": videos[1], "caption": "a red circle moves left", "start": 50, "end": 10},
+        {"video": videos[1], "caption": "a red circle moves left", "start": "abc", "end": "def"},
+        {"video": videos[1], "caption": "a red circle moves left", "start": -1e9, "end": -5},
+        {"video": videos[2], "caption": "a red circle moves left", "id": "dup"},
+        {"video": videos[2], "caption": "a red circle moves left", "id": "dup"},
+        {"video": videos[2], "caption": "a red circle moves left", "id": "dup"},
+        {"video": "../../../../etc/passwd", "caption": "a red circle moves left"},
+        {"video": "/dev/zero", "caption": "a red circle moves left"},
+        {"video": "file:///etc/hostname", "caption": "a red circle moves left"},
+        {"video": "x" * 5000 + ".mp4", "caption": "a red circle moves left"},
+        {"video": "http://127.0.0.1:9/" + "%00" * 10 + ".mp4", "caption": "a red circle moves left"},
+    ]
+    big = "a red circle moves left " * 900_000   # about 20 MB
+    rows = [{"video": v, "caption": c} for v, c in zip(videos, ["a red circle moves left", big, "a blue square"])]
+    rows += hostile
+    # the first "dup" row keeps its id; the duplicates must be ledger rows
+    manifest = folder / "hostile.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    must_sample = [0, 1, 2, 3 + 22]
+    return manifest, must_sample, [3 + 23, 3 + 24]
+
+
+def _check_hostile_build(out: Path, manifest: Path, must_sample: list[int], must_fail: list[int]) -> None:
+    from clipforge.pipeline.storage.shards import read_index, read_ledger
+
+    info = json.loads((out / "dataset.json").read_text())
+    rows = manifest.read_text().count("\n")
+    assert info["funnel"]["inputs"] == rows and info["funnel"]["accounted"], info["funnel"]
+    index, ledger = read_index(out), read_ledger(out)
+    assert set(must_sample) <= set(index.row_index), sorted(set(index.row_index))
+    assert set(must_fail) <= set(ledger.row_index)
+    assert set(index.row_index) | set(ledger.row_index) == set(range(rows))   # every row accounted
+    for path in out.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            for secret in (b"SECRETPW", b"SECRETTOKEN", b"SECRETSIG"):
+                assert secret not in data, (path, secret)
+            assert len(data) < 5_000_000, path   # the 20 MB caption is not copied into outputs
+
+
+def test_a_hostile_manifest_builds_to_completion_in_process(corpus, image_tokenizer, text_tokenizer, tmp_path):
+    manifest, must_sample, must_fail = _hostile_manifest(corpus, tmp_path / "in")
+    res = _run(*_build_args(manifest, tmp_path / "ds", image_tokenizer, text_tokenizer), "--inputs-per-shard", "8")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    _check_hostile_build(tmp_path / "ds", manifest, must_sample, must_fail)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_hostile_manifest_builds_to_completion_on_ray(corpus, image_tokenizer, text_tokenizer, tmp_path):
+    manifest, must_sample, must_fail = _hostile_manifest(corpus, tmp_path / "in")
+    args = _build_args(manifest, tmp_path / "ds", image_tokenizer, text_tokenizer)
+    args[args.index("local")] = "ray"
+    res = _run(*args, "--inputs-per-shard", "8")
+    assert res.returncode == 0, res.stderr[-2000:]
+    _check_hostile_build(tmp_path / "ds", manifest, must_sample, must_fail)

@@ -160,14 +160,23 @@ class ImageTokenizer:
              dtype: str = "float32", **kwargs) -> "ImageTokenizer":
         """Load config.json + weights.pt; device None picks CUDA when present. Extra keyword arguments
         (batch_size, channels_last) go to the constructor."""
+        from clipforge.pipeline.errors import ClipforgeError
+
         directory = Path(directory)
-        raw = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
-        known = {f.name for f in fields(VQConfig)}
-        config = VQConfig(**{k: v for k, v in raw.items() if k in known})
-        blob = (directory / WEIGHTS_FILE).read_bytes()
-        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-        model = VQVAE(config)
-        model.load_state_dict(state)
+        if not directory.is_dir() or not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
+            raise ClipforgeError(f"{directory} is not an image tokenizer folder (one with {CONFIG_FILE} and "
+                                 f"{WEIGHTS_FILE}, as `clipforge tokenizer train-image` writes)")
+        try:
+            raw = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+            known = {f.name for f in fields(VQConfig)}
+            config = VQConfig(**{k: v for k, v in raw.items() if k in known})
+            blob = (directory / WEIGHTS_FILE).read_bytes()
+            state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+            model = VQVAE(config)
+            model.load_state_dict(state)
+        except (ValueError, TypeError, RuntimeError, KeyError, EOFError) as err:
+            raise ClipforgeError(f"{directory}: not a readable image tokenizer ({type(err).__name__}: "
+                                 f"{' '.join(str(err).split())[:200]})") from None
         return cls(config, model, device=device, sha256=hashlib.sha256(blob).hexdigest(), dtype=dtype, **kwargs)
 
     # --- encode / decode ----------------------------------------------------------------------------
@@ -272,6 +281,19 @@ class ImageTokenizer:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
+    """All of `data` at `path` or the old file: written beside, fsynced, renamed, the folder fsynced (a
+    power loss after a checkpoint or tokenizer is "saved" must not leave it empty)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass   # some filesystems refuse fsync on a folder; the data itself is on disk

@@ -27,10 +27,18 @@ class TextTokenizer:
     """encode/decode captions; special-token ids are attributes (`pad_id`, `sep_id`, `boi_id`, ...)."""
 
     def __init__(self, model_path: str | os.PathLike):
+        from clipforge.pipeline.errors import ClipforgeError
+
         self.path = Path(model_path)
+        if not self.path.is_file():
+            raise ClipforgeError(f"{self.path} is not a text tokenizer file (a sentencepiece .model, as "
+                                 f"`clipforge tokenizer train-text` writes)")
         blob = self.path.read_bytes()
         self.sha256 = hashlib.sha256(blob).hexdigest()
-        self.sp = spm.SentencePieceProcessor(model_proto=blob)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=blob)
+        except (RuntimeError, OSError, ValueError) as err:
+            raise ClipforgeError(f"{self.path} is not a sentencepiece model ({' '.join(str(err).split())[:160]})") from None
         self.vocab_size = self.sp.get_piece_size()
         self.pad_id = self.sp.pad_id()
         self.unk_id = self.sp.unk_id()

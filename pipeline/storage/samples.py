@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from clipforge.pipeline.storage.fs import redact_url
+
 REQUIRED_MEMBERS = ("json", "txt", "vtok.npy", "ttok.npy")
 
 
@@ -95,7 +97,7 @@ def sample_metadata(row: dict, layout: dict) -> dict:
         "key": _typed(row.get("key"), str),
         "row_id": _typed(row.get("row_id"), str),
         "video_id": _typed(row.get("video_id"), str),
-        "source": _typed(row.get("source"), str),
+        "source": _typed(redact_url(row["source"]) if isinstance(row.get("source"), str) else None, str),
         "row_index": _typed(row.get("row_index"), int),
         "clip_index": _typed(row.get("clip_index"), int),
         "clips_total": _typed(row.get("clips_total"), int),

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from clipforge.pipeline.schema import TRANSIENT, is_ok
 from clipforge.pipeline.storage.commits import CommitLog, parallel_map, shard_name, write_attempt
 from clipforge.pipeline.storage.dataset import DatasetInfo
-from clipforge.pipeline.storage.fs import Location, as_location
+from clipforge.pipeline.storage.fs import Location, as_location, redact_url
 from clipforge.pipeline.storage.samples import encode_sample, sample_metadata
 from clipforge.pipeline.storage.tarwriter import FastTarWriter
 
@@ -156,10 +156,21 @@ def shard_urls(dataset, split: str | None = "train") -> list[str]:
     return [out.child_url(r["files"]["tar"]["name"]) for r in read_records(out, split)]
 
 
+def _redacted(source):
+    """A stored URL never carries credentials or signatures (`fs.redact_url`)."""
+    return redact_url(source) if isinstance(source, str) else source
+
+
+def _scrubbed(message, source):
+    if isinstance(message, str) and isinstance(source, str) and source and source in message:
+        return message.replace(source, redact_url(source))
+    return message
+
+
 def _index_row(row: dict, shard: str, size: int) -> dict:
     ts = row.get("timestamps") or [None]
     return {"key": row["key"], "shard": shard, "video_id": row.get("video_id"), "row_id": row.get("row_id"),
-            "source": row.get("source"), "row_index": row.get("row_index"), "clip_index": row.get("clip_index"),
+            "source": _redacted(row.get("source")), "row_index": row.get("row_index"), "clip_index": row.get("clip_index"),
             "caption": row.get("caption"), "caption_raw": row.get("caption_raw"),
             "caption_tokens": row.get("caption_tokens"), "caption_cut": row.get("caption_cut"),
             "mode": row.get("mode"), "rate": row.get("rate"), "span": row.get("span"),
@@ -169,6 +180,6 @@ def _index_row(row: dict, shard: str, size: int) -> dict:
 
 def _ledger_row(row: dict, shard: str, attempts: int) -> dict:
     return {"row_index": row.get("row_index"), "video_id": row.get("video_id"), "row_id": row.get("row_id"),
-            "source": row.get("source"), "key": row.get("key"), "shard": shard, "stage": row.get("stage"),
-            "reason": row.get("reason"), "message": row.get("error"), "attempts": attempts,
+            "source": _redacted(row.get("source")), "key": row.get("key"), "shard": shard, "stage": row.get("stage"),
+            "reason": row.get("reason"), "message": _scrubbed(row.get("error"), row.get("source")), "attempts": attempts,
             "transient": row.get("reason") in TRANSIENT}

@@ -81,6 +81,21 @@ def _dataset_files(path: Path) -> list[Path]:
 
 def iter_table(path, chunk_rows: int = 200_000, all_text: bool = False,
                columns: Iterable[str] | None = None) -> Iterator[pd.DataFrame]:
+    """`read_chunks` (below), with an unreadable file said in one line that names it."""
+    import pyarrow as pa
+
+    from clipforge.pipeline.errors import ClipforgeError
+
+    try:
+        yield from read_chunks(path, chunk_rows, all_text, columns)
+    except pd.errors.EmptyDataError:
+        raise ClipforgeError(f"{path}: the file is empty (no header row)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, pa.ArrowInvalid) as err:
+        raise ClipforgeError(f"{path}: cannot be read as a table ({' '.join(str(err).split())[:200]})") from None
+
+
+def read_chunks(path, chunk_rows: int = 200_000, all_text: bool = False,
+                columns: Iterable[str] | None = None) -> Iterator[pd.DataFrame]:
     """Read a table in chunks of at most `chunk_rows` rows (bounded memory on any size).
 
     parquet (or a dataset directory: its index/*.parquet), csv (delimiter sniffed from the header:

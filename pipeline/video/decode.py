@@ -6,10 +6,17 @@ crop); it raises `DecodeFailure(reason, message)` for bad input. Every result na
 container gets which and why. `DecodeVideo` is the stage: it runs
 `decode_video` in an isolated child process (see `pipeline/isolate.py`), because a decord hang cannot be
 interrupted from Python, and turns every failure into an error row.
+
+Untrusted input (docs/decode.md, "Untrusted files"): before any decoder opens a file, `sniff` refuses
+playlists and lists that name other files (HLS, ffconcat, SDP, DASH, PLS) and plain text, by content,
+whatever the extension; PyAV opens only the demuxers in `CONTAINER_ALLOWLIST` and only the `file`
+protocol (`open_container`), and `probe` checks the demuxer it got against the same list, so decord
+(which cannot be given options) only ever sees a file PyAV accepted.
 """
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from typing import Iterator
@@ -40,6 +47,34 @@ NO_PTS = frozenset({"avi"})
 # off on a moving scene differs by tens, a GOP off by more.
 PROOF_TOL = 8.0
 
+# The demuxers we open (ffmpeg names; PyAV's `container.format.name` is a comma list of them, e.g.
+# "mov,mp4,m4a,3gp,3g2,mj2"). Everything the conformance corpus and the shared real files use, plus ASF
+# (wmv) and GIF. Not raw elementary streams (h264, hevc, …), images, and above all no demuxer that opens
+# other files or sockets (hls, concat, dash, sdp, rtp, rtsp, image2, imf, lavfi, tty).
+CONTAINER_ALLOWLIST = ("mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "avi", "flv", "mpeg",
+                       "mpegts", "ogg", "asf", "gif")
+# Given to every av.open: ffmpeg refuses any other demuxer after probing and before reading the header,
+# and any protocol but local files, also for files a demuxer would open on its own.
+OPEN_OPTIONS = {"format_whitelist": ",".join(CONTAINER_ALLOWLIST), "protocol_whitelist": "file"}
+# A fetched file keeps its URL's extension only when it is one of these (a URL ending in .m3u8 is saved
+# without one): ffmpeg's probing uses the name as a hint.
+VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".3gp", ".3g2", ".mj2", ".mkv", ".webm", ".avi", ".flv",
+                              ".mpg", ".mpeg", ".vob", ".ts", ".m2ts", ".mts", ".ogg", ".ogv", ".asf", ".wmv",
+                              ".gif"})
+SNIFF_BYTES = 4096
+# Text formats that make ffmpeg open other files or sockets, by how they start (after an optional BOM
+# and whitespace, compared case-insensitively).
+REFERENCING_PREFIXES = (
+    (b"#extm3u", "an HLS/M3U playlist"),
+    (b"#ext-x-", "an HLS playlist"),
+    (b"ffconcat version", "an ffconcat list"),
+    (b"v=0", "an SDP session description"),
+    (b"[playlist]", "a PLS playlist"),
+    (b"<?xml", "an XML document (DASH/IMF manifest)"),
+    (b"<mpd", "a DASH manifest"),
+)
+FILE_LINE = re.compile(rb"^[ \t]*file[ \t]+['\"]", re.IGNORECASE | re.MULTILINE)   # concat's `file '…'`
+
 
 class DecodeFailure(WorkerFailure):
     """Bad input: the reason (one of schema.REASONS) goes to the ledger."""
@@ -50,19 +85,82 @@ class ClockMismatch(Exception):
     B-frames in AVI): the plan must be made on the decoded pictures' own clock."""
 
 
+def container_allowed(format_name: str) -> bool:
+    """Whether a demuxer name as PyAV reports it ("mov,mp4,m4a,3gp,3g2,mj2") is on the allowlist."""
+    return any(name.strip() in CONTAINER_ALLOWLIST for name in (format_name or "").split(","))
+
+
+def open_container(path: str):
+    """av.open restricted to the allowlisted demuxers and to local files (see `OPEN_OPTIONS`)."""
+    import av
+
+    return av.open(path, container_options=dict(OPEN_OPTIONS))
+
+
+def _is_plain_text(head: bytes) -> bool:
+    """No NUL byte, valid UTF-8 (a character cut at the end excepted), every character printable or
+    whitespace. Every container we accept has binary bytes in its first KiB."""
+    if b"\0" in head:
+        return False
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 3:
+            return False
+        text = head[:err.start].decode("utf-8")
+    return all(c.isprintable() or c in "\t\n\r\f\v" for c in text)
+
+
+def sniff(path: str) -> None:
+    """Refuse, by content and whatever the name, what must never reach a demuxer: playlists and lists
+    that make ffmpeg open other files or sockets (HLS .m3u8, ffconcat, SDP, DASH, PLS) and plain text.
+    Raises DecodeFailure("not_a_video", …)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError as err:
+        raise DecodeFailure("not_a_video", f"cannot read: {err}") from None
+    start = head
+    while True:   # BOMs and whitespace, in any order
+        stripped = start.lstrip(b" \t\r\n\f\v")
+        stripped = stripped[3:] if stripped.startswith(b"\xef\xbb\xbf") else stripped
+        if stripped == start:
+            break
+        start = stripped
+    lowered = start[:32].lower()
+    for prefix, what in REFERENCING_PREFIXES:
+        if lowered.startswith(prefix):
+            raise DecodeFailure("not_a_video", f"{what}, not a video: files that name other files are refused")
+    if FILE_LINE.search(head):
+        raise DecodeFailure("not_a_video", "an ffconcat list (`file '…'` lines), not a video: files that name "
+                                           "other files are refused")
+    if _is_plain_text(head):
+        raise DecodeFailure("not_a_video", "plain text, not a video")
+
+
 def probe(path: str) -> dict:
-    """Container and stream facts from PyAV (decord exposes neither rotation nor the stream choice)."""
+    """Container and stream facts from PyAV (decord exposes neither rotation nor the stream choice).
+    The file is sniffed first, and only an allowlisted container is accepted."""
     import av
 
     if not os.path.exists(path):
         raise DecodeFailure("missing", f"no such file: {path}")
+    if not os.path.isfile(path):   # a FIFO or a device would block or never end
+        raise DecodeFailure("not_a_video", f"not a regular file: {path}")
     if os.path.getsize(path) == 0:
         raise DecodeFailure("empty", f"zero-byte file: {path}")
+    sniff(path)
     try:
-        container = av.open(path)
+        container = open_container(path)
+    except av.error.ArgumentError as err:   # EINVAL: what the format whitelist answers
+        raise DecodeFailure("unsupported_codec", f"cannot open: not a container we decode "
+                                                 f"({', '.join(CONTAINER_ALLOWLIST)}): {err}") from None
     except av.error.FFmpegError as err:
         raise DecodeFailure("not_a_video", f"cannot open: {err}") from None
     with container:
+        if not container_allowed(container.format.name):
+            raise DecodeFailure("unsupported_codec", f"container {container.format.name}: not a container we "
+                                                     f"decode ({', '.join(CONTAINER_ALLOWLIST)})")
         streams = list(container.streams.video)
         if not streams:
             raise DecodeFailure("not_a_video", "no video stream")
@@ -111,7 +209,7 @@ def demux_timeline(path: str, stream_index: int, fps: float | None, duration: fl
     import av
 
     try:
-        with av.open(path) as container:
+        with open_container(path) as container:
             stream = container.streams[stream_index]
             tb = float(stream.time_base)
             packets = [(p.pts, p.duration or 0, p.is_keyframe) for p in container.demux(stream) if p.pts is not None]
@@ -136,7 +234,7 @@ def decode_timeline(path: str, stream_index: int, fps: float | None, duration: f
 
     raw, keys, last = [], [], 0.0
     try:
-        with av.open(path) as container:
+        with open_container(path) as container:
             stream = container.streams[stream_index]
             stream.thread_count = 1
             tb = float(stream.time_base)
@@ -263,6 +361,15 @@ def read_with_decord(path: str, facts: dict, timeline: Timeline, wanted: list[in
     return frames, reader
 
 
+def isolated_decoder(timeout_s: float, memory_limit_mb: int | None = 8192,
+                     cpu_limit_s: float | None = None) -> IsolatedCall:
+    """`decode_video` in a persistent isolated child (wall-clock, CPU-time and address-space limits, a
+    scrubbed environment; see `isolate.py`); cpu_limit_s defaults to twice the time limit plus 10 s.
+    Used by `DecodeVideo` and by `clipforge clips`."""
+    cpu = cpu_limit_s if cpu_limit_s is not None else 2 * timeout_s + 10
+    return IsolatedCall(decode_video, timeout_s, memory_limit_mb, cpu_limit_s=cpu, init=import_decoders)
+
+
 def import_decoders() -> None:
     """Run once in each decode child before it reports ready, so import time never counts against a video."""
     import av  # noqa: F401
@@ -335,7 +442,7 @@ class PyAVReader:
         got: dict[int, np.ndarray] = {}
         failed = None
         try:
-            with av.open(self.path) as container:
+            with open_container(self.path) as container:
                 stream = container.streams[self.stream_index]
                 stream.thread_count = 1
                 if self.clock == "demux" and self.key_index:
@@ -416,19 +523,22 @@ class DecodeVideo(Stage):
 
     Input keys: video_id, source, start?, end?. Output keys per clip: key, clip_index, clips_total, mode,
     rate, span, frame_indices, timestamps, crop, decoder, clock, source_info, frames (uint8 [T,S,S,3]).
-    Reasons: missing, empty, not_a_video, unsupported_codec, too_short, decode_error, timeout, worker_crash,
-    internal_error (an exception that is not a DecodeFailure: a bug in our code, retryable).
+    Reasons: bad_manifest_row (outside video_root), missing, empty, not_a_video, unsupported_codec,
+    too_short, decode_error, timeout, worker_crash, internal_error (an exception that is not a
+    DecodeFailure: a bug in our code, retryable).
     cpu_limit_s: CPU seconds per video in the child (default: twice the time limit plus 10 s).
+    video_root: when set, a local source whose real path (symlinks resolved) is not under this folder is
+    refused (`bad_manifest_row`, "outside the video root"), and the decoder is given the resolved path.
     """
 
     def __init__(self, config: ClipConfig = ClipConfig(), timeout_s: float = 120.0,
-                 memory_limit_mb: int | None = 8192, isolate: bool = True, cpu_limit_s: float | None = None):
+                 memory_limit_mb: int | None = 8192, isolate: bool = True, cpu_limit_s: float | None = None,
+                 video_root: str | None = None):
         super().__init__()
         self.config = config
         self.fetch_max_bytes, self.fetch_timeout_s = 4 << 30, max(timeout_s, 60.0)
-        cpu = cpu_limit_s if cpu_limit_s is not None else 2 * timeout_s + 10
-        self.call = IsolatedCall(decode_video, timeout_s, memory_limit_mb, cpu_limit_s=cpu,
-                                 init=import_decoders) if isolate else None
+        self.video_root = os.path.realpath(video_root) if video_root else None
+        self.call = isolated_decoder(timeout_s, memory_limit_mb, cpu_limit_s) if isolate else None
 
     name = STAGE
     produces_clips = True
@@ -437,7 +547,8 @@ class DecodeVideo(Stage):
         self.counts["inputs"] += 1
         if is_remote_video(row["source"]):   # s3://, gs://, http(s)://: fetched here, decoded locally
             with tempfile.TemporaryDirectory(prefix="clipforge-fetch-") as tmp:
-                local = os.path.join(tmp, "video" + os.path.splitext(row["source"].split("?")[0])[1][:8])
+                ext = os.path.splitext(row["source"].split("?")[0].split("#")[0])[1].lower()
+                local = os.path.join(tmp, "video" + (ext if ext in VIDEO_EXTENSIONS else ""))
                 try:
                     fetch(row["source"], local, max_bytes=self.fetch_max_bytes, timeout_s=self.fetch_timeout_s)
                 except FetchError as err:
@@ -445,7 +556,14 @@ class DecodeVideo(Stage):
                     return
                 yield from self._decode_local(row, local)
             return
-        yield from self._decode_local(row, row["source"])
+        path = row["source"]
+        if self.video_root is not None:
+            path = os.path.realpath(path)
+            if os.path.commonpath([path, self.video_root]) != self.video_root:
+                yield mark_error(row, STAGE, "bad_manifest_row",
+                                 f"{row['source']}: outside the video root {self.video_root}")
+                return
+        yield from self._decode_local(row, path)
 
     def _decode_local(self, row: dict, path: str) -> Iterator[dict]:
         args = (path, self.config, row["video_id"], row.get("start"), row.get("end"))

@@ -13,6 +13,14 @@ child (spawned once, reused for every call, so the cost is paid once per stage i
 - **no orphans**: on Linux the child asks the kernel for SIGKILL when its parent dies
   (prctl PR_SET_PDEATHSIG), and a watchdog thread exits the child when its parent pid changes (the
   fallback where prctl is missing; it cannot help a child stuck holding the GIL, prctl can);
+- **no credentials**: the child removes from its environment every variable that may hold one
+  (`scrub_environment`: names starting with AWS_, GOOGLE_, GCS_, AZURE_, HF_, or containing TOKEN, SECRET,
+  PASSWORD, PASSWD, CREDENTIAL, KEY, AUTH; fetching happens in the parent, the child reads local files
+  only), before its imports and `init`, and on Linux wipes their bytes from its initial environment block
+  too, so /proc/<child>/environ no longer shows them. (A spawned child cannot be given its own
+  environment by multiprocessing; it inherits the parent's and scrubs it first thing);
+- **first to go**: on Linux the child sets its oom_score_adj to 1000, so the OOM killer takes a decoder
+  before the worker that runs it;
 - **honest reasons**: a `WorkerFailure` (bad input, e.g. `DecodeFailure`) comes back with its own
   reason; any other exception is a bug in our code and comes back as the retryable `internal_error`.
 """
@@ -28,6 +36,10 @@ import traceback
 
 PR_SET_PDEATHSIG = 1          # from <linux/prctl.h>
 WATCHDOG_PERIOD_S = 1.0
+# Environment variables the child must not keep: names starting with one of these, or containing one of
+# the words (both case-insensitive).
+SECRET_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "AZURE_", "HF_")
+SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "KEY", "AUTH")
 
 
 class WorkerFailure(Exception):
@@ -60,6 +72,69 @@ def die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
+def is_secret_name(name: str) -> bool:
+    upper = name.upper()
+    return upper.startswith(SECRET_PREFIXES) or any(word in upper for word in SECRET_WORDS)
+
+
+def scrub_environment() -> list[str]:
+    """Remove every credential-like variable from this process's environment (os.environ and the C
+    environment, so libraries and subprocesses do not see them either); on Linux also overwrite them in
+    the initial environment block the kernel shows as /proc/self/environ. Returns the removed names."""
+    removed = [name for name in list(os.environ) if is_secret_name(name)]
+    for name in removed:
+        del os.environ[name]   # unsetenv too
+    if removed and sys.platform.startswith("linux"):
+        try:
+            _wipe_initial_environ(set(removed))
+        except Exception:   # noqa: BLE001 — best effort: os.environ and the C environment are clean already
+            pass
+    return removed
+
+
+def _wipe_initial_environ(names: set) -> None:
+    """Zero the `NAME=value` strings of `names` in the environment block that execve left on the stack
+    (unsetenv only drops the pointers to them). Touches memory only after checking that the kernel's
+    env_start..env_end lies in a writable mapping and holds exactly what /proc/self/environ shows."""
+    import ctypes
+
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    start, end = int(fields[50 - 3]), int(fields[51 - 3])   # fields 50 and 51 of proc(5); [0] is field 3
+    if not 0 < start < end:
+        return
+    writable = False
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, perms = line.split()[:2]
+            low, high = (int(x, 16) for x in span.split("-"))
+            if low <= start and end <= high and perms.startswith("rw"):
+                writable = True
+                break
+    if not writable:
+        return
+    with open("/proc/self/environ", "rb") as f:
+        shown = f.read()
+    block = ctypes.string_at(start, end - start)
+    if block != shown:
+        return
+    offset = 0
+    for entry in block.split(b"\0"):
+        name = entry.split(b"=", 1)[0].decode("utf-8", "replace")
+        if entry and name in names and name not in os.environ:
+            ctypes.memset(start + offset, 0, len(entry))
+        offset += len(entry) + 1
+
+
+def oom_kill_first() -> None:
+    """Ask the Linux OOM killer to take this process first (best effort)."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
+
+
 def _arm_cpu_limit(seconds: float | None) -> None:
     """RLIMIT_CPU counts the process's whole life, so each call gets `seconds` on top of what is used."""
     if not seconds:
@@ -78,6 +153,8 @@ def _arm_cpu_limit(seconds: float | None) -> None:
 def _child_main(conn, fn, memory_limit_mb, cpu_limit_s, parent_pid, init):
     import resource
 
+    scrub_environment()   # first: before the decoders are imported and before any input is read
+    oom_kill_first()
     die_with_parent(parent_pid)
     # a child killed by SIGXCPU would otherwise leave a core file in the working directory
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))

@@ -208,3 +208,21 @@ def test_a_hostile_manifest_builds_to_completion_on_ray(corpus, image_tokenizer,
     res = _run(*args, "--inputs-per-shard", "8")
     assert res.returncode == 0, res.stderr[-2000:]
     _check_hostile_build(tmp_path / "ds", manifest, must_sample, must_fail)
+
+
+def test_fetch_folders_of_killed_processes_are_removed(tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    from clipforge.pipeline.video.decode import FETCH_PREFIX, remove_stale_fetches
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"{FETCH_PREFIX}{int(dead.stdout)}-abc"
+    live = tmp_path / f"{FETCH_PREFIX}{os.getpid()}-def"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "video.mp4").write_bytes(b"\0" * 1000)
+    (tmp_path / "users-folder").mkdir()
+    assert remove_stale_fetches() == 1
+    assert not stale.exists() and live.exists() and (tmp_path / "users-folder").exists()

@@ -518,6 +518,31 @@ class PyAVReader:
                 break
 
 
+FETCH_PREFIX = "clipforge-fetch-"   # + the fetching process's pid: a folder whose process is gone is stale
+
+
+def remove_stale_fetches() -> int:
+    """Remove the fetch folders (up to 4 GB each) of processes that were killed before they could clean up."""
+    import shutil
+
+    removed = 0
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        pid = name[len(FETCH_PREFIX):].split("-", 1)[0] if name.startswith(FETCH_PREFIX) else ""
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue   # its process still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        removed += 1
+    return removed
+
+
 class DecodeVideo(Stage):
     """Stage: one manifest row in, one row per clip out (or one error row).
 
@@ -539,6 +564,7 @@ class DecodeVideo(Stage):
         self.fetch_max_bytes, self.fetch_timeout_s = 4 << 30, max(timeout_s, 60.0)
         self.video_root = os.path.realpath(video_root) if video_root else None
         self.call = isolated_decoder(timeout_s, memory_limit_mb, cpu_limit_s) if isolate else None
+        remove_stale_fetches()
 
     name = STAGE
     produces_clips = True
@@ -546,7 +572,7 @@ class DecodeVideo(Stage):
     def process(self, row: dict) -> Iterator[dict]:
         self.counts["inputs"] += 1
         if is_remote_video(row["source"]):   # s3://, gs://, http(s)://: fetched here, decoded locally
-            with tempfile.TemporaryDirectory(prefix="clipforge-fetch-") as tmp:
+            with tempfile.TemporaryDirectory(prefix=f"{FETCH_PREFIX}{os.getpid()}-") as tmp:
                 ext = os.path.splitext(row["source"].split("?")[0].split("#")[0])[1].lower()
                 local = os.path.join(tmp, "video" + (ext if ext in VIDEO_EXTENSIONS else ""))
                 try:

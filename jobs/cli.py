@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
             raise   # a bug or an unexpected system failure: keep the traceback
         where = f" ({err.filename})" if getattr(err, "filename", None) and str(err.filename) not in str(err) else ""
         parser.exit(2, f"clipforge: error: {' '.join(str(err).split())}{where}\n")
-    except (ClipforgeError, ValueError, KeyError, LeaseHeld, LeaseLost) as err:
+    except (ClipforgeError, ValueError, LeaseHeld, LeaseLost) as err:   # a KeyError is a bug: traceback
         message = " ".join(str(err).split()) or type(err).__name__
         parser.exit(2, f"clipforge: error: {message}\n")
 

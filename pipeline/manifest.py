@@ -240,18 +240,22 @@ def _id_chunks(path: str) -> Iterator[np.ndarray]:
             yield _id_strings(chunk["id"].to_numpy(dtype=object))
 
 
+def _repeated_hashes(path: str) -> np.ndarray:
+    """The 8-byte hashes that more than one row's id has (sorted, unique): one streaming pass."""
+    parts = [_id_hashes(ids) for ids in _id_chunks(path)]
+    hashes = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
+    del parts
+    hashes.sort()
+    return np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+
+
 def check_unique_ids(path: str) -> None:
     """Refuse a manifest whose `id` column repeats a value (keys are made from it). Any format.
 
     Streams the column twice at most, in bounded memory: 8-byte hashes of every id (sorted to find
     hashes seen twice), then, only if some hash repeats, the ids behind those hashes, to tell a true
     repeat from a hash collision. Rows without an id (null, "", "nan", "None") are not compared."""
-    parts = [_id_hashes(ids) for ids in _id_chunks(path)]
-    hashes = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
-    del parts
-    hashes.sort()
-    repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
-    del hashes
+    repeated = _repeated_hashes(path)
     if not len(repeated):
         return
     counts: dict[str, int] = {}   # in order of first appearance
@@ -267,12 +271,7 @@ def repeated_id_rows(path: str) -> dict[int, str]:
     """{row index: id} of every row whose `id` an earlier row already has (keys are made from ids, so
     those rows become `bad_manifest_row` ledger rows; the first row with an id keeps it). The same two
     bounded passes as `check_unique_ids`; the second one only when some hash repeats."""
-    parts = [_id_hashes(ids) for ids in _id_chunks(path)]
-    hashes = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
-    del parts
-    hashes.sort()
-    repeated = np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
-    del hashes
+    repeated = _repeated_hashes(path)
     if not len(repeated):
         return {}
     seen: set[str] = set()

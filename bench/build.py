@@ -82,7 +82,10 @@ def stages_alone(manifest: Path, image: Path, text: Path, config) -> dict:
 def run_build(manifest: Path, image: Path, text: Path, config, out: Path) -> dict:
     from clipforge.jobs.build import build
 
-    shutil.rmtree(out, ignore_errors=True)
+    if out.exists():   # only a dataset this benchmark built (under --dir) is replaced, never other files
+        if not (out / "dataset.json").exists():
+            raise SystemExit(f"{out} exists and is not a dataset this benchmark built: pick another --dir")
+        shutil.rmtree(out)
     t = time.perf_counter()
     info = build(str(manifest), str(out), str(image), str(text), config, progress=False, log=lambda *_: None)
     seconds = time.perf_counter() - t

@@ -16,8 +16,8 @@ Prints one JSON object:
   writes and the lease take the object-store path (through the slow fs) rather than plain os calls.
   Goal: resume + completion <= 60 s at 100k shards.
 - `task_slice_rss`: the extra RSS of one shard task's 64 manifest rows, each number from a fresh process:
-  the slice shipped pickled in the task's descriptor (`iter_shard_slices` on the driver, then
-  unpickle + `manifest_rows` in the task) against the old way (the task reads the manifest's row group
+  the slice shipped as Arrow IPC bytes in the task's descriptor (`iter_shard_slices` on the driver,
+  then read back + `manifest_rows` in the task) against the old way (the task reads the manifest's row group
   with `ParquetFile.read_row_group` and slices 64 rows), on a 1,048,576-row manifest in one row group.
   Goal: < 50 MB.
 - `machine`: platform, cpus, python.
@@ -343,9 +343,8 @@ def reset_peak() -> bool:
 
 
 def rss_prepare(work: str) -> dict:
-    """Fresh process: the manifest (one row group) and the pickled first 64-row slice, as the driver ships it."""
-    import pickle
-
+    """Fresh process: the manifest (one row group) and the first 64-row slice as Arrow IPC bytes, the size
+    of what the driver ships."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -367,40 +366,54 @@ def rss_prepare(work: str) -> dict:
     slices.close()
     first_slice_s = time.perf_counter() - t
     driver_peak = round(rss_mb("VmHWM") - before, 1) if peak_reset else None
-    blob = pickle.dumps({"shard": shard, "start": start, "stop": stop, "rows": df}, protocol=5)
-    with open(os.path.join(work, "slice.pkl"), "wb") as f:
+    blob = arrow_bytes(df)
+    with open(os.path.join(work, f"slice-{start}.arrow"), "wb") as f:
         f.write(blob)
     return {"path": path, "rows": n, "row_groups": groups, "file_mb": round(os.path.getsize(path) / 2**20, 1),
-            "slice_rows": len(df), "pickled_slice_bytes": len(blob), "driver_first_slice_s": round(first_slice_s, 2),
+            "slice_rows": len(df), "slice_bytes": len(blob), "driver_first_slice_s": round(first_slice_s, 2),
             "driver_first_slice_extra_peak_rss_mb": driver_peak}
+
+
+def arrow_bytes(df) -> bytes:
+    """A slice as an Arrow IPC stream (no pickle)."""
+    import pyarrow as pa
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def from_arrow_bytes(blob: bytes):
+    import pyarrow as pa
+
+    return pa.ipc.open_stream(blob).read_all().to_pandas()
 
 
 def _warm_imports() -> None:
     """Load what any task has loaded (pandas, pyarrow strings, manifest_rows) so that only the slice counts."""
-    import pickle
-
     import pandas as pd
     import pyarrow.parquet  # noqa: F401
 
     from clipforge.pipeline.manifest import manifest_rows
 
     df = pd.DataFrame({"video": ["/a.mp4", "/b.mp4"], "caption": ["x", "y"], "id": ["a", "b"]})
-    list(manifest_rows(pickle.loads(pickle.dumps(df, protocol=5)), 0))
+    list(manifest_rows(from_arrow_bytes(arrow_bytes(df)), 0))
 
 
-def rss_task(pickled: str) -> dict:
-    """Fresh process: a task unpickles its descriptor and makes its rows."""
+def rss_task(slice_file: str) -> dict:
+    """Fresh process: a task reads its slice back and makes its rows."""
     import gc
-    import pickle
 
     from clipforge.pipeline.manifest import manifest_rows
 
     _warm_imports()
     gc.collect()
     before, peak_reset = rss_mb(), reset_peak()
-    with open(pickled, "rb") as f:
-        d = pickle.loads(f.read())
-    rows = list(manifest_rows(d["rows"], d["start"]))
+    with open(slice_file, "rb") as f:
+        start = int(os.path.basename(slice_file)[len("slice-"):-len(".arrow")])
+        rows = list(manifest_rows(from_arrow_bytes(f.read()), start))
     after = rss_mb()
     return {"rows": len(rows), "rss_before_mb": round(before, 1), "extra_rss_mb": round(after - before, 2),
             "extra_peak_rss_mb": round(rss_mb("VmHWM") - before, 2) if peak_reset else None}
@@ -438,7 +451,7 @@ def task_slice_rss(work: str) -> dict:
     try:
         t = time.monotonic()
         prep = _child("--rss-prepare", root)
-        new = _child("--rss-task", os.path.join(root, "slice.pkl"))
+        new = _child("--rss-task", os.path.join(root, "slice-0.arrow"))   # the first slice starts at row 0
         old = _child("--rss-old", prep["path"])
         prep.pop("path")
         return {"manifest": prep, "extra_rss_mb": new["extra_rss_mb"], "extra_peak_rss_mb": new["extra_peak_rss_mb"],

@@ -9,7 +9,8 @@ import argparse
 import errno
 import json
 import sys
-from pathlib import Path
+
+from clipforge.jobs.config_file import find_config_path, leaf_parser, load_config
 
 
 # what a full disk, a quota, a read-only or too small filesystem say: the user's to fix, in one line
@@ -442,54 +443,14 @@ def _add_clip_flags(s, defaults: bool = True):
         s.add_argument("--seed", type=int)
 
 
-def _load_config(path: str) -> dict:
-    text = Path(path).read_text()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:   # a multi-line report with the offending text: one line of it
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise ValueError(f"not valid YAML{where}: {getattr(err, 'problem', None) or type(err).__name__}") from None
-    else:
-        try:
-            import tomllib                  # Python 3.11+
-        except ModuleNotFoundError:         # Python 3.10: the same parser, packaged as tomli
-            import tomli as tomllib
-        data = tomllib.loads(text)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a table of flag = value")
-    return {k.replace("-", "_"): v for k, v in data.items()}
-
-
-def _leaf_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
-    """The subparser that will handle argv (to apply --config defaults to it)."""
-    for action in parser._actions:   # argparse has no public walk of subparsers
-        if isinstance(action, argparse._SubParsersAction):
-            for i, token in enumerate(argv):
-                if token in action.choices:
-                    return _leaf_parser(action.choices[token], argv[i + 1:])
-    return parser
-
-
-def _config_path(argv: list[str]) -> str | None:
-    for i, token in enumerate(argv):
-        if token == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if token.startswith("--config="):
-            return token.split("=", 1)[1]
-    return None
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    config_path = _config_path(argv)
+    config_path = find_config_path(argv)
     if config_path:   # file values become the command's defaults, so command-line flags still win
-        leaf = _leaf_parser(parser, argv)
+        leaf = leaf_parser(parser, argv)
         try:
-            values = _load_config(config_path)
+            values = load_config(config_path)
         except (OSError, ValueError) as err:
             parser.exit(2, f"clipforge: error: --config {config_path}: {' '.join(str(err).split())}\n")
         actions = {a.dest: a for a in leaf._actions}

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from clipforge.pipeline.schema import OK, make_key, mark_error, video_id_for
-from clipforge.pipeline.storage.fs import is_url, open_url, redact_url
+from clipforge.pipeline.storage.fetch import redact_url
+from clipforge.pipeline.storage.fs import is_url, open_url
 from clipforge.pipeline.text.tables import iter_table, read_table, table_format
 
 RESERVED = ("video", "caption", "id", "start", "end")
@@ -255,14 +256,7 @@ def check_unique_ids(path: str) -> None:
     Streams the column twice at most, in bounded memory: 8-byte hashes of every id (sorted to find
     hashes seen twice), then, only if some hash repeats, the ids behind those hashes, to tell a true
     repeat from a hash collision. Rows without an id (null, "", "nan", "None") are not compared."""
-    repeated = _repeated_hashes(path)
-    if not len(repeated):
-        return
-    counts: dict[str, int] = {}   # in order of first appearance
-    for ids in _id_chunks(path):
-        for i in ids[np.isin(_id_hashes(ids), repeated)]:
-            counts[i] = counts.get(i, 0) + 1
-    dupes = [i for i, n in counts.items() if n > 1][:3]
+    dupes = list(dict.fromkeys(repeated_id_rows(path).values()))[:3]
     if dupes:
         raise ValueError(f"{path}: the `id` column repeats values, e.g. {dupes}; ids must be unique (or drop the column)")
 

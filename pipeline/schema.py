@@ -63,7 +63,7 @@ class Row(TypedDict, total=False):
     caption_flags: list
     caption_script: str
     caption_language: str
-    # decode (clipforge.pipeline.video.decode.DecodeVideo): one row per clip
+    # decode (clipforge.pipeline.video.decode_stage.DecodeVideo): one row per clip
     clip_index: int
     clips_total: int
     mode: str           # "sequential" or "interpolation"

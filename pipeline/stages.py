@@ -130,7 +130,7 @@ def build_stages(config: BuildConfig, image_tokenizer: str | None = None, text_t
     `image_encoder` replaces the local image tokenizer (GPU workers); `decode=False` stops after captions."""
     from clipforge.pipeline.text.captions import CleanCaption
     from clipforge.pipeline.tokenize import TokenizeClips
-    from clipforge.pipeline.video.decode import DecodeVideo
+    from clipforge.pipeline.video.decode_stage import DecodeVideo
 
     stages: list[Stage] = [CleanCaption(config.captions)]
     if decode:

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from clipforge.pipeline.video.clips import ClipConfig, resize_for_short_side
-from clipforge.pipeline.video.decode import (ClockMismatch, DecodeVideo, PyAVReader, decode_video, demux_timeline,
-                                             probe, read_with_decord)
+from clipforge.pipeline.video.decode import (ClockMismatch, PyAVReader, decode_video, demux_timeline, probe, read_with_decord)
+from clipforge.pipeline.video.decode_stage import DecodeVideo
 
 W, H = 192, 144          # 4:3, so the centre crop really cuts
 SIDE = min(W, H)

@@ -214,7 +214,7 @@ def test_fetch_folders_of_killed_processes_are_removed(tmp_path, monkeypatch):
     import os
     import tempfile
 
-    from clipforge.pipeline.video.decode import FETCH_PREFIX, remove_stale_fetches
+    from clipforge.pipeline.video.decode_stage import FETCH_PREFIX, remove_stale_fetches
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from clipforge.pipeline.video.clips import ClipConfig
-from clipforge.pipeline.video.decode import (CONTAINER_ALLOWLIST, DecodeFailure, DecodeVideo, container_allowed,
-                                             decode_video, isolated_decoder, open_container)
+from clipforge.pipeline.video.decode import (CONTAINER_ALLOWLIST, DecodeFailure, container_allowed, decode_video, isolated_decoder, open_container)
+from clipforge.pipeline.video.decode_stage import DecodeVideo
 from clipforge.pipeline.video.isolate import IsolatedCall
 
 CONFIG = ClipConfig(size=32, rates=(4.0,))

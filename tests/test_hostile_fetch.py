@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from clipforge.pipeline.schema import REASONS, TRANSIENT
-from clipforge.pipeline.storage.fs import FetchError, fetch, redact_url
+from clipforge.pipeline.storage.fetch import FetchError, fetch, redact_url
 
 BODY = bytes(range(256)) * 40   # 10 KiB
 
@@ -248,7 +248,7 @@ def test_redact_url():
 
 
 def test_credentials_are_used_but_never_shown(serve, tmp_path, caplog):
-    caplog.set_level("DEBUG", logger="clipforge.pipeline.storage.fs")
+    caplog.set_level("DEBUG", logger="clipforge.pipeline.storage.fetch")
     server, base = serve({"/ok.mp4": lambda h, p: _send(h, BODY),
                           "/flaky.mp4": lambda h, p: h.send_error(503)})
     authed = base.replace("http://", "http://user:pw@")
@@ -311,7 +311,7 @@ def test_a_refused_connection_is_a_transient_fetch_error(tmp_path):
 def test_a_redirect_hop_checks_the_address_it_really_connected_to(serve):
     """A name can resolve to a public address for the check and to a private one for the connection
     (DNS rebinding): the connection of a redirect hop checks its peer before sending anything."""
-    from clipforge.pipeline.storage.fs import _Deadline, _GuardedHTTPConnection, _Refused
+    from clipforge.pipeline.storage.fetch import _Deadline, _GuardedHTTPConnection, _Refused
     server, base = serve({"/ok.mp4": lambda h, p: _send(h, BODY)})
     port = server.server_address[1]
     deadline = _Deadline(5.0)

@@ -196,16 +196,10 @@ class CommitLog:
     def commit(self, records: Iterable[dict], lease: "RunLease | None" = None) -> list[dict]:
         """Append the records the accepted set takes (others are dropped: a duplicate attempt) as one new
         segment; returns the accepted ones. Refuses to write once `lease` is lost."""
-        if self.epoch is None:
-            raise RuntimeError("CommitLog.commit before start_epoch")
-        accepted = [r for r in records if accept(self.effective, r)]
-        if not accepted:
-            return []
         if lease is not None:
             lease.check()
-        self.seq += 1
-        name = f"{COMMITS}/{self.epoch:06d}-{self.seq:08d}.jsonl"
-        retrying(lambda: self.out.write_text(name, _jsonl(accepted)))
+        accepted = [r for r in records if self.add(r)]
+        self.flush(lease)
         return accepted
 
 

@@ -62,7 +62,7 @@ def prepare(work: Path, videos: int) -> tuple[Path, Path, Path]:
 def stages_alone(manifest: Path, image: Path, text: Path, config) -> dict:
     from clipforge.pipeline.manifest import manifest_rows, read_manifest
     from clipforge.pipeline.schema import is_ok
-    from clipforge.pipeline.stages import build_stages
+    from clipforge.pipeline.chain import build_stages
 
     clean, decode, tokenize = build_stages(config, str(image), str(text))
     rows = list(clean(manifest_rows(read_manifest(str(manifest)))))

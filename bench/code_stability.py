@@ -31,7 +31,7 @@ def stability(tokenizer_dir: str, manifest: str, videos: int = 30) -> dict:
     import pandas as pd
     from scipy.ndimage import binary_dilation
 
-    from clipforge.jobs.eval_synth import background_distance, read_clip
+    from clipforge.pipeline.video.synth_detector import background_distance, read_clip
     from clipforge.tokenizer.image import ImageTokenizer
 
     tok = ImageTokenizer.load(tokenizer_dir, device="cpu")

@@ -1,5 +1,8 @@
 """Does a build's metadata stay cheap on an object store as shards grow, and does a shard task stay small?
 
+(One file over 400 lines on purpose: a benchmark is run and read alone, its fake store and both
+measurements side by side.)
+
 Prints one JSON object:
 - `metadata`: on a filesystem that adds `--latency-ms` (default 20) to every request (a
   `pyarrow.fs.PyFileSystem` over a local temp dir; a listing costs one request per 1000 entries, as

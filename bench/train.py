@@ -4,7 +4,7 @@
     python bench/train.py --preset 100m --device cuda --peak-tflops 989   # ~100M parameters, 160x160, 5 frames
 
 Measures, on random tokens (the model's speed does not depend on what the tokens mean):
-  train      tokens/s of the sequential stage (forward, backward, AdamW step), and on a GPU the model
+  train      tokens/s of the sequential phase (forward, backward, AdamW step), and on a GPU the model
              FLOPs utilisation: MFU = flops_per_token * tokens/s / peak
   sample     tokens/s of generating one video's codes with the KV cache (model.generate, guidance on)
              and without it (every new token re-runs the whole prefix, no guidance), over the
@@ -34,7 +34,8 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from clipforge.model.distributed import uses_bf16_autocast  # noqa: E402
-from clipforge.model.gpt import CogVideo, CogVideoConfig  # noqa: E402
+from clipforge.model.config import CogVideoConfig  # noqa: E402
+from clipforge.model.gpt import CogVideo  # noqa: E402
 
 PRESETS = {
     # the demo's model: 64x64 frames -> 8x8 codes, text slot 24, 512 codes, ~1.3M parameters
@@ -48,11 +49,11 @@ PRESETS = {
 PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
-def flops_per_token(cfg: CogVideoConfig, stage: str = "sequential") -> float:
-    C, L = cfg.n_embd, cfg.seq_len(stage)
+def flops_per_token(cfg: CogVideoConfig, phase: str = "sequential") -> float:
+    C, L = cfg.n_embd, cfg.seq_len(phase)
     per_layer = 2 * (4 * C * C) + 8 * C * C          # base + plus (QKV, proj), MLP (4x)
     matmul_params = cfg.n_layer * per_layer + C * cfg.image_vocab
-    channels = 1 if stage == "image" else 2
+    channels = 1 if phase == "image" else 2
     return 6 * matmul_params + 6 * channels * cfg.n_layer * C * L
 
 
@@ -83,9 +84,9 @@ def bench_train(model, cfg, device, batch, steps, warmup, amp):
         t = time.perf_counter()
         if amp:
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                _, loss = model(tokens, targets, stage="sequential")
+                _, loss = model(tokens, targets, phase="sequential")
         else:
-            _, loss = model(tokens, targets, stage="sequential")
+            _, loss = model(tokens, targets, phase="sequential")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -109,14 +110,14 @@ def bench_sample(model, cfg, device, nocache_tokens):
     sync(device)
     cached_s = time.perf_counter() - t
     n_cached = codes.numel()
-    # without the cache: the whole prefix again for every new token (the sequential stage's first frames)
+    # without the cache: the whole prefix again for every new token (the sequential phase's first frames)
     seq = torch.cat([text, torch.tensor([cfg.boi_id], device=device)]).view(1, -1)
     frame_len = cfg.tokens_h * cfg.tokens_w
     sync(device)
     t = time.perf_counter()
     made = 0
     while made < nocache_tokens:
-        logits, _ = model(seq, stage="sequential")
+        logits, _ = model(seq, phase="sequential")
         code = torch.multinomial(torch.softmax(logits[:, -1].float(), -1), 1, generator=gen)
         seq = torch.cat([seq, code + cfg.text_vocab], dim=1)
         made += 1

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import Callable, Iterator
 
 from clipforge.jobs.executor import run_tasks
-from clipforge.pipeline.build_shard import BuildShard, lost_inputs, previous_attempts
+from clipforge.pipeline.build_shard import (BuildSpec, build_shard_task, close_builders, lost_inputs,
+                                            previous_attempts)
 from clipforge.pipeline.manifest import count_rows, iter_shard_slices, manifest_digest, manifest_rows, repeated_id_rows
-from clipforge.pipeline.stages import RUN_ONLY_FIELDS, BuildConfig, build_stages
+from clipforge.pipeline.chain import RUN_ONLY_FIELDS, BuildConfig
 from clipforge.pipeline.storage.commits import (CommitLog, RunLease, collect_garbage, fingerprint_sha256,
                                                 shard_number)
 from clipforge.pipeline.storage.dataset import (FORMAT_VERSION, DatasetError, DatasetInfo, absolute,
@@ -25,58 +26,10 @@ from clipforge.pipeline.storage.dataset import (FORMAT_VERSION, DatasetError, Da
                                                 package_versions, write_wids_index)
 from clipforge.pipeline.storage.fs import Location
 from clipforge.pipeline.storage.progress import ProgressTracker
-from clipforge.pipeline.storage.shards import ShardWriter
 from clipforge.pipeline.video.clips import ClipConfig
+from clipforge.pipeline.errors import ClipforgeError
 
-__all__ = ["BuildConfig", "BuildPlan", "build", "with_overrides"]
-
-
-@dataclass(frozen=True)
-class BuildPlan:
-    """What every shard task needs, small enough to ship to each worker."""
-    out: str
-    endpoint: str | None
-    layout: dict
-    config: BuildConfig
-    image_tokenizer: str
-    text_tokenizer: str
-    tokenizer_ids: dict
-    fingerprint: str                         # the hash every record of this run carries
-    stage_factory: Callable | None = None    # plan -> [Stage]: stand-in stages for benchmarks
-
-    def writer(self) -> ShardWriter:
-        return ShardWriter(Location(self.out, self.endpoint), self.layout, self.config.split, self.fingerprint)
-
-    def shard_builder(self, image_encoder=None) -> BuildShard:
-        if self.stage_factory is not None:
-            return BuildShard(self.writer(), self.stage_factory(self), roundtrip_qa=0)
-        stages = build_stages(self.config, self.image_tokenizer, self.text_tokenizer, image_encoder=image_encoder)
-        return BuildShard(self.writer(), stages, roundtrip_qa=self.config.roundtrip_qa)
-
-
-_builders: dict = {}       # per process: one BuildShard (and its decode child) for the current plan
-
-
-def shard_builder_for(plan: BuildPlan, encoder_factory: Callable | None = None) -> BuildShard:
-    """This process's BuildShard for `plan` (made once, reused across its shard tasks); with
-    `encoder_factory`, its tokenizer sends frames to the encoder the factory makes."""
-    key = (plan.out, plan.fingerprint, encoder_factory is not None)
-    builder = _builders.get(key)
-    if builder is None:
-        close_builders()
-        builder = _builders[key] = plan.shard_builder(image_encoder=encoder_factory() if encoder_factory else None)
-    return builder
-
-
-def build_shard_task(plan: BuildPlan, descriptor: dict) -> dict:
-    """The body of a shard task in process: one attempt's record, uncommitted."""
-    return shard_builder_for(plan).build(descriptor)
-
-
-def close_builders() -> None:
-    for builder in _builders.values():
-        builder.close()
-    _builders.clear()
+__all__ = ["BuildConfig", "build", "with_overrides"]
 
 
 def build(manifest: str, out: str, image_tokenizer: str, text_tokenizer: str,
@@ -88,9 +41,9 @@ def build(manifest: str, out: str, image_tokenizer: str, text_tokenizer: str,
     rows, columns = count_rows(manifest)
     missing = [c for c in ("video", "caption") if c not in columns]
     if missing:
-        raise ValueError(f"{manifest}: manifest lacks column(s) {', '.join(missing)} (has {', '.join(columns)})")
+        raise ClipforgeError(f"{manifest}: manifest lacks column(s) {', '.join(missing)} (has {', '.join(columns)})")
     if rows == 0:
-        raise ValueError(f"{manifest}: the manifest has no rows")
+        raise ClipforgeError(f"{manifest}: the manifest has no rows")
     fingerprint = {"format_version": FORMAT_VERSION, "manifest": str(manifest),
                    "manifest_sha256": manifest_digest(manifest), "inputs": rows, "layout": layout,
                    "tokenizers": tokenizer_ids, "config": _fingerprint_config(config), "code": code_versions()}
@@ -111,7 +64,7 @@ def build(manifest: str, out: str, image_tokenizer: str, text_tokenizer: str,
             DatasetInfo.started(fingerprint, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())).write(dest)
         sha = fingerprint_sha256(fingerprint)
         accepted = commit_log.start_epoch(lease.epoch)
-        plan = BuildPlan(dest.url, config.endpoint, layout, config, str(image_tokenizer), str(text_tokenizer),
+        spec = BuildSpec(dest.url, config.endpoint, layout, config, str(image_tokenizer), str(text_tokenizer),
                          tokenizer_ids, sha, stage_factory)
         n_shards = math.ceil(rows / config.inputs_per_shard)
         done = {shard_number(n): r for n, r in accepted.items() if n.startswith(f"{config.split}-")}
@@ -126,11 +79,11 @@ def build(manifest: str, out: str, image_tokenizer: str, text_tokenizer: str,
         try:
             if config.runner == "ray":
                 from clipforge.jobs.ray_build import run_on_ray
-                run_on_ray(plan, descriptors, tracker, address, run.on_result, lambda d, err: failed_shard(plan, d, err))
+                run_on_ray(spec, descriptors, tracker, address, run.on_result, lambda d, err: failed_shard(spec, d, err))
             else:
                 try:
-                    run_tasks(build_shard_task, plan, descriptors, on_result=run.on_result,
-                              on_failure=lambda d, err: failed_shard(plan, d, err), progress=tracker,
+                    run_tasks(build_shard_task, spec, descriptors, on_result=run.on_result,
+                              on_failure=lambda d, err: failed_shard(spec, d, err), progress=tracker,
                               runner="local", attempts=config.task_attempts, name=_task_name)
                 finally:
                     close_builders()
@@ -173,7 +126,7 @@ def _layout(config: BuildConfig, image_tokenizer: str, text_tokenizer: str) -> t
     tok = ImageTokenizer.load(image_tokenizer)
     h, w = tok.tokens_hw
     if tok.image_size != config.clips.size:
-        raise ValueError(f"the image tokenizer takes {tok.image_size}px frames but clips are {config.clips.size}px: "
+        raise ClipforgeError(f"the image tokenizer takes {tok.image_size}px frames but clips are {config.clips.size}px: "
                          f"set --size {tok.image_size}")
     text = TextTokenizer(text_tokenizer)
     layout = {"frames": config.clips.frames, "frame_size": config.clips.size, "tokens_h": h, "tokens_w": w,
@@ -199,12 +152,12 @@ def _descriptors(manifest: str, per_shard: int, skip: frozenset, redo: dict, des
         yield d
 
 
-def failed_shard(plan: BuildPlan, d: dict, err: BaseException) -> dict:
+def failed_shard(spec: BuildSpec, d: dict, err: BaseException) -> dict:
     """Every input of a shard whose task never succeeded becomes a transient ledger row."""
     rows = list(manifest_rows(d["rows"], first_index=d["start"], repeated_ids=d.get("repeated_ids")))
-    message = f"the shard task failed {plan.config.task_attempts} times: {type(err).__name__}: {str(err)[:200]}"
+    message = f"the shard task failed {spec.config.task_attempts} times: {type(err).__name__}: {str(err)[:200]}"
     lost = [dict(r, error=message) for r in lost_inputs(rows, [])]
-    record = plan.writer().write(d["shard"], lost, inputs=len(rows), attempts=d.get("attempts"),
+    record = spec.writer().write(d["shard"], lost, inputs=len(rows), attempts=d.get("attempts"),
                                  extra={"videos_decoded": 0, "clips": 0, "roundtrip_psnr": [],
                                         "rows": [d["start"], d["stop"]]})
     return {**record, "run": {"seconds": {}, "worker": "driver"}}
@@ -241,7 +194,7 @@ def with_overrides(config: BuildConfig, **changes) -> BuildConfig:
     it is. An unknown name is refused (a typo in a config file must not pass silently)."""
     unknown = [k for k in changes if k not in ClipConfig.__dataclass_fields__ and k not in BuildConfig.__dataclass_fields__]
     if unknown:
-        raise ValueError(f"unknown build setting(s): {', '.join(sorted(unknown))}")
+        raise ClipforgeError(f"unknown build setting(s): {', '.join(sorted(unknown))}")
     clip_changes = {k: v for k, v in changes.items() if k in ClipConfig.__dataclass_fields__ and v is not None}
     build_changes = {k: v for k, v in changes.items() if k in BuildConfig.__dataclass_fields__ and v is not None}
     return replace(config, clips=replace(config.clips, **clip_changes), **build_changes)

@@ -43,7 +43,7 @@ def plan_video(video: str, out: str | None = None, size: int = 160, frames: int 
             entry["frames_file"] = name
         clips.append(entry)
     if out_dir and result["clips"]:
-        from clipforge.tokenizer.image_train import contact_sheet, write_png
+        from clipforge.pipeline.video.pictures import contact_sheet, write_png
         write_png(out_dir / "contact_sheet.png", contact_sheet([c["frames"] for c in result["clips"]]))
     source = {"width": src["width"], "height": src["height"], "fps": src["fps"], "frames": src["frames"],
               "duration": src["duration"], "rotation": src["rotation"], "sar": src["sar"], "codec": src["codec"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from clipforge.pipeline.errors import ClipforgeError
 
 
 def load_config(path: str) -> dict:
@@ -15,7 +16,7 @@ def load_config(path: str) -> dict:
         except yaml.YAMLError as err:   # a multi-line report with the offending text: one line of it
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise ValueError(f"not valid YAML{where}: {getattr(err, 'problem', None) or type(err).__name__}") from None
+            raise ClipforgeError(f"not valid YAML{where}: {getattr(err, 'problem', None) or type(err).__name__}") from None
     else:
         try:
             import tomllib                  # Python 3.11+
@@ -23,7 +24,7 @@ def load_config(path: str) -> dict:
             import tomli as tomllib
         data = tomllib.loads(text)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a table of flag = value")
+        raise ClipforgeError(f"{path}: expected a table of flag = value")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 

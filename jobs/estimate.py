@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from dataclasses import replace
 
-from clipforge.pipeline.stages import BuildConfig, build_stages
+from clipforge.pipeline.chain import BuildConfig, build_stages
 from clipforge.pipeline.video.clips import ClipConfig
 from clipforge.pipeline.manifest import manifest_rows, read_manifest
 from clipforge.pipeline.schema import is_ok

@@ -4,19 +4,7 @@ For every good row of a held-out synthetic corpus (`clipforge synth`, whose mani
 truth `color`, `shape`, `direction`), sample one video from RUN for the row's caption and score it with a
 pixel detector that knows nothing about the model:
 
-    foreground  pixels far from the background colour (the median of the frame borders), largest
-                connected blob per frame
-    colour      the synth palette colour nearest in direction (angle between RGB vectors) to the median
-                RGB of the blobs' inner pixels (one pixel eroded) over all frames: a VQ decoder darkens
-                colours by 10-25 % and blends the rim into the background, which moved a darkened
-                orange nearer to red than to orange by plain RGB distance, but leaves its hue alone
-    shape       medians over frames (those whose blob touches the border only when no other frame has
-                a blob) of the taper (mean width of the blob's top third over its bottom third: ~0.4 for
-                the synth's apex-up triangle, ~1 otherwise) and the fill of its bounding box (a square
-                ~1.0, a circle pi/4 ~ 0.79); thresholds set on held-out videos passed through the demo's
-                8x8-code tokenizer, whose soft corners bring squares down to ~0.85
-    direction   the dominant axis and sign of the blob centroid's least-squares motion across frames;
-                less than MIN_MOTION of the frame side in total counts as "none" (always wrong)
+    the pixel detector of `clipforge.pipeline.video.synth_detector` (colour, shape, direction)
 
 A caption's combination (colour, shape, direction) is "seen" when some row of the training manifest has
 it, else "unseen"; scores are reported overall and for each group. As a ceiling, the same detector runs on
@@ -34,122 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-MIN_MOTION = 0.08         # of the frame side: the synth shapes cross most of the frame in a sequential clip
-FG_DISTANCE = 70          # max channel difference from the background that makes a pixel foreground
-ATTRIBUTES = ("color", "shape", "direction")
-
-
-# ----------------------------------------------------------------------------------------- detector
-
-
-def _largest_blob(mask: np.ndarray) -> np.ndarray | None:
-    from scipy import ndimage
-
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return None
-    sizes = np.bincount(labels.ravel())[1:]
-    return labels == (1 + int(np.argmax(sizes)))
-
-
-def background_distance(frames: np.ndarray) -> np.ndarray:
-    """uint8 [T, H, W, 3] -> int16 [T, H, W]: each pixel's largest channel difference from the background
-    colour, the median of all frames' border pixels (a synthetic video's background is one flat colour)."""
-    border = np.concatenate([frames[:, 0], frames[:, -1], frames[:, :, 0], frames[:, :, -1]]).reshape(-1, 3)
-    background = np.median(border, axis=0)
-    return np.abs(frames.astype(np.int16) - background.astype(np.int16)).max(axis=-1)
-
-
-def detect(frames: np.ndarray, palette: dict[str, tuple] | None = None) -> dict:
-    """frames uint8 [T, S, S, 3] -> {"color", "shape", "direction", "fill", "motion": [dx, dy] px, "found"}."""
-    from scipy import ndimage
-
-    if palette is None:
-        from clipforge.pipeline.video.synth import COLORS as palette
-    frames = np.asarray(frames)
-    T, H, W, _ = frames.shape
-    fg = background_distance(frames) > FG_DISTANCE                                              # (T, H, W)
-    pixels, outlines, centroids = [], {True: [], False: []}, []
-    for t in range(T):
-        blob = _largest_blob(fg[t])
-        if blob is None or blob.sum() < 4:
-            continue
-        ys, xs = np.nonzero(blob)
-        inner = ndimage.binary_erosion(blob)
-        pixels.append(frames[t][inner if inner.sum() >= 4 else blob])
-        centroids.append((t, xs.mean(), ys.mean()))
-        h, w = np.ptp(ys) + 1, np.ptp(xs) + 1
-        third = max(1, h // 3)
-        rows = blob[ys.min():ys.max() + 1].sum(axis=1)                       # blob width per row
-        taper = rows[:third].mean() / max(rows[-third:].mean(), 1e-9)
-        touches = ys.min() == 0 or xs.min() == 0 or ys.max() == H - 1 or xs.max() == W - 1
-        outlines[bool(touches)].append((blob.sum() / (h * w), taper))
-    if not pixels:
-        return {"color": None, "shape": None, "direction": None, "fill": None, "motion": None, "found": False}
-    rgb = np.median(np.concatenate(pixels), axis=0)
-    names = list(palette)
-    unit = np.asarray([palette[n] for n in names], float)
-    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
-    color = names[int(np.argmax(unit @ (rgb / max(np.linalg.norm(rgb), 1e-9))))]
-    fill, taper = np.median(np.asarray(outlines[False] or outlines[True]), axis=0)
-    shape = "triangle" if taper < 0.7 else "square" if fill >= 0.83 else "circle"
-    fill = float(fill)
-    direction, motion = None, None
-    if len(centroids) >= 2:
-        t, cx, cy = (np.asarray(c, float) for c in zip(*centroids))
-        span = t.max() - t.min()
-        dx = np.polyfit(t, cx, 1)[0] * span                  # total displacement along the fitted line
-        dy = np.polyfit(t, cy, 1)[0] * span
-        motion = [round(float(dx), 2), round(float(dy), 2)]
-        if max(abs(dx), abs(dy)) >= MIN_MOTION * max(H, W):
-            if abs(dx) >= abs(dy):
-                direction = "right" if dx > 0 else "left"
-            else:
-                direction = "down" if dy > 0 else "up"      # image rows grow downwards
-        else:
-            direction = "none"
-    return {"color": color, "shape": shape, "direction": direction, "fill": round(fill, 3),
-            "taper": round(float(taper), 3), "motion": motion, "found": True}
-
-
-def score(rows: list[dict]) -> dict:
-    """Fractions right per attribute and all three, over rows with "truth" and "detected"."""
-    out = {"n": len(rows)}
-    if not rows:
-        return out
-    for a in ATTRIBUTES:
-        out[a] = round(sum(r["detected"][a] == r["truth"][a] for r in rows) / len(rows), 4)
-    out["all"] = round(sum(all(r["detected"][a] == r["truth"][a] for a in ATTRIBUTES) for r in rows) / len(rows), 4)
-    return out
-
-
-# ---------------------------------------------------------------------------------------- ceiling
-
-
-def read_clip(path: str, size: int, frames: int) -> np.ndarray:
-    """`frames` frames evenly spread over the middle 90% of a video, short side resized to `size` and
-    centre-cropped: close to a sequential training clip, decoded with PyAV alone."""
-    import av
-    from PIL import Image
-
-    with av.open(path) as container:
-        pictures = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
-    n = len(pictures)
-    picks = np.linspace(0.05 * (n - 1), 0.95 * (n - 1), frames).round().astype(int)
-    out = []
-    for i in picks:
-        img = Image.fromarray(pictures[i])
-        w, h = img.size
-        scale = size / min(w, h)
-        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-        w, h = img.size
-        left, top = (w - size) // 2, (h - size) // 2
-        out.append(np.asarray(img.crop((left, top, left + size, top + size))))
-    return np.stack(out)
-
-
-# ------------------------------------------------------------------------------------------- job
-
+from clipforge.model.config import SAMPLING
+from clipforge.pipeline.errors import ClipforgeError
+from clipforge.pipeline.video.synth_detector import ATTRIBUTES, detect, read_clip, score
 
 def train_manifest_of(run: Path) -> str | None:
     """The manifest RUN's dataset was built from (latest.json -> dataset -> dataset.json -> manifest)."""
@@ -162,17 +37,18 @@ def train_manifest_of(run: Path) -> str | None:
     return DatasetInfo.read(dataset, validate=False).manifest
 
 
-def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: int | None = None, seed: int = 0,
-               guidance: float = 3.0, temperature: float = 1.05, top_k: int | None = 64,
+def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: int | None = None,
+               seed: int = SAMPLING.seed, guidance: float = SAMPLING.guidance,
+               temperature: float = SAMPLING.temperature, top_k: int | None = SAMPLING.top_k,
                train_manifest: str | None = None, device: str | None = None, batch: int = 16,
-               ceiling: bool = True, top_p: float | None = None, candidates: int = 1, image_run: str | None = None,
-               log=print) -> dict:
+               ceiling: bool = True, top_p: float | None = SAMPLING.top_p, candidates: int = SAMPLING.candidates,
+               image_run: str | None = None, log=print) -> dict:
     import pandas as pd
     import torch
 
     from clipforge.model.sample import load_companion, load_run
     from clipforge.model.distributed import default_device
-    from clipforge.tokenizer.image_train import contact_sheet, write_png
+    from clipforge.pipeline.video.pictures import contact_sheet, write_png
 
     log = log or (lambda msg: None)
     t0 = time.time()
@@ -182,7 +58,7 @@ def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: 
     held = pd.read_parquet(held_manifest)
     missing = [c for c in ("caption", *ATTRIBUTES) if c not in held.columns]
     if missing:
-        raise ValueError(f"{held_manifest}: no ground truth columns {missing} (write it with `clipforge synth`)")
+        raise ClipforgeError(f"{held_manifest}: no ground truth columns {missing} (write it with `clipforge synth`)")
     if "broken" in held.columns:
         held = held[~held["broken"].astype(bool)]
     held = held.reset_index(drop=True)
@@ -190,7 +66,7 @@ def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: 
         held = held.iloc[:limit]
     train_manifest = train_manifest or train_manifest_of(run)
     if not train_manifest:
-        raise ValueError(f"{run}: cannot tell which manifest it trained on; pass --train-manifest")
+        raise ClipforgeError(f"{run}: cannot tell which manifest it trained on; pass --train-manifest")
     trained = pd.read_parquet(train_manifest)
     if "broken" in trained.columns:
         trained = trained[~trained["broken"].astype(bool)]
@@ -233,7 +109,7 @@ def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: 
             frames = image.decode(image.encode(read_clip(r["video"], image.image_size, cfg.frames)))
             truth_rows.append({"truth": {a: str(r[a]) for a in ATTRIBUTES}, "detected": detect(frames)})
         scores["ceiling"] = score(truth_rows)
-    scores.update({"run": str(run), "step": ckpt["step"], "stages": ckpt.get("stages"), "held_manifest": str(held_manifest),
+    scores.update({"run": str(run), "step": ckpt["step"], "phases": ckpt.get("phases"), "held_manifest": str(held_manifest),
                    "train_manifest": str(train_manifest), "captions_also_in_training": len(leaked), "prompts_cut": prompts_cut, "span": span,
                    "guidance": guidance, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                    "candidates": candidates, "image_run": image_run, "seed": seed, "seconds": round(time.time() - t0, 1)})

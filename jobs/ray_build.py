@@ -6,7 +6,7 @@
 - With GPUs, image tokenization runs in `ImageTokenizerWorker` actors. The pool is planned per node and
   per GPU, so that every worker can be placed: a share of 0.4 puts two workers on each whole GPU (Ray
   never splits one actor's share across two GPUs, and a worker that cannot be placed waits forever).
-  The pool is re-planned every few seconds: it grows when GPUs join and drops workers beyond the plan
+  The pool is re-planned every few seconds: it grows when GPUs join and drops workers beyond the spec
   when GPUs leave. New shard tasks get the current workers.
 - A shard task sends frames to a worker and keeps decoding while they are encoded (`TokenizeClips`
   keeps several batches in flight, bounded in bytes). Every call has a timeout; a worker that does not
@@ -26,7 +26,7 @@ from typing import Iterator
 
 import numpy as np
 
-from clipforge.jobs.build import BuildPlan, shard_builder_for
+from clipforge.pipeline.build_shard import BuildSpec, shard_builder_for
 from clipforge.jobs.executor import run_tasks, start_ray
 from clipforge.pipeline.tokenize import EncoderUnavailable
 
@@ -177,13 +177,13 @@ class RemoteImageEncoder:
         raise EncoderUnavailable("no image tokenizer worker answered a decode")
 
 
-def ray_shard_task(plan: BuildPlan, descriptor: dict, workers: list) -> dict:
+def ray_shard_task(spec: BuildSpec, descriptor: dict, workers: list) -> dict:
     """A shard task on a Ray worker: the process's BuildShard, its encoder pointed at the current pool
     (without workers, the task tokenizes in its own process)."""
     import ray
 
-    builder = shard_builder_for(plan, (lambda: RemoteImageEncoder(workers, plan.tokenizer_ids,
-                                                                  plan.config.tokenize_timeout_s)) if workers else None)
+    builder = shard_builder_for(spec, (lambda: RemoteImageEncoder(workers, spec.tokenizer_ids,
+                                                                  spec.config.tokenize_timeout_s)) if workers else None)
     encoder = next((s.image for s in builder.stages if isinstance(getattr(s, "image", None), RemoteImageEncoder)),
                    None)
     if encoder is not None:
@@ -220,11 +220,11 @@ def plan_workers(config, nodes: list[dict] | None = None) -> int:
 class TokenizerPool:
     """The GPU tokenizer workers of one build, following the cluster's GPUs."""
 
-    def __init__(self, plan: BuildPlan, tracker):
+    def __init__(self, spec: BuildSpec, tracker):
         import ray
 
-        config = plan.config
-        self.plan, self.tracker = plan, tracker
+        config = spec.config
+        self.spec, self.tracker = spec, tracker
         self.actor_cls = ray.remote(ImageTokenizerWorker)
         self.actor_options = dict(num_gpus=config.tokenize_gpus, num_cpus=config.tokenize_cpus, max_restarts=-1,
                                   max_task_retries=0, max_concurrency=WORKER_CONCURRENCY)
@@ -233,17 +233,17 @@ class TokenizerPool:
         self.resize()
 
     def _new_worker(self):
-        config = self.plan.config
+        config = self.spec.config
         self.made += 1
         # named, so that an operator (or a test) can find and inspect a build's workers
         return self.actor_cls.options(name=f"clipforge-tokenizer-{self.run}-{self.made}", **self.actor_options).remote(
-            self.plan.image_tokenizer, config.tokenize_dtype, config.tokenize_batch * config.clips.frames)
+            self.spec.image_tokenizer, config.tokenize_dtype, config.tokenize_batch * config.clips.frames)
 
     def resize(self) -> None:
         import ray
 
         self.last = time.monotonic()
-        want = plan_workers(self.plan.config)
+        want = plan_workers(self.spec.config)
         while len(self.workers) < want:
             self.workers.append(self._new_worker())
         while len(self.workers) > want:
@@ -280,9 +280,9 @@ class TokenizerPool:
         import ray
 
         res = ray.cluster_resources()
-        cpu_left = float(res.get("CPU", 1)) - len(self.workers) * self.plan.config.tokenize_cpus
+        cpu_left = float(res.get("CPU", 1)) - len(self.workers) * self.spec.config.tokenize_cpus
         slots = max(1, int(math.floor(cpu_left + 1e-9)))
-        return min(slots, self.plan.config.shard_tasks) if self.plan.config.shard_tasks else slots
+        return min(slots, self.spec.config.shard_tasks) if self.spec.config.shard_tasks else slots
 
     def close(self) -> None:
         import ray
@@ -292,13 +292,13 @@ class TokenizerPool:
         self.workers = []
 
 
-def run_on_ray(plan: BuildPlan, descriptors: Iterator[dict], tracker, address: str | None, on_result,
+def run_on_ray(spec: BuildSpec, descriptors: Iterator[dict], tracker, address: str | None, on_result,
                on_failure) -> None:
     start_ray(address)
-    pool = TokenizerPool(plan, tracker)   # no GPUs (yet): no workers, shard tasks tokenize themselves
+    pool = TokenizerPool(spec, tracker)   # no GPUs (yet): no workers, shard tasks tokenize themselves
     try:
-        run_tasks(ray_shard_task, plan, descriptors, on_result=on_result, on_failure=on_failure, progress=tracker,
-                  runner="ray", attempts=plan.config.task_attempts, deadline_s=plan.config.shard_timeout_s,
+        run_tasks(ray_shard_task, spec, descriptors, on_result=on_result, on_failure=on_failure, progress=tracker,
+                  runner="ray", attempts=spec.config.task_attempts, deadline_s=spec.config.shard_timeout_s,
                   slots=pool.shard_slots, extra_args=lambda: (list(pool.workers),), tick=pool.tick,
                   name=lambda d: f"shard {d['shard']}")
     finally:

@@ -30,6 +30,7 @@ from clipforge.pipeline.storage.fs import Location
 from clipforge.pipeline.storage.progress import ProgressTracker
 from clipforge.pipeline.storage.reshard import ReshardConfig, in_validation, write_reshard_shard
 from clipforge.pipeline.storage.shards import INDEX_COLUMNS, read_ledger, read_records
+from clipforge.pipeline.errors import ClipforgeError
 
 INDEX_SCHEMA = pa.schema(list(INDEX_COLUMNS.items()))
 
@@ -46,7 +47,7 @@ def check_compatible(infos: list[DatasetInfo]) -> None:
         for field in ("layout", "tokenizers"):
             a, b = _comparable(first, field), _comparable(other, field)
             if a != b:
-                raise ValueError(f"cannot merge datasets with different {field}: {a} vs {b}")
+                raise ClipforgeError(f"cannot merge datasets with different {field}: {a} vs {b}")
 
 
 PART_BATCH = 1000   # index parts fetched at once (in parallel), so the driver never holds them all
@@ -119,7 +120,7 @@ def _refuse_duplicate_keys(hashes: np.ndarray, index: pa.Table) -> None:
     if len(ordered) and (ordered[1:] == ordered[:-1]).any():
         counts = pc.value_counts(index["key"])
         dup = next((c["values"] for c in counts.to_pylist() if c["counts"] > 1), None)
-        raise ValueError(f"key {dup!r} appears in more than one input sample: merging would duplicate it"
+        raise ClipforgeError(f"key {dup!r} appears in more than one input sample: merging would duplicate it"
                          if dup is not None else "a key appears in more than one input sample: merging would "
                                                  "duplicate it")
 

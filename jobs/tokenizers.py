@@ -11,10 +11,11 @@ from clipforge.pipeline.video.clips import ClipConfig
 from clipforge.pipeline.manifest import manifest_rows, read_manifest
 from clipforge.pipeline.schema import is_ok
 from clipforge.tokenizer.image import TRAIN_LOG_FILE
+from clipforge.pipeline.errors import ClipforgeError
 
 
 def clean_captions(manifest: str, config: CleanConfig = CleanConfig()) -> list[str]:
-    from clipforge.pipeline.stages import BuildConfig, build_stages
+    from clipforge.pipeline.chain import BuildConfig, build_stages
 
     (clean,) = build_stages(BuildConfig(captions=config), decode=False)
     return [r["caption"] for r in clean(manifest_rows(read_manifest(manifest))) if is_ok(r)]
@@ -45,7 +46,7 @@ def sample_frames(manifest: str, size: int, max_frames: int = 4000, seed: int = 
     manifest order, until `max_frames` (decoded in the isolated decoder, like the build job)."""
     from tqdm import tqdm
 
-    from clipforge.pipeline.stages import BuildConfig, build_stages
+    from clipforge.pipeline.chain import BuildConfig, build_stages
 
     # the build's own decode stage, so that the tokenizer trains on the frames a build would encode (every
     # video's, whatever its caption)
@@ -63,7 +64,7 @@ def sample_frames(manifest: str, size: int, max_frames: int = 4000, seed: int = 
     finally:
         stage.close()
     if not frames:
-        raise ValueError(f"{manifest}: no video could be decoded to train the image tokenizer")
+        raise ClipforgeError(f"{manifest}: no video could be decoded to train the image tokenizer")
     return np.concatenate(frames)[:max_frames]
 
 
@@ -81,7 +82,7 @@ def train_image(manifest: str, out: str, preset: str = "tiny", steps: int | None
     from clipforge.tokenizer.image_train import evaluate_image_tokenizer, train_image_tokenizer
 
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        raise ClipforgeError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     if not resume:
         refuse_existing(out, overwrite, "an image tokenizer (or other files)")
     config = replace(PRESETS[preset], **(overrides or {}))

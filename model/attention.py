@@ -76,7 +76,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 class Dropout(nn.Module):
     """nn.Dropout, except that on a CPU the mask comes from torch.rand: torch's CPU bernoulli_ drew a
-    demo-sized mask (32 x 89 x 128) in 18.7 ms against 7.5 ms, and dropout was 38 % of an image-stage
+    demo-sized mask (32 x 89 x 128) in 18.7 ms against 7.5 ms, and dropout was 38 % of an image-phase
     training step in bf16. Same distribution, same scaling, same seeded generator."""
 
     def __init__(self, p: float):

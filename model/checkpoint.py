@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
-from clipforge.model.gpt import CogVideo, CogVideoConfig
-from clipforge.tokenizer.image import CONFIG_FILE, WEIGHTS_FILE, atomic_write
+from clipforge.model.config import CogVideoConfig
+from clipforge.model.gpt import CogVideo
+from clipforge.pipeline.storage.atomic import atomic_write
+from clipforge.tokenizer.image import CONFIG_FILE, WEIGHTS_FILE
 
 
 def load_checkpoint(run: str | os.PathLike, device="cpu") -> dict:
@@ -23,7 +25,18 @@ def load_checkpoint(run: str | os.PathLike, device="cpu") -> dict:
         if not latest.exists():
             raise FileNotFoundError(f"{run}: no latest.json (not a training run, or no checkpoint yet)")
         path = path / json.loads(latest.read_text(encoding="utf-8"))["ckpt"]
-    return torch.load(path, map_location=device, weights_only=True)
+    return renamed_phase_keys(torch.load(path, map_location=device, weights_only=True))
+
+
+def renamed_phase_keys(ckpt: dict) -> dict:
+    """Checkpoints of clipforge 0.2 called a training phase a "stage": read them under today's names."""
+    for old, new in (("stage", "phase"), ("stages", "phases")):
+        if old in ckpt and new not in ckpt:
+            ckpt[new] = ckpt.pop(old)
+    train_config = ckpt.get("train_config")
+    if isinstance(train_config, dict) and "stage" in train_config and "phase" not in train_config:
+        train_config["phase"] = train_config.pop("stage")
+    return ckpt
 
 
 def model_from_checkpoint(ckpt: dict, device="cpu") -> CogVideo:

@@ -3,11 +3,11 @@
 DATASET/dataset.json gives the layout ("frames", "frame_size", "tokens_h", "tokens_w", "text_slot") and
 the tokenizers ({"image": {"id", "sha256", "path"}, "text": {...}}); DATASET/shards/train-*.tar hold the
 samples (KEY.json meta with "rate", "span", "mode"; KEY.vtok.npy uint16 [T, h, w]; KEY.ttok.npy int32
-caption ids). One sample becomes one sequence in the stage's layout (see model/gpt.py):
+caption ids). One sample becomes one sequence in the phase's layout (see model/gpt.py):
 
-    tokens  (L,) int64: [text slot][boi, codes of frame f + text_vocab] for f in cfg.frame_order(stage)
+    tokens  (L,) int64: [text slot][boi, codes of frame f + text_vocab] for f in cfg.frame_order(phase)
     targets (L,) int64: targets[t] = image code of token t+1 when that token is a code, else -1
-                        (the model keeps only its stage's loss frames)
+                        (the model keeps only its phase's loss frames)
 
 The text slot is TextTokenizer.build_slot(ttok, meta["span"], text_slot): left padding, the time-span
 prefix ("4.0 s"), <sep>, the caption. With probability `cond_drop` the caption is dropped (the slot keeps
@@ -16,9 +16,9 @@ its span prefix), which teaches the unconditional model that classifier-free gui
 Samples whose vtok shape is not (frames, tokens_h, tokens_w), whose codes exceed the codebook, or that do
 not decode are skipped and counted in `stream.skipped` by reason; nothing raises mid-epoch.
 
-Data parallelism: every (rank, DataLoader worker) pair is one "slot" of world_size * num_workers. With at
-least as many shards as slots, each slot reads its own shards; with fewer, every slot reads all shards
-and keeps every n-th sample, so small datasets still split without overlap. Either way the slots see
+Data parallelism: every (rank, DataLoader worker) pair is one "reader" of world_size * num_workers. With at
+least as many shards as readers, each reader reads its own shards; with fewer, every reader reads all shards
+and keeps every n-th sample, so small datasets still split without overlap. Either way the readers see
 disjoint samples. Resuming replays a stream up to a batch count (`resume_at`): the shuffle and the
 caption-dropout draws are seeded, so the replayed stream continues exactly where the killed one stopped.
 """
@@ -34,9 +34,10 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from clipforge.model.gpt import CogVideoConfig
+from clipforge.model.config import CogVideoConfig
 from clipforge.pipeline.storage.samples import decode_sample
 from clipforge.tokenizer.text import TextTokenizer
+from clipforge.pipeline.errors import ClipforgeError
 
 
 def read_dataset_info(dataset_dir: str | Path) -> dict:
@@ -48,7 +49,7 @@ def read_dataset_info(dataset_dir: str | Path) -> dict:
     layout = info.layout or {}
     missing = [k for k in ("frames", "tokens_h", "tokens_w", "text_slot") if k not in layout]
     if missing:
-        raise ValueError(f"{Path(dataset_dir) / 'dataset.json'}: layout lacks {missing}")
+        raise ClipforgeError(f"{Path(dataset_dir) / 'dataset.json'}: layout lacks {missing}")
     return {**info.data, "layout": layout, "tokenizers": info.tokenizers}
 
 
@@ -63,7 +64,7 @@ def tokenizer_paths(dataset_dir: str | Path, info: dict, image: str | None = Non
     for kind, given in (("image", image), ("text", text)):
         entry = (info.get("tokenizers") or {}).get(kind) or {}
         if given is None and "path" not in entry:
-            raise ValueError(f"dataset.json names no {kind} tokenizer path; pass the {kind} tokenizer the "
+            raise ClipforgeError(f"dataset.json names no {kind} tokenizer path; pass the {kind} tokenizer the "
                              f"dataset was built with (--{kind}-tokenizer)")
         path = Path(given if given is not None else entry["path"])
         if given is None and not path.is_absolute():
@@ -74,7 +75,7 @@ def tokenizer_paths(dataset_dir: str | Path, info: dict, image: str | None = Non
         if entry.get("sha256"):
             digest = hashlib.sha256(blob_path.read_bytes()).hexdigest()
             if digest != entry["sha256"]:
-                raise ValueError(f"{kind} tokenizer at {path} does not match the dataset "
+                raise ClipforgeError(f"{kind} tokenizer at {path} does not match the dataset "
                                  f"(sha256 {digest[:12]} != {entry['sha256'][:12]})")
         out[kind] = path
     return out
@@ -112,11 +113,11 @@ def video_id_of(sample: dict) -> str:
 
 
 class SequenceBuilder:
-    """One decoded sample -> (tokens, targets) int64 arrays of the stage's layout."""
+    """One decoded sample -> (tokens, targets) int64 arrays of the phase's layout."""
 
-    def __init__(self, cfg: CogVideoConfig, text: TextTokenizer, stage: str):
-        self.cfg, self.text, self.stage = cfg, text, stage
-        self.order = cfg.frame_order(stage)
+    def __init__(self, cfg: CogVideoConfig, text: TextTokenizer, phase: str):
+        self.cfg, self.text, self.phase = cfg, text, phase
+        self.order = cfg.frame_order(phase)
         self.captions = 0        # captions built into slots in this process, and how many of them were cut
         self.captions_cut = 0
 
@@ -160,7 +161,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                  memory_mb: float = 256):
         super().__init__()
         # decoded shards kept in memory after their first read, up to memory_mb of shard bytes (per rank
-        # and worker): reading and decoding was a third of a demo-sized image-stage step
+        # and worker): reading and decoding was a third of a demo-sized image-phase step
         self.memory_bytes = memory_mb * 2**20
         self.in_memory: dict[str, list] = {}
         self.bytes_in_memory = 0
@@ -179,23 +180,23 @@ class ShardStream(torch.utils.data.IterableDataset):
         and drops them. Call before the DataLoader starts its workers."""
         self.skip_batches, self.batch_size = batches, batch_size
 
-    def _slot(self) -> tuple[int, int, int]:
-        """(slot, slots, worker id) of this rank and DataLoader worker."""
+    def _reader(self) -> tuple[int, int, int]:
+        """(reader, readers, worker id) of this rank and DataLoader worker."""
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         return self.rank * workers + worker, self.world_size * workers, worker
 
-    def _epoch(self, epoch: int, slot: int, slots: int) -> Iterator:
+    def _epoch(self, epoch: int, reader: int, readers: int) -> Iterator:
         urls = list(self.urls)
         if self.shuffle:  # the same order on every rank and worker (same seed), so the split is a partition
             random.Random(self.seed * 1000 + epoch).shuffle(urls)
-        by_shard = len(urls) >= slots
+        by_shard = len(urls) >= readers
         if by_shard:
-            urls = urls[slot::slots]
+            urls = urls[reader::readers]
         i = 0
         for url in urls:
             for sample in self._shard(url):
-                if by_shard or i % slots == slot:
+                if by_shard or i % readers == reader:
                     yield sample
                 i += 1
 
@@ -220,10 +221,10 @@ class ShardStream(torch.utils.data.IterableDataset):
             self.in_memory[url] = kept
             self.bytes_in_memory += size
 
-    def _samples(self, epoch: int, slot: int, slots: int) -> Iterator[dict]:
+    def _samples(self, epoch: int, reader: int, readers: int) -> Iterator[dict]:
         """Decoded samples of one epoch that pass the checks and the held-out split, shuffled."""
         def decoded():
-            for sample in self._epoch(epoch, slot, slots):
+            for sample in self._epoch(epoch, reader, readers):
                 if sample is None:
                     self.skipped["decode"] += 1
                     continue
@@ -235,20 +236,20 @@ class ShardStream(torch.utils.data.IterableDataset):
 
         samples = decoded()
         if self.shuffle:
-            rng = random.Random(self.seed * 1000 + epoch + 1 + 7 * slot)
+            rng = random.Random(self.seed * 1000 + epoch + 1 + 7 * reader)
             samples = wds.filters.shuffle(self.buffer, rng=rng)(samples)
         return samples
 
     def __iter__(self):
-        slot, slots, worker = self._slot()
-        workers = slots // self.world_size
+        reader, readers, worker = self._reader()
+        workers = readers // self.world_size
         # batch j of this rank comes from worker j % workers (the DataLoader's round robin)
         skip = max(0, (self.skip_batches - worker + workers - 1) // workers) * self.batch_size
-        rng = random.Random(self.seed * 7919 + slot)
+        rng = random.Random(self.seed * 7919 + reader)
         epoch = 0
         while True:
             produced = 0
-            for sample in self._samples(epoch, slot, slots):
+            for sample in self._samples(epoch, reader, readers):
                 meta = sample["meta"] if isinstance(sample["meta"], dict) else {}
                 mode = meta.get("mode")
                 if self.modes and mode not in self.modes:
@@ -273,7 +274,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             if not self.repeat:
                 return
             if produced == 0:
-                raise ValueError(f"no usable sample in {len(self.urls)} shard(s); skipped: {dict(self.skipped)}")
+                raise ClipforgeError(f"no usable sample in {len(self.urls)} shard(s); skipped: {dict(self.skipped)}")
             epoch += 1
 
 

@@ -1,5 +1,8 @@
 """A CogVideo-style text-to-video transformer, written like nanoGPT's model.py.
 
+(One file over 400 lines on purpose: the whole model, read top to bottom, as nanoGPT's model.py is;
+its configuration is model/config.py and its masks model/sequence.py.)
+
 One token space (V = text_vocab + image_vocab + 1 ids):
     [0, text_vocab)                          text ids of the sentencepiece tokenizer (pad, sep, ... included)
     [text_vocab, text_vocab + image_vocab)   image codes, offset by text_vocab
@@ -9,10 +12,10 @@ its vocabulary needs nothing but the two vocabulary sizes. The head predicts ima
 (image_vocab logits): text is always given and <boi> is inserted, never sampled.
 
 A sample is one sequence (L = text_slot + n_frames * (1 + h*w) tokens):
-    [text slot][boi f0 codes][boi f1 codes]...       stages "sequential" (all frames) and "image" (f0 only)
-    [text slot][boi f0][boi f2][boi f4][boi f1][boi f3]    stage "interpolation" (given frames first)
+    [text slot][boi f0 codes][boi f1 codes]...       phases "sequential" (all frames) and "image" (f0 only)
+    [text slot][boi f0][boi f2][boi f4][boi f1][boi f3]    phase "interpolation" (given frames first)
 
-Every block has dual-channel attention (SPEC §1), mixed per channel: out = a*base + (1-a)*plus,
+Every block has dual-channel attention (CogVideo, ICLR 2023), mixed per channel: out = a*base + (1-a)*plus,
 a = sigmoid(mix), `mix` a learned (n_embd,) vector per layer, initialised to 0 (a = 0.5).
   base channel (the image model): text attends text causally; a frame token attends all text and its
       own frame, causally (a frame is generated token by token).
@@ -24,14 +27,13 @@ a = sigmoid(mix), `mix` a learned (n_embd,) vector per layer, initialised to 0 (
       window x window square of the grid, the squares shifted by `shift` on odd layers (Swin). Text and
       <boi> tokens are not windowed (as queries they see every visible token, as keys every visible
       query sees them).
-  stage "image" runs the base channel alone: it is the text-to-image model CogVideo inherits.
+  phase "image" runs the base channel alone: it is the text-to-image model CogVideo inherits.
 The loss is cross-entropy over image-code logits only: on frames 1.. (sequential), frames 1, 3
 (interpolation), frame 0 (image). `targets[t]` is the image code (0..image_vocab-1) of token t+1, or -1.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -39,82 +41,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from clipforge.model.attention import Dropout, FrameBlocks, attention, rotate
-from clipforge.model.layout import build_masks, grid_rotary
-
-STAGES = ("image", "sequential", "interpolation")
-
-
-@dataclass(frozen=True)
-class CogVideoConfig:
-    text_vocab: int = 8000      # size of the text tokenizer's vocabulary
-    image_vocab: int = 20000    # size of the image tokenizer's codebook
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True
-    text_slot: int = 64         # left-padded text slot: [pad ...][span prefix][sep][caption]
-    frames: int = 5
-    tokens_h: int = 20
-    tokens_w: int = 20
-    window: int = 10            # interpolation plus-channel window (window x window codes)
-    shift: int = 5              # window shift on odd layers
-    grid_rope: bool = False     # rotate half of each head's query/key dims by the code's grid row and column
-
-    @property
-    def vocab_size(self) -> int:
-        return self.text_vocab + self.image_vocab + 1
-
-    @property
-    def boi_id(self) -> int:
-        return self.text_vocab + self.image_vocab
-
-    @property
-    def token_layout(self) -> tuple:
-        """(text_vocab, image_vocab, text_slot, frames, tokens_h, tokens_w): what two models must share for
-        one's tokens to mean the same to the other (a run and its dataset, a run and its companion runs)."""
-        return (self.text_vocab, self.image_vocab, self.text_slot, self.frames, self.tokens_h, self.tokens_w)
-
-    @property
-    def frame_len(self) -> int:  # <boi> + h*w codes
-        return 1 + self.tokens_h * self.tokens_w
-
-    def frame_order(self, stage: str) -> list[int]:
-        """Frame indices in sequence order for a stage."""
-        if stage == "image":
-            return [0]
-        if stage == "sequential":
-            return list(range(self.frames))
-        if stage == "interpolation":
-            if self.frames % 2 == 0:
-                raise ValueError(f"the interpolation stage needs an odd number of frames, got {self.frames}")
-            return list(range(0, self.frames, 2)) + list(range(1, self.frames, 2))
-        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-
-    def loss_frames(self, stage: str) -> list[int]:
-        return {"image": [0], "sequential": list(range(1, self.frames)),
-                "interpolation": list(range(1, self.frames, 2))}[stage]
-
-    def seq_len(self, stage: str) -> int:
-        return self.text_slot + len(self.frame_order(stage)) * self.frame_len
-
-    def validate(self) -> None:
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
-        if self.frames < 2:
-            raise ValueError(f"need at least 2 frames, got {self.frames}")
-        if not 0 < self.window or not 0 <= self.shift < self.window:
-            raise ValueError(f"need 0 <= shift < window, got window {self.window} shift {self.shift}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def default_window(tokens_h: int, tokens_w: int) -> tuple[int, int]:
-    """The SPEC's 10x10 windows, shift 5, on a 20x20 grid, scaled to other grids: half the grid side."""
-    window = max(1, min(tokens_h, tokens_w) // 2)
-    return window, window // 2
-
+from clipforge.model.config import CogVideoConfig
+from clipforge.model.sequence import build_masks, grid_rotary
 
 # ----------------------------------------------------------------------------------------------------
 # modules
@@ -161,7 +89,7 @@ class DualAttention(nn.Module):
 
     def forward(self, x, base_mask, plus_mask=None, cache=None, rope=None):
         base = self.resid_dropout(self.c_proj(self._attend(x, self.c_attn, base_mask, cache, "base", rope)))
-        if plus_mask is None:  # image stage: the base image model alone
+        if plus_mask is None:  # image phase: the base image model alone
             return base
         plus = self.resid_dropout(self.c_proj_plus(self._attend(x, self.c_attn_plus, plus_mask, cache, "plus",
                                                                 rope)))
@@ -246,7 +174,7 @@ class CogVideo(nn.Module):
     def init_plus_from_base(self) -> None:
         """SPEC: attention-plus starts as a copy of the base channel, alpha = 0.5, and frames 1.. start
         with copies of the image position table. Called at construction and when a sequential or
-        interpolation run starts from an image-stage checkpoint."""
+        interpolation run starts from an image-phase checkpoint."""
         for block in self.h:
             block.attn.c_attn_plus.load_state_dict(block.attn.c_attn.state_dict())
             block.attn.c_proj_plus.load_state_dict(block.attn.c_proj.state_dict())
@@ -269,56 +197,56 @@ class CogVideo(nn.Module):
     def get_num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def masks(self, stage: str, device) -> dict:
-        """Masks of a stage, built once per (stage, device) and cached (not saved in the state_dict)."""
-        key = (stage, str(device))
+    def masks(self, phase: str, device) -> dict:
+        """Masks of a phase, built once per (phase, device) and cached (not saved in the state_dict)."""
+        key = (phase, str(device))
         if key not in self._masks:
-            m = build_masks(self.config, stage)
+            m = build_masks(self.config, phase)
             self._masks[key] = {"base": m["base"].to(device), "loss": m["loss"].to(device),
                                 "plus": None if m["plus"] is None else [p.to(device) for p in m["plus"]],
-                                "rope": (tuple(t.to(device) for t in grid_rotary(self.config, stage))
+                                "rope": (tuple(t.to(device) for t in grid_rotary(self.config, phase))
                                          if self.config.grid_rope else None)}
         return self._masks[key]
 
-    def whole_sequence_masks(self, stage: str, base_mask, plus_masks):
+    def whole_sequence_masks(self, phase: str, base_mask, plus_masks):
         """The same masks for a whole sequence, as structure the attention kernels exploit: the base
-        channel is FrameBlocks (plain "causal" in the image stage, one frame), the sequential stage's
-        plus channel is "causal". The interpolation stage's windows stay tensors."""
+        channel is FrameBlocks (plain "causal" in the image phase, one frame), the sequential phase's
+        plus channel is "causal". The interpolation phase's windows stay tensors."""
         cfg = self.config
-        n_frames = len(cfg.frame_order(stage))
+        n_frames = len(cfg.frame_order(phase))
         base = "causal" if n_frames == 1 else FrameBlocks(cfg.text_slot, cfg.frame_len, n_frames)
-        if stage == "sequential":
+        if phase == "sequential":
             plus_masks = ["causal", "causal"]
         return base, plus_masks
 
-    def positions(self, stage: str) -> torch.Tensor:
-        """(L, C) position embeddings of a stage: text, then each frame's table in sequence order."""
+    def positions(self, phase: str) -> torch.Tensor:
+        """(L, C) position embeddings of a phase: text, then each frame's table in sequence order."""
         tables = [self.wpe_text] + [self.wpe_image if f == 0 else self.wpe_frames[f - 1]
-                                    for f in self.config.frame_order(stage)]
+                                    for f in self.config.frame_order(phase)]
         return torch.cat(tables, dim=0)
 
-    def forward(self, tokens, targets=None, stage: str = "sequential", cache: KVCache | None = None):
-        """tokens (B, T) in the stage's layout, from position cache.pos (0 without a cache).
+    def forward(self, tokens, targets=None, phase: str = "sequential", cache: KVCache | None = None):
+        """tokens (B, T) in the phase's layout, from position cache.pos (0 without a cache).
 
         Returns (logits, loss): with targets, logits (B, T, image_vocab) and the mean cross-entropy
-        over the stage's loss positions where targets >= 0; without, the last position's logits
+        over the phase's loss positions where targets >= 0; without, the last position's logits
         (B, 1, image_vocab) and None.
         """
         B, T = tokens.size()
         start = cache.pos if cache is not None else 0
-        masks = self.masks(stage, tokens.device)
+        masks = self.masks(phase, tokens.device)
         L = masks["base"].shape[0]
         if start + T > L:
-            raise ValueError(f"sequence of {start + T} tokens is longer than the {stage} layout ({L})")
+            raise ValueError(f"sequence of {start + T} tokens is longer than the {phase} layout ({L})")
         rows = slice(start, start + T)
         base_mask = masks["base"][rows, :start + T]                              # (T, start + T)
         plus = masks["plus"]
         plus_masks = None if plus is None else [p[rows, :start + T] for p in plus]
         if start == 0 and T == L:  # a whole sequence (training, evaluation): the masks' structure is cheaper
-            base_mask, plus_masks = self.whole_sequence_masks(stage, base_mask, plus_masks)
+            base_mask, plus_masks = self.whole_sequence_masks(phase, base_mask, plus_masks)
 
         rope = None if masks["rope"] is None else tuple(t[rows] for t in masks["rope"])
-        x = self.wte(tokens) + self.positions(stage)[rows]                       # (B, T, C)
+        x = self.wte(tokens) + self.positions(phase)[rows]                       # (B, T, C)
         x = self.drop(x)
         for i, block in enumerate(self.h):
             plus_mask = None if plus_masks is None else plus_masks[i % 2]
@@ -351,18 +279,18 @@ class CogVideo(nn.Module):
         """Text slot (text_slot,) -> image codes (T, h, w), T = frames, then 2T-1 per interpolation round.
         A batch of slots (N, text_slot) gives (N, T, h, w), all N sampled together.
 
-        Frame 0 comes from the image stage (base channel alone), frames 1.. from the sequential stage.
+        Frame 0 comes from the image phase (base channel alone), frames 1.. from the sequential phase.
         With `null_text` (the slot of an empty caption) every sampled token uses classifier-free
         guidance, logits = g + guidance * (c - g); then temperature, top-k and top-p (nucleus: the
         smallest set of codes holding `top_p` of the probability). Each interpolation round
-        fills the midpoints of every 3 consecutive frames (a, b, c) with the interpolation stage;
+        fills the midpoints of every 3 consecutive frames (a, b, c) with the interpolation phase;
         round_texts[r] = (text, null_text) for round r (their span prefix halves each round), default
         the same as the first.
 
         candidates > 1: sample that many videos per slot and keep the one the caption explains best
         (`caption_scores`: the model's own judgement, CogView's self-reranking in spirit; no detector).
 
-        frame0_model: draw (and score) frame 0 with this model's image stage instead, e.g. the image-stage
+        frame0_model: draw (and score) frame 0 with this model's image phase instead, e.g. the image-phase
         run a sequential run started from, when the sequential run's base channel drifted while it trained.
         """
         cfg = self.config
@@ -394,31 +322,31 @@ class CogVideo(nn.Module):
         return torch.stack(out) if batched else out[0]
 
     @torch.no_grad()
-    def code_log_likelihood(self, stage: str, text, videos) -> torch.Tensor:
-        """Sum over the stage's loss frames of log p(code | every token before it), per row:
+    def code_log_likelihood(self, phase: str, text, videos) -> torch.Tensor:
+        """Sum over the phase's loss frames of log p(code | every token before it), per row:
         text (N, slot), videos (N, frames, h, w) codes -> (N,), teacher-forced in one forward."""
         cfg = self.config
         N, hw = text.shape[0], cfg.tokens_h * cfg.tokens_w
         boi = torch.full((N, 1), cfg.boi_id, dtype=torch.long, device=text.device)
         parts = [text.long()]
-        for f in cfg.frame_order(stage):
+        for f in cfg.frame_order(phase):
             parts += [boi, videos[:, f].reshape(N, hw).long() + cfg.text_vocab]
         tokens = torch.cat(parts, dim=1)                                          # (N, L)
         following = tokens[:, 1:] - cfg.text_vocab                                # the next token, as a code
         targets = torch.full_like(tokens, -1)
         targets[:, :-1] = torch.where((following >= 0) & (following < cfg.image_vocab), following, -1)
-        logits, _ = self(tokens, targets, stage=stage)
-        keep = self.masks(stage, tokens.device)["loss"][None, :] & (targets >= 0)
+        logits, _ = self(tokens, targets, phase=phase)
+        keep = self.masks(phase, tokens.device)["loss"][None, :] & (targets >= 0)
         logp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
         return (logp * keep).sum(dim=1)
 
     @torch.no_grad()
     def caption_scores(self, videos, text, null_text=None, frame0_model: "CogVideo | None" = None) -> torch.Tensor:
         """How much each caption explains its video (N, frames, h, w): log p(video | caption) - log p(video |
-        empty caption), frame 0 by the image stage and frames 1.. by the sequential stage, as they were
+        empty caption), frame 0 by the image phase and frames 1.. by the sequential phase, as they were
         sampled. The difference, not the likelihood alone, so that a still, near-empty video (likely under
         any caption) does not win. Without null_text: log p(video | caption). frame0_model: frame 0's
-        term by that model's image stage (the one that drew it; see generate)."""
+        term by that model's image phase (the one that drew it; see generate)."""
         first = frame0_model if frame0_model is not None else self
 
         def loglik(slot):
@@ -452,7 +380,7 @@ class CogVideo(nn.Module):
         out.append(frames[-1])
         return torch.stack(out)
 
-    def _complete(self, stage, text, null_text, given, n_new, guidance=3.0, temperature=1.05, top_k=None,
+    def _complete(self, phase, text, null_text, given, n_new, guidance=3.0, temperature=1.05, top_k=None,
                   generator=None, top_p=None):
         """Sample `n_new` frames after the prefix [text][boi given_0]...; text (N, slot); given: list of
         (N, h, w) codes in sequence order. Returns a list of n_new (N, h, w) code tensors."""
@@ -471,10 +399,10 @@ class CogVideo(nn.Module):
             prefix = torch.cat([prefix, uncond], dim=0)                            # (2N, P)
         R = prefix.shape[0]
         cache = KVCache(cfg.n_layer)
-        self(prefix, stage=stage, cache=cache)
+        self(prefix, phase=phase, cache=cache)
         out = []
         for _ in range(n_new):
-            logits, _ = self(boi[:1].expand(R, 1), stage=stage, cache=cache)
+            logits, _ = self(boi[:1].expand(R, 1), phase=phase, cache=cache)
             frame = torch.empty(N, hw, dtype=torch.long, device=device)
             for i in range(hw):
                 logits = logits[:, -1, :].float()                                  # (R, image_vocab)
@@ -492,6 +420,6 @@ class CogVideo(nn.Module):
                 frame[:, i] = code
                 if i < hw - 1 or len(out) < n_new - 1:  # the last code of the last frame needs no step
                     step = (code + cfg.text_vocab).repeat(R // N).view(R, 1)
-                    logits, _ = self(step, stage=stage, cache=cache)
+                    logits, _ = self(step, phase=phase, cache=cache)
             out.append(frame.view(N, cfg.tokens_h, cfg.tokens_w))
         return out

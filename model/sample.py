@@ -2,10 +2,10 @@
 
     sample("demo-out/run", "a red circle moves to the right", "sample.mp4", seed=0)
 
-Steps (SPEC §1, Sampling): build the text slot "<span> <sep> prompt" and the guide slot (same span, empty
-caption); frame 0 from the image stage, frames 1..4 from the sequential stage, every token with
+Steps (CogVideo's sampling): build the text slot "<span> <sep> prompt" and the guide slot (same span, empty
+caption); frame 0 from the image phase, frames 1..4 from the sequential phase, every token with
 classifier-free guidance, temperature and top-k; optional interpolation rounds (5 -> 9 -> 17 -> 33 frames,
-the span prefix halving each round) with a model trained for the interpolation stage (this run, or
+the span prefix halving each round) with a model trained for the interpolation phase (this run, or
 `interp_run`); decode with the run's image tokenizer; write mp4 or gif.
 """
 from __future__ import annotations
@@ -19,7 +19,9 @@ import torch
 
 from clipforge.model.distributed import default_device
 from clipforge.model.checkpoint import load_checkpoint, model_from_checkpoint
+from clipforge.model.config import SAMPLING
 from clipforge.model.video import upscale, write_video
+from clipforge.pipeline.errors import ClipforgeError
 
 
 def _default_span(ckpt: dict, mode: str) -> float | None:
@@ -36,7 +38,7 @@ def rounds_for(frames: int, frames_out: int) -> int:
     while n < frames_out:
         n, r = 2 * n - 1, r + 1
     if n != frames_out:
-        raise ValueError(f"frames_out must be {frames}, {2 * frames - 1}, {4 * frames - 3}, ... (each "
+        raise ClipforgeError(f"frames_out must be {frames}, {2 * frames - 1}, {4 * frames - 3}, ... (each "
                          f"interpolation round turns n frames into 2n - 1), got {frames_out}")
     return r
 
@@ -53,31 +55,32 @@ def load_run(run: Path, device: torch.device):
     text = TextTokenizer(run / "tokenizers" / "text.model")
     image = ImageTokenizer.load(run / "tokenizers" / "image", device=device)
     if text.vocab_size != cfg.text_vocab or image.codebook_size != cfg.image_vocab:
-        raise ValueError(f"{run}: tokenizers do not match the model's vocabularies")
+        raise ClipforgeError(f"{run}: tokenizers do not match the model's vocabularies")
     return ckpt, model, text, image
 
 
 def load_companion(other_run, model, run, device):
-    """(model in eval mode, stages) of another run whose frames `model`'s must fit: the same vocabularies
-    and layout (an interpolation run, or the image-stage run to draw frame 0 with)."""
+    """(model in eval mode, phases) of another run whose frames `model`'s must fit: the same vocabularies
+    and layout (an interpolation run, or the image-phase run to draw frame 0 with)."""
     ckpt = load_checkpoint(other_run, device="cpu")
     other = model_from_checkpoint(ckpt, device).eval()
     if other.config.token_layout != model.config.token_layout:
-        raise ValueError(f"{other_run} was trained for other vocabularies or another layout than {run}")
-    return other, ckpt.get("stages", [ckpt["stage"]])
+        raise ClipforgeError(f"{other_run} was trained for other vocabularies or another layout than {run}")
+    return other, ckpt.get("phases", [ckpt["phase"]])
 
 
-def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike, seed: int = 0,
-           guidance: float = 3.0, temperature: float = 1.05, top_k: int | None = 64, frames_out: int | None = None,
-           fps: float | None = None, span: float | None = None, interp_run: str | os.PathLike | None = None,
-           device: str | None = None, min_side: int = 128, top_p: float | None = None, candidates: int = 1,
+def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike, seed: int = SAMPLING.seed,
+           guidance: float = SAMPLING.guidance, temperature: float = SAMPLING.temperature,
+           top_k: int | None = SAMPLING.top_k, frames_out: int | None = None, fps: float | None = None,
+           span: float | None = None, interp_run: str | os.PathLike | None = None, device: str | None = None,
+           min_side: int = 128, top_p: float | None = SAMPLING.top_p, candidates: int = SAMPLING.candidates,
            image_run: str | os.PathLike | None = None) -> dict:
     """Generate a video for `prompt` and write it to `out_path` (.mp4 or .gif).
 
     span: the time-span prefix in seconds (default: the most common span of the run's sequential
     training clips). frames_out: 5 (default), 9, 17 or 33 with an interpolation-trained model. fps: default
     real time, (frames - 1) / span. candidates: draw that many and keep the one the caption explains
-    best (CogVideo.caption_scores). image_run: draw frame 0 with that run's image stage (the image-stage
+    best (CogVideo.caption_scores). image_run: draw frame 0 with that run's image phase (the image-phase
     run this one started from). Returns {"out", "frames", "seconds", "tokens", "span", "fps", "rounds"}.
     """
     t0 = time.time()
@@ -91,12 +94,12 @@ def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike,
     interp = model
     if rounds:
         if interp_run is not None:
-            interp, stages = load_companion(interp_run, model, run, device)
+            interp, phases = load_companion(interp_run, model, run, device)
         else:
-            stages = ckpt.get("stages", [ckpt["stage"]])
-        if "interpolation" not in stages:
-            raise ValueError(f"{frames_out} frames need interpolation rounds, but the model was not trained for "
-                             f"the interpolation stage (stages {stages}); pass interp_run=RUN of one that was")
+            phases = ckpt.get("phases", [ckpt["phase"]])
+        if "interpolation" not in phases:
+            raise ClipforgeError(f"{frames_out} frames need interpolation rounds, but the model was not trained for "
+                             f"the interpolation phase (phases {phases}); pass interp_run=RUN of one that was")
     span = span if span is not None else _default_span(ckpt, "sequential")
     ids, _ = text.encode_caption(prompt)
 

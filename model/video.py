@@ -6,6 +6,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+from clipforge.pipeline.errors import ClipforgeError
 
 
 def upscale(frames: np.ndarray, min_side: int = 128) -> np.ndarray:
@@ -27,7 +28,7 @@ def write_video(frames: np.ndarray, path: str | os.PathLike, fps: float = 8.0) -
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
         raise ValueError(f"frames must be non-empty uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
     if fps <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
+        raise ClipforgeError(f"fps must be positive, got {fps}")
     path.parent.mkdir(parents=True, exist_ok=True)
     ext = path.suffix.lower()
     if ext == ".gif":
@@ -35,7 +36,7 @@ def write_video(frames: np.ndarray, path: str | os.PathLike, fps: float = 8.0) -
     elif ext in (".mp4", ".mov", ".mkv"):
         _write_x264(frames, path, fps)
     else:
-        raise ValueError(f"unsupported video extension {ext!r} (use .mp4 or .gif)")
+        raise ClipforgeError(f"unsupported video extension {ext!r} (use .mp4 or .gif)")
     return str(path)
 
 

@@ -15,11 +15,14 @@ from __future__ import annotations
 import os
 import socket
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from clipforge.pipeline.manifest import manifest_rows
 from clipforge.pipeline.schema import is_ok, mark_error
+from clipforge.pipeline.chain import BuildConfig, build_stages
 from clipforge.pipeline.stages import Stage
+from clipforge.pipeline.storage.fs import Location
 from clipforge.pipeline.storage.shards import ShardWriter, read_ledger_part
 
 
@@ -131,3 +134,52 @@ def previous_attempts(out, record: dict | None) -> dict[int, int]:
         return {}
     ledger = read_ledger_part(out, record)
     return {int(i): int(n) + 1 for i, n in zip(ledger["row_index"], ledger["attempts"])}
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """What every shard task of one run needs (where to write, the layout, the configuration, the
+    tokenizers), small enough to ship to each worker."""
+    out: str
+    endpoint: str | None
+    layout: dict
+    config: BuildConfig
+    image_tokenizer: str
+    text_tokenizer: str
+    tokenizer_ids: dict
+    fingerprint: str                         # the hash every record of this run carries
+    stage_factory: Callable | None = None    # spec -> [Stage]: stand-in stages for benchmarks
+
+    def writer(self) -> ShardWriter:
+        return ShardWriter(Location(self.out, self.endpoint), self.layout, self.config.split, self.fingerprint)
+
+    def shard_builder(self, image_encoder=None) -> BuildShard:
+        if self.stage_factory is not None:
+            return BuildShard(self.writer(), self.stage_factory(self), roundtrip_qa=0)
+        stages = build_stages(self.config, self.image_tokenizer, self.text_tokenizer, image_encoder=image_encoder)
+        return BuildShard(self.writer(), stages, roundtrip_qa=self.config.roundtrip_qa)
+
+
+_builders: dict = {}       # per process: one BuildShard (and its decode child) for the current run
+
+
+def shard_builder_for(spec: BuildSpec, encoder_factory: Callable | None = None) -> BuildShard:
+    """This process's BuildShard for `spec` (made once, reused across its shard tasks); with
+    `encoder_factory`, its tokenizer sends frames to the encoder the factory makes."""
+    key = (spec.out, spec.fingerprint, encoder_factory is not None)
+    builder = _builders.get(key)
+    if builder is None:
+        close_builders()
+        builder = _builders[key] = spec.shard_builder(image_encoder=encoder_factory() if encoder_factory else None)
+    return builder
+
+
+def build_shard_task(spec: BuildSpec, descriptor: dict) -> dict:
+    """The body of a shard task in process: one attempt's record, uncommitted."""
+    return shard_builder_for(spec).build(descriptor)
+
+
+def close_builders() -> None:
+    for builder in _builders.values():
+        builder.close()
+    _builders.clear()

@@ -20,13 +20,15 @@ import tokenize
 import numpy as np
 import pandas as pd
 
+from clipforge.pipeline.errors import ClipforgeError
+
 GRAMMAR = "column names, literals, comparisons, in, and/or/not, parentheses"
 ALLOWED_OPERATORS = {"(", ")", "[", "]", ",", "==", "!=", "<", "<=", ">", ">=", "-"}
 KEYWORDS = {"and", "or", "not", "in", "True", "False", "None"}
 COMPARE = {ast.Eq: "eq", ast.NotEq: "ne", ast.Lt: "lt", ast.LtE: "le", ast.Gt: "gt", ast.GtE: "ge"}
 
 
-class FilterError(ValueError):
+class FilterError(ClipforgeError):
     """An expression outside the filter language, or naming a column that does not exist."""
 
 

@@ -1,5 +1,8 @@
 """Manifests: Parquet, CSV/TSV or JSON Lines with at least `video` and `caption`.
 
+(One file over 400 lines on purpose: every way a manifest row can be refused sits beside the reader
+that meets it, so one file answers "what happens to a bad row".)
+
 Optional `id`, `start`, `end` (seconds); any other column is carried into each sample's metadata.
 Rows become plain dicts with the reserved keys of `clipforge.pipeline.schema`; a row that cannot be used becomes an
 error row (`bad_manifest_row`) instead of stopping the job, so it reaches the ledger.
@@ -17,6 +20,7 @@ from clipforge.pipeline.schema import OK, make_key, mark_error, video_id_for
 from clipforge.pipeline.storage.fetch import redact_url
 from clipforge.pipeline.storage.fs import is_url, open_url
 from clipforge.pipeline.text.tables import iter_table, read_table, table_format
+from clipforge.pipeline.errors import ClipforgeError
 
 RESERVED = ("video", "caption", "id", "start", "end")
 _CHUNK_ROWS = 1 << 16   # rows read at a time by the streaming readers
@@ -28,7 +32,7 @@ def read_manifest(path: str) -> pd.DataFrame:
     df = read_table(path)
     missing = [c for c in ("video", "caption") if c not in df.columns]
     if missing:
-        raise ValueError(f"{path}: manifest lacks column(s) {', '.join(missing)} (has {', '.join(map(str, df.columns))})")
+        raise ClipforgeError(f"{path}: manifest lacks column(s) {', '.join(missing)} (has {', '.join(map(str, df.columns))})")
     base = Path(str(path)).parent
     if "://" not in str(path):   # relative video paths are relative to the manifest
         df["video"] = [_resolve(v, base) for v in df["video"]]
@@ -185,7 +189,7 @@ def stage_manifest(path: str, dest, rows_per_group: int = 65536) -> None:
     for chunk in iter_table(path, chunk_rows=rows_per_group):
         missing = [c for c in ("video", "caption") if c not in chunk.columns]
         if missing:
-            raise ValueError(f"{path}: manifest lacks column(s) {', '.join(missing)}")
+            raise ClipforgeError(f"{path}: manifest lacks column(s) {', '.join(missing)}")
         if base is not None:
             chunk["video"] = [_resolve(v, base) for v in chunk["video"]]
         table = pa.Table.from_pandas(chunk.reset_index(drop=True), preserve_index=False)
@@ -194,7 +198,7 @@ def stage_manifest(path: str, dest, rows_per_group: int = 65536) -> None:
             writer = pq.ParquetWriter(dest, schema)
         writer.write_table(table.cast(schema), row_group_size=rows_per_group)
     if writer is None:
-        raise ValueError(f"{path}: the manifest has no rows")
+        raise ClipforgeError(f"{path}: the manifest has no rows")
     writer.close()
 
 
@@ -258,7 +262,7 @@ def check_unique_ids(path: str) -> None:
     repeat from a hash collision. Rows without an id (null, "", "nan", "None") are not compared."""
     dupes = list(dict.fromkeys(repeated_id_rows(path).values()))[:3]
     if dupes:
-        raise ValueError(f"{path}: the `id` column repeats values, e.g. {dupes}; ids must be unique (or drop the column)")
+        raise ClipforgeError(f"{path}: the `id` column repeats values, e.g. {dupes}; ids must be unique (or drop the column)")
 
 
 def repeated_id_rows(path: str) -> dict[int, str]:
@@ -299,7 +303,7 @@ def iter_shard_slices(path: str, rows_per_shard: int, skip: set[int] | frozenset
     paths are made absolute against a local manifest's folder, as `read_manifest` does. `chunk_rows`
     (rows read at a time) defaults to about 64k, rounded to whole shards."""
     if rows_per_shard < 1:
-        raise ValueError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
+        raise ClipforgeError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
     step = chunk_rows or max(rows_per_shard, _CHUNK_ROWS // rows_per_shard * rows_per_shard)
     base = None if is_url(str(path)) else Path(str(path)).parent
     checked = False
@@ -338,7 +342,7 @@ def iter_shard_slices(path: str, rows_per_shard: int, skip: set[int] | frozenset
 def _check_columns(path: str, columns: list[str]) -> None:
     missing = [c for c in ("video", "caption") if c not in columns]
     if missing:
-        raise ValueError(f"{path}: manifest lacks column(s) {', '.join(missing)} (has {', '.join(columns)})")
+        raise ClipforgeError(f"{path}: manifest lacks column(s) {', '.join(missing)} (has {', '.join(columns)})")
 
 
 def _raw_chunks(path: str, rows: int, columns: list[str] | None = None):

@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clipforge.pipeline.text.audit import HIST_CAP, PROXY_PREFIX, LengthStats, audit, proxy_tokens
-from clipforge.pipeline.text.captions import FLAGS, clean_caption
+from clipforge.pipeline.text.audit import PROXY_PREFIX, audit, proxy_tokens
+from clipforge.pipeline.text.audit_figures import HIST_CAP, LengthStats
+from clipforge.pipeline.text.caption_rules import FLAGS, clean_caption
 from clipforge.pipeline.text.dedup import DedupConfig, MinHasher, candidate_pairs, components, dedup_tokens
 from clipforge.pipeline.text.langid import detect_language, detect_script
 

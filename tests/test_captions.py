@@ -12,9 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clipforge.pipeline.text.captions import FLAGS, CleanCaption, CleanConfig, clean_caption, clean_manifest
-from clipforge.pipeline.text.langid import detect_language, detect_script, script_and_language
+from clipforge.pipeline.errors import ClipforgeError
 from clipforge.pipeline.schema import REASONS
+from clipforge.pipeline.text.caption_rules import FLAGS, CleanConfig, clean_caption
+from clipforge.pipeline.text.captions import CleanCaption, clean_manifest
+from clipforge.pipeline.text.langid import detect_language, detect_script, script_and_language
 from clipforge.pipeline.text.tables import iter_table, read_table
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -295,12 +297,12 @@ def test_read_table_formats(tmp_path):
     chunks = list(iter_table(tmp_path / "semi.csv", chunk_rows=2))
     assert [len(c) for c in chunks] == [2, 1]
     (tmp_path / "bad.jsonl").write_text('{"caption": "a"}\n{oops\n', encoding="utf-8")
-    with pytest.raises(ValueError, match="bad.jsonl:2"):
+    with pytest.raises(ClipforgeError, match="bad.jsonl:2"):
         read_table(tmp_path / "bad.jsonl")
     (tmp_path / "x.xlsx").write_bytes(b"PK")
-    with pytest.raises(ValueError, match="unsupported extension"):
+    with pytest.raises(ClipforgeError, match="unsupported extension"):
         read_table(tmp_path / "x.xlsx")
-    with pytest.raises(FileNotFoundError, match="no such file"):   # a missing file says so, whatever its name
+    with pytest.raises(ClipforgeError, match="no such file"):   # a missing file says so, whatever its name
         read_table(tmp_path / "missing.parquet")
 
 

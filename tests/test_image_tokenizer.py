@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from clipforge.pipeline.errors import ClipforgeError
 from clipforge.tokenizer.image import ImageTokenizer
 from clipforge.tokenizer.vq import PRESETS, EMAQuantizer, VQConfig
 from clipforge.tokenizer.image_train import (STATE_FILE, augment, codebook_stats, evaluate_image_tokenizer,
@@ -76,11 +77,16 @@ def test_bad_inputs_raise():
         tok.encode(np.zeros((2, 30, 30, 3), np.uint8))
     with pytest.raises(ValueError):
         tok.decode(np.full((1, 4, 4), 64))                               # outside the codebook
-    with pytest.raises(ValueError):
+    # a user's mistakes (frames of another size, a bad setting, an unknown preset) are ClipforgeErrors
+    with pytest.raises(ClipforgeError, match="the preset wants"):
         train_image_tokenizer(np.zeros((4, 32, 32, 3), np.uint8), "unused", preset="tiny", steps=1, log=None)
-    with pytest.raises(ValueError):
+    with pytest.raises(ClipforgeError, match="unknown preset"):
+        train_image_tokenizer(np.zeros((4, 32, 32, 3), np.uint8), "unused", preset="tiny2", steps=1, log=None)
+    with pytest.raises(ClipforgeError, match="steps"):
+        train_image_tokenizer(np.zeros((4, 32, 32, 3), np.uint8), "unused", preset=SMALL, steps=0, log=None)
+    with pytest.raises(ClipforgeError):
         VQConfig(image_size=30, downsample=8).validate()
-    with pytest.raises(ValueError):
+    with pytest.raises(ClipforgeError, match="dtype"):
         ImageTokenizer(SMALL, device="cpu", dtype="float16")
 
 
@@ -120,9 +126,9 @@ def test_a_local_encoder_codes_each_patch_from_its_own_pixels():
     assert np.allclose(z, z[:, :, :1, :1], atol=1e-5)                       # borders included
     zeros = _encoder_outputs(replace(SMALL, encoder_kernel=1), flat)
     assert not np.allclose(zeros, zeros[:, :, 1:2, 1:2], atol=1e-3)         # zero padding marks the border
-    with pytest.raises(ValueError):
+    with pytest.raises(ClipforgeError, match="encoder_kernel"):
         VQConfig(image_size=32, encoder_kernel=5).validate()
-    with pytest.raises(ValueError):
+    with pytest.raises(ClipforgeError, match="padding"):
         VQConfig(image_size=32, padding="reflect").validate()
 
 
@@ -238,7 +244,7 @@ def test_augment_mirrors_and_permutes_colours_without_touching_the_input():
         changed += not ok[0]
     assert 0 < flipped < 16 and changed > 8
     assert augment(frames, [], np.random.default_rng(0)) is frames
-    with pytest.raises(ValueError, match="train_augment"):
+    with pytest.raises(ClipforgeError, match="train_augment"):
         train_image_tokenizer(frames, "unused", preset=VQConfig(image_size=32, train_augment="rotate"), steps=1, log=None)
 
 
@@ -265,7 +271,7 @@ def test_training_resumes_exactly_where_it_stopped(tmp_path):
     amp = train_image_tokenizer(frames, tmp_path / "amp", amp=True, **{**args, "steps": 8})   # dead-code restarts included
     assert json.loads((tmp_path / "amp" / "train_log.json").read_text())["amp"] is True
     assert amp.model.quantizer.codebook.dtype == torch.float32
-    with pytest.raises(ValueError, match="another run"):
+    with pytest.raises(ClipforgeError, match="another run"):
         train_image_tokenizer(frames, tmp_path / "part", resume=True, **{**args, "steps": 20})
 
 

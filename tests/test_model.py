@@ -9,10 +9,11 @@ import torch
 import webdataset as wds
 
 from clipforge.model.data import SequenceBuilder, ShardStream, read_dataset_info, shard_urls
-from clipforge.model.gpt import CogVideoConfig
+from clipforge.model.config import CogVideoConfig
 from clipforge.model.sample import sample
 from clipforge.model.checkpoint import load_checkpoint, model_from_checkpoint
-from clipforge.model.train import TrainConfig, train
+from clipforge.model.config import TrainConfig
+from clipforge.model.train import train
 from clipforge.pipeline.storage.samples import encode_sample
 from clipforge.tokenizer.vq import VQConfig
 from clipforge.tokenizer.image_train import train_image_tokenizer
@@ -109,7 +110,7 @@ def test_sequence_builder_and_stream(dataset):
 @pytest.fixture(scope="module")
 def run(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    config = TrainConfig(stage="sequential", steps=60, batch_size=8, lr=3e-3, n_layer=2, n_head=2, n_embd=48,
+    config = TrainConfig(phase="sequential", steps=60, batch_size=8, lr=3e-3, n_layer=2, n_head=2, n_embd=48,
                          eval_interval=30, eval_batches=2, ckpt_interval=30, log_interval=10, warmup_steps=5,
                          seed=0)
     summary = train(dataset, out, config, log=None)
@@ -134,7 +135,7 @@ def test_train_lowers_loss_and_writes_run(run):
 def test_checkpoint_reload_gives_identical_logits(run, dataset):
     out, _ = run
     ckpt = load_checkpoint(out)
-    assert ckpt["model_config"]["text_slot"] == 12 and ckpt["train_config"]["stage"] == "sequential"
+    assert ckpt["model_config"]["text_slot"] == 12 and ckpt["train_config"]["phase"] == "sequential"
     a = model_from_checkpoint(ckpt).eval()
     b = model_from_checkpoint(torch.load(out / "ckpt_000060.pt", weights_only=True)).eval()
     L = a.config.seq_len("sequential")
@@ -145,17 +146,17 @@ def test_checkpoint_reload_gives_identical_logits(run, dataset):
 
 
 def test_interpolation_stage_from_image_stage_run(run, dataset, tmp_path):
-    """image stage -> interpolation stage: plus channel re-initialised from base, base frozen."""
+    """image phase -> interpolation phase: plus channel re-initialised from base, base frozen."""
     image_run = tmp_path / "image"
     small = dict(batch_size=4, n_layer=2, n_head=2, n_embd=48, eval_batches=1, log_interval=5, lr=3e-3)
-    train(dataset, image_run, TrainConfig(stage="image", steps=6, **small), log=None)
+    train(dataset, image_run, TrainConfig(phase="image", steps=6, **small), log=None)
     base = load_checkpoint(image_run)["model"]
     interp_run = tmp_path / "interp"
-    summary = train(dataset, interp_run, TrainConfig(stage="interpolation", steps=6, init_from=str(image_run),
+    summary = train(dataset, interp_run, TrainConfig(phase="interpolation", steps=6, init_from=str(image_run),
                                                      **small), log=None)
     assert summary["freeze_base"] and not summary["joint_image"]
     after = load_checkpoint(interp_run)
-    assert after["stages"] == ["image", "interpolation"]
+    assert after["phases"] == ["image", "interpolation"]
     state = after["model"]
     assert torch.equal(state["h.0.attn.c_attn.weight"], base["h.0.attn.c_attn.weight"])   # frozen
     assert torch.equal(state["wte.weight"], base["wte.weight"])
@@ -165,20 +166,20 @@ def test_interpolation_stage_from_image_stage_run(run, dataset, tmp_path):
     assert result["frames"] == 9 and result["rounds"] == 1
     with pytest.raises(ValueError):
         sample(run[0], "a red circle moves right", tmp_path / "x.mp4", frames_out=9)  # not trained for it
-    # frame 0 from the image-stage run, frames 1.. from the sequential run
+    # frame 0 from the image-phase run, frames 1.. from the sequential run
     mixed = sample(run[0], "a red circle moves right", tmp_path / "mixed.mp4", image_run=image_run, candidates=2)
     assert mixed["frames"] == 5 and mixed["image_run"] == str(image_run)
 
 
 def test_dropout_given_with_init_from_replaces_the_image_runs(dataset, tmp_path):
-    """A later stage keeps the image-stage run's dropout unless one is given: it is a training choice (the
-    demo's sequential stage trains without it), not part of the architecture."""
+    """A later phase keeps the image-phase run's dropout unless one is given: it is a training choice (the
+    demo's sequential phase trains without it), not part of the architecture."""
     small = dict(batch_size=4, n_layer=1, n_head=2, n_embd=32, eval_batches=1, log_interval=5)
-    train(dataset, tmp_path / "image", TrainConfig(stage="image", steps=2, **small), log=None)   # dropout 0.1
+    train(dataset, tmp_path / "image", TrainConfig(phase="image", steps=2, **small), log=None)   # dropout 0.1
     tokens = torch.randint(0, 100, (2, 12 + 5 * 17), generator=torch.Generator().manual_seed(0))
     for given, want in ((None, 0.1), (0.0, 0.0)):
         out = tmp_path / f"seq-{given}"
-        train(dataset, out, TrainConfig(stage="sequential", steps=2, init_from=str(tmp_path / "image"), dropout=given,
+        train(dataset, out, TrainConfig(phase="sequential", steps=2, init_from=str(tmp_path / "image"), dropout=given,
                                         **small), log=None)
         model = model_from_checkpoint(load_checkpoint(out)).train()
         assert model.config.dropout == want
@@ -188,13 +189,13 @@ def test_dropout_given_with_init_from_replaces_the_image_runs(dataset, tmp_path)
 
 
 def test_train_base_with_and_without_the_joint_image_loss(dataset, tmp_path, capsys):
-    """`train --init-from IMAGE_RUN --train-base` adds the image-stage loss to every step unless
+    """`train --init-from IMAGE_RUN --train-base` adds the image-phase loss to every step unless
     --no-joint-image: the summary says which, and only the joint run logs a frame-0 loss."""
     from clipforge.jobs.cli import main
 
     small = ["--batch-size", "4", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--log-interval", "1",
              "--eval-interval", "100"]
-    main(["train", str(dataset), "--out", str(tmp_path / "image"), "--stage", "image", "--steps", "2", *small])
+    main(["train", str(dataset), "--out", str(tmp_path / "image"), "--phase", "image", "--steps", "2", *small])
     capsys.readouterr()
     for flag, joint in ((None, True), ("--no-joint-image", False)):
         out = tmp_path / f"seq-{joint}"
@@ -235,7 +236,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(dataset, tmp_path
     """A run killed after step 5 (last checkpoint at step 3) and resumed gives the same per-step losses
     and the same final weights as a run that was never interrupted: dropout, caption dropout, shuffling,
     AdamW moments and the schedule all continue where they were."""
-    cfg = dict(stage="sequential", steps=8, batch_size=4, lr=3e-3, n_layer=1, n_head=2, n_embd=32, dropout=0.1,
+    cfg = dict(phase="sequential", steps=8, batch_size=4, lr=3e-3, n_layer=1, n_head=2, n_embd=32, dropout=0.1,
                cond_drop=0.3, shuffle_buffer=16, eval_interval=100, eval_batches=1, ckpt_interval=3,
                log_interval=1, warmup_steps=2, keep_checkpoints=0, seed=3)
     full = tmp_path / "full"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clipforge.model.data import SequenceBuilder, ShardStream, make_loader, shard_urls
-from clipforge.model.gpt import CogVideoConfig
+from clipforge.model.config import CogVideoConfig
 from clipforge.model.checkpoint import load_checkpoint
 from clipforge.tokenizer.text import TextTokenizer
 from tests.test_model import dataset  # noqa: F401  (the tiny built dataset fixture)

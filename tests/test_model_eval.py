@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from clipforge.jobs.eval_synth import detect, score
+from clipforge.pipeline.video.synth_detector import detect, score
 from clipforge.pipeline.video.synth import COLORS, SHAPES, render_frame
 
 DIRECTIONS = ("left", "right", "up", "down")

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from clipforge.model.attention import FrameBlocks, attention, rotate
 from clipforge.model.distributed import cpu_has_native_bf16, uses_bf16_autocast
-from clipforge.model.gpt import CogVideo, CogVideoConfig, KVCache, nucleus
-from clipforge.model.layout import build_masks, grid_rotary, layout
+from clipforge.model.config import CogVideoConfig
+from clipforge.model.gpt import CogVideo, KVCache, nucleus
+from clipforge.model.sequence import build_masks, grid_rotary, position_descriptors
 from clipforge.model.sample import rounds_for
 
 # a 4x4 code grid, 4-token text slot: masks are small enough to check entry by entry
@@ -18,9 +19,9 @@ SMALL = CogVideoConfig(text_vocab=50, image_vocab=30, n_layer=2, n_head=2, n_emb
                        tokens_h=4, tokens_w=4, window=2, shift=1)
 
 
-def pos(cfg, stage, frame, r=None, c=None):
-    """Sequence position of frame `frame`'s <boi> (r is None) or its code (r, c) in a stage's layout."""
-    k = cfg.frame_order(stage).index(frame)
+def pos(cfg, phase, frame, r=None, c=None):
+    """Sequence position of frame `frame`'s <boi> (r is None) or its code (r, c) in a phase's layout."""
+    k = cfg.frame_order(phase).index(frame)
     base = cfg.text_slot + k * cfg.frame_len
     return base if r is None else base + 1 + r * cfg.tokens_w + c
 
@@ -31,7 +32,7 @@ def test_layout_orders_frames():
     assert SMALL.frame_order("sequential") == [0, 1, 2, 3, 4]
     assert SMALL.frame_order("interpolation") == [0, 2, 4, 1, 3]
     assert SMALL.frame_order("image") == [0]
-    lay = layout(SMALL, "interpolation")
+    lay = position_descriptors(SMALL, "interpolation")
     assert lay["frame"][:4].tolist() == [-1] * 4
     assert lay["frame"][pos(SMALL, "interpolation", 1)].item() == 1
     assert SMALL.seq_len("sequential") == 4 + 5 * 17
@@ -62,7 +63,7 @@ def test_plus_channel_is_causal_in_sequential_stage():
     L = SMALL.seq_len("sequential")
     causal = torch.ones(L, L).tril().bool()
     assert torch.equal(plus[0], causal) and torch.equal(plus[1], causal)
-    assert build_masks(SMALL, "image")["plus"] is None                   # image stage: base channel alone
+    assert build_masks(SMALL, "image")["plus"] is None                   # image phase: base channel alone
 
 
 def test_interpolation_visibility_and_windows():
@@ -94,9 +95,9 @@ def test_interpolation_visibility_and_windows():
 
 
 def test_loss_positions_per_stage():
-    for stage, frames in (("sequential", [1, 2, 3, 4]), ("interpolation", [1, 3]), ("image", [0])):
-        loss = build_masks(SMALL, stage)["loss"]
-        lay = layout(SMALL, stage)
+    for phase, frames in (("sequential", [1, 2, 3, 4]), ("interpolation", [1, 3]), ("image", [0])):
+        loss = build_masks(SMALL, phase)["loss"]
+        lay = position_descriptors(SMALL, phase)
         predicted = torch.zeros_like(loss)
         predicted[:-1] = lay["code"][1:] & torch.isin(lay["frame"][1:], torch.tensor(frames))
         assert torch.equal(loss, predicted)
@@ -114,7 +115,7 @@ def test_alpha_and_plus_channel_initialisation():
         assert torch.equal(block.attn.c_proj_plus.weight, block.attn.c_proj.weight)
     for f in range(SMALL.frames - 1):
         assert torch.equal(model.wpe_frames[f], model.wpe_image)
-    # init_plus_from_base copies trained base weights again (image-stage checkpoint -> video stage)
+    # init_plus_from_base copies trained base weights again (image-phase checkpoint -> video phase)
     with torch.no_grad():
         model.h[0].attn.c_attn.weight.add_(1.0)
         model.h[0].attn.mix.fill_(3.0)
@@ -128,19 +129,19 @@ def test_alpha_and_plus_channel_initialisation():
 def test_loss_uses_only_the_stage_frames():
     torch.manual_seed(0)
     model = CogVideo(SMALL).eval()
-    for stage in ("sequential", "interpolation", "image"):
-        L = SMALL.seq_len(stage)
+    for phase in ("sequential", "interpolation", "image"):
+        L = SMALL.seq_len(phase)
         tokens = torch.randint(0, SMALL.vocab_size, (2, L))
         targets = torch.randint(0, SMALL.image_vocab, (2, L))               # garbage everywhere
-        logits, loss = model(tokens, targets, stage=stage)
+        logits, loss = model(tokens, targets, phase=phase)
         assert logits.shape == (2, L, SMALL.image_vocab)
-        keep = build_masks(SMALL, stage)["loss"]
+        keep = build_masks(SMALL, phase)["loss"]
         cleaned = targets.clone()
         cleaned[:, ~keep] = -1
-        _, loss_clean = model(tokens, cleaned, stage=stage)
+        _, loss_clean = model(tokens, cleaned, phase=phase)
         manual = F.cross_entropy(logits[:, keep].reshape(-1, SMALL.image_vocab), targets[:, keep].reshape(-1))
         assert torch.allclose(loss, loss_clean) and torch.allclose(loss, manual)
-    logits, loss = model(tokens[:, :10], stage="sequential")
+    logits, loss = model(tokens[:, :10], phase="sequential")
     assert logits.shape == (2, 1, SMALL.image_vocab) and loss is None
 
 
@@ -169,14 +170,14 @@ def test_freeze_base_trains_only_the_new_parts():
 def test_kv_cache_matches_full_forward(grid_rope):
     torch.manual_seed(1)
     model = CogVideo(dataclasses.replace(SMALL, grid_rope=grid_rope)).eval()
-    for stage, prefix in (("sequential", 4 + 17), ("interpolation", 4 + 3 * 17), ("image", 4)):
-        L = SMALL.seq_len(stage)
+    for phase, prefix in (("sequential", 4 + 17), ("interpolation", 4 + 3 * 17), ("image", 4)):
+        L = SMALL.seq_len(phase)
         tokens = torch.randint(0, SMALL.vocab_size, (2, L))
-        full, _ = model(tokens, torch.zeros_like(tokens), stage=stage)
+        full, _ = model(tokens, torch.zeros_like(tokens), phase=phase)
         cache = KVCache(SMALL.n_layer)
-        out = [model(tokens[:, :prefix], torch.zeros_like(tokens[:, :prefix]), stage=stage, cache=cache)[0]]
+        out = [model(tokens[:, :prefix], torch.zeros_like(tokens[:, :prefix]), phase=phase, cache=cache)[0]]
         for i in range(prefix, L):
-            out.append(model(tokens[:, i:i + 1], stage=stage, cache=cache)[0])
+            out.append(model(tokens[:, i:i + 1], phase=phase, cache=cache)[0])
         assert torch.allclose(torch.cat(out, 1), full, atol=1e-5)
 
 
@@ -207,15 +208,15 @@ def test_grid_rope_scores_depend_on_the_grid_offset_alone():
 
 def test_whole_sequence_attention_structure_equals_the_dense_masks():
     """Training runs the base channel as per-frame blocks and the sequential plus channel as plain causal
-    attention; both must be the very masks of build_masks, for every stage and in bf16 autocast too."""
+    attention; both must be the very masks of build_masks, for every phase and in bf16 autocast too."""
     torch.manual_seed(2)
-    for stage in ("image", "sequential", "interpolation"):
-        masks, L = build_masks(SMALL, stage), SMALL.seq_len(stage)
+    for phase in ("image", "sequential", "interpolation"):
+        masks, L = build_masks(SMALL, phase), SMALL.seq_len(phase)
         q, k, v = torch.randn(3, 2, 2, L, 8).unbind(0)
-        n_frames = len(SMALL.frame_order(stage))
+        n_frames = len(SMALL.frame_order(phase))
         blocks = "causal" if n_frames == 1 else FrameBlocks(SMALL.text_slot, SMALL.frame_len, n_frames)
         assert torch.allclose(attention(q, k, v, blocks), attention(q, k, v, masks["base"]), atol=1e-6)
-        if stage == "sequential":
+        if phase == "sequential":
             assert all(torch.equal(p, masks["base"] | p) for p in masks["plus"])
             assert torch.allclose(attention(q, k, v, "causal"), attention(q, k, v, masks["plus"][0]), atol=1e-6)
     model = CogVideo(SMALL).eval()
@@ -275,13 +276,13 @@ def test_nucleus_sampling_keeps_the_smallest_set_holding_top_p():
 
 def test_code_log_likelihood_is_the_training_loss_summed():
     """Teacher-forced scoring sums exactly the log-probabilities the training loss averages: the same
-    positions (the stage's loss frames), the same targets (the next token's code)."""
+    positions (the phase's loss frames), the same targets (the next token's code)."""
     torch.manual_seed(0)
     model = CogVideo(SMALL).eval()
     N, hw = 3, SMALL.tokens_h * SMALL.tokens_w
     text = torch.randint(0, 50, (N, SMALL.text_slot))
     videos = torch.randint(0, SMALL.image_vocab, (N, SMALL.frames, SMALL.tokens_h, SMALL.tokens_w))
-    for stage, frames in (("image", [0]), ("sequential", [0, 1, 2, 3, 4])):
+    for phase, frames in (("image", [0]), ("sequential", [0, 1, 2, 3, 4])):
         boi = torch.full((N, 1), SMALL.boi_id)
         tokens = torch.cat([text] + [t for f in frames for t in (boi, videos[:, f].reshape(N, hw) + SMALL.text_vocab)], 1)
         targets = torch.full_like(tokens, -1)
@@ -289,10 +290,10 @@ def test_code_log_likelihood_is_the_training_loss_summed():
             start = SMALL.text_slot + k * SMALL.frame_len
             targets[:, start:start + hw] = videos[:, f].reshape(N, hw)
         for n in range(N):
-            _, loss = model(tokens[n:n + 1], targets[n:n + 1], stage=stage)
-            counted = len(SMALL.loss_frames(stage)) * hw
-            got = model.code_log_likelihood(stage, text[n:n + 1], videos[n:n + 1])
-            assert torch.allclose(got, -loss * counted, rtol=1e-4), stage
+            _, loss = model(tokens[n:n + 1], targets[n:n + 1], phase=phase)
+            counted = len(SMALL.loss_frames(phase)) * hw
+            got = model.code_log_likelihood(phase, text[n:n + 1], videos[n:n + 1])
+            assert torch.allclose(got, -loss * counted, rtol=1e-4), phase
     both = model.code_log_likelihood("image", text, videos) + model.code_log_likelihood("sequential", text, videos)
     assert torch.allclose(model.caption_scores(videos, text), both)
     assert torch.allclose(model.caption_scores(videos, text, text), torch.zeros(N), atol=1e-4)
@@ -318,7 +319,7 @@ def test_candidates_keep_the_draw_the_caption_explains_best():
 
 
 def test_frame0_model_draws_and_scores_frame_0():
-    """generate(frame0_model=M): frame 0 is what M's image stage draws from the same generator state,
+    """generate(frame0_model=M): frame 0 is what M's image phase draws from the same generator state,
     frames 1.. come from the model itself; caption_scores takes frame 0's term from M."""
     torch.manual_seed(0)
     model, image_model = CogVideo(SMALL).eval(), CogVideo(SMALL).eval()
@@ -339,12 +340,12 @@ def test_frame0_model_draws_and_scores_frame_0():
 
 # ---------------------------------------------------------------------------------- causality of masks
 
-def _logits(model, tokens, stage):
-    return model(tokens, torch.zeros_like(tokens), stage=stage)[0]
+def _logits(model, tokens, phase):
+    return model(tokens, torch.zeros_like(tokens), phase=phase)[0]
 
 
 def test_future_tokens_do_not_move_earlier_outputs_sequential():
-    """Stage 1: changing tokens after position t leaves the logits at 0..t exactly as they were."""
+    """Phase 1: changing tokens after position t leaves the logits at 0..t exactly as they were."""
     torch.manual_seed(0)
     model = CogVideo(SMALL).eval()
     L = SMALL.seq_len("sequential")
@@ -359,7 +360,7 @@ def test_future_tokens_do_not_move_earlier_outputs_sequential():
 
 
 def test_future_tokens_do_not_move_earlier_outputs_interpolation():
-    """Stage 2: the given block never sees generated frames; frame 1 never sees frame 3 nor its own later
+    """Phase 2: the given block never sees generated frames; frame 1 never sees frame 3 nor its own later
     codes; frame 3 sees frame 1. Controls: given frames do see each other, both ways."""
     st = "interpolation"
     torch.manual_seed(0)

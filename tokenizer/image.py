@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clipforge.pipeline.errors import ClipforgeError
+from clipforge.pipeline.storage.atomic import atomic_write
 from clipforge.tokenizer.vq import VQVAE, VQConfig
 
 CONFIG_FILE = "config.json"
@@ -91,7 +93,7 @@ class ImageTokenizer:
                  channels_last: bool | None = None):
         config.validate()
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+            raise ClipforgeError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.config = config
         self.device = torch.device(device or default_device())
         self.dtype = dtype
@@ -160,8 +162,6 @@ class ImageTokenizer:
              dtype: str = "float32", **kwargs) -> "ImageTokenizer":
         """Load config.json + weights.pt; device None picks CUDA when present. Extra keyword arguments
         (batch_size, channels_last) go to the constructor."""
-        from clipforge.pipeline.errors import ClipforgeError
-
         directory = Path(directory)
         if not directory.is_dir() or not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
             raise ClipforgeError(f"{directory} is not an image tokenizer folder (one with {CONFIG_FILE} and "
@@ -278,22 +278,3 @@ class ImageTokenizer:
 
     def reconstruct(self, frames: np.ndarray) -> np.ndarray:
         return self.decode(self.encode(frames))
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """All of `data` at `path` or the old file: written beside, fsynced, renamed, the folder fsynced (a
-    power loss after a checkpoint or tokenizer is "saved" must not leave it empty)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass   # some filesystems refuse fsync on a folder; the data itself is on disk

@@ -17,6 +17,8 @@ from typing import Iterable
 import numpy as np
 import sentencepiece as spm
 
+from clipforge.pipeline.errors import ClipforgeError
+
 # Special pieces. `<sep>` separates the time-span prefix from the caption; `<boi>` begins each frame.
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 SEP, BOI = "<sep>", "<boi>"
@@ -27,8 +29,6 @@ class TextTokenizer:
     """encode/decode captions; special-token ids are attributes (`pad_id`, `sep_id`, `boi_id`, ...)."""
 
     def __init__(self, model_path: str | os.PathLike):
-        from clipforge.pipeline.errors import ClipforgeError
-
         self.path = Path(model_path)
         if not self.path.is_file():
             raise ClipforgeError(f"{self.path} is not a text tokenizer file (a sentencepiece .model, as "
@@ -47,7 +47,7 @@ class TextTokenizer:
         self.sep_id = self.sp.piece_to_id(SEP)
         self.boi_id = self.sp.piece_to_id(BOI)
         if self.pad_id < 0 or self.sep_id == self.unk_id or self.boi_id == self.unk_id:
-            raise ValueError(f"{model_path}: not a clipforge text tokenizer (missing <pad>/<sep>/<boi>)")
+            raise ClipforgeError(f"{model_path}: not a clipforge text tokenizer (missing <pad>/<sep>/<boi>)")
 
     @property
     def tokenizer_id(self) -> str:
@@ -95,7 +95,7 @@ def train_text_tokenizer(captions: Iterable[str], out_path: str | os.PathLike, v
     # digits, "." and "s" must exist for the span prefix even if no caption contains them
     text += [f"{s:.1f} s" for s in (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)]
     if len(text) < 8:
-        raise ValueError("need at least a few captions to train a text tokenizer")
+        raise ClipforgeError("need at least a few captions to train a text tokenizer")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

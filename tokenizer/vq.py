@@ -11,6 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from clipforge.pipeline.errors import ClipforgeError
+
+
 @dataclass(frozen=True)
 class VQConfig:
     image_size: int                 # S: frames are S x S (the caller resizes and center-crops)
@@ -44,17 +47,17 @@ class VQConfig:
     def validate(self) -> None:
         n = int(round(math.log2(self.downsample)))
         if self.downsample < 1 or 2 ** n != self.downsample:
-            raise ValueError(f"downsample must be a power of two, got {self.downsample}")
+            raise ClipforgeError(f"downsample must be a power of two, got {self.downsample}")
         if self.downsample < 2:
-            raise ValueError("downsample must be at least 2")
+            raise ClipforgeError("downsample must be at least 2")
         if self.image_size % self.downsample:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of downsample {self.downsample}")
+            raise ClipforgeError(f"image_size {self.image_size} is not a multiple of downsample {self.downsample}")
         if not 2 <= self.codebook_size <= 65536:
-            raise ValueError(f"codebook_size must be in [2, 65536] (codes are uint16), got {self.codebook_size}")
+            raise ClipforgeError(f"codebook_size must be in [2, 65536] (codes are uint16), got {self.codebook_size}")
         if self.encoder_kernel not in (1, 3):
-            raise ValueError(f"encoder_kernel must be 1 or 3, got {self.encoder_kernel}")
+            raise ClipforgeError(f"encoder_kernel must be 1 or 3, got {self.encoder_kernel}")
         if self.padding not in ("zeros", "replicate"):
-            raise ValueError(f"padding must be 'zeros' or 'replicate', got {self.padding!r}")
+            raise ClipforgeError(f"padding must be 'zeros' or 'replicate', got {self.padding!r}")
 
 
 PRESETS: dict[str, VQConfig] = {

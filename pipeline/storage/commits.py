@@ -1,5 +1,9 @@
 """What readers see of a dataset, and who may change it: attempt parts, a run lease, a commit log.
 
+(One file over 400 lines on purpose: the whole commit protocol (parts, log, lease, garbage
+collection) must be read together to check that a retry or a second driver can never change what
+readers see.)
+
 Spark's output committer, Delta's log and datatrove's completion markers share one idea: workers may
 write what they like under names of their own, but exactly one party decides, once, which of those
 writes count. Here:
@@ -40,6 +44,7 @@ from typing import Iterable
 
 import pyarrow.fs as pafs
 
+from clipforge.pipeline.errors import ClipforgeError
 from clipforge.pipeline.storage.fs import Location, as_location
 
 RECORD_FORMAT = "clipforge-shard-record-v3"
@@ -56,11 +61,11 @@ READ_THREADS = 32
 DEFAULT_GRACE_S = 900.0
 
 
-class LeaseHeld(RuntimeError):
+class LeaseHeld(ClipforgeError):
     """Another driver holds the dataset (a user-facing refusal)."""
 
 
-class LeaseLost(RuntimeError):
+class LeaseLost(ClipforgeError):
     """This driver's lease expired or was taken over: it must stop committing."""
 
 

@@ -23,6 +23,7 @@ import platform
 from collections import Counter
 from importlib import metadata
 
+from clipforge.pipeline.errors import ClipforgeError
 from clipforge.pipeline.storage.commits import fingerprint_sha256
 from clipforge.pipeline.storage.fs import Location, as_location
 
@@ -35,7 +36,7 @@ PACKAGES = ("clipforge", "torch", "numpy", "decord", "av", "webdataset", "ray", 
 FINGERPRINT_FIELDS = ("format_version", "manifest_sha256", "inputs", "layout", "tokenizers", "config", "code")
 
 
-class DatasetError(ValueError):
+class DatasetError(ClipforgeError):
     """A dataset that cannot be used as asked (missing, foreign, incomplete, another run's)."""
 
 
@@ -165,7 +166,7 @@ class DatasetInfo:
 
 
 # what a clipforge job writes at the top of a dataset folder: anything else there is the user's
-OWN_NAMES = frozenset({INFO_NAME, "progress.json", "lease", "commits", "shards", "index", "ledger", "wids",
+OWN_NAMES = frozenset({INFO_NAME, "manifest.parquet", "progress.json", "lease", "commits", "shards", "index", "ledger", "wids",
                        "keymap.parquet"})
 
 

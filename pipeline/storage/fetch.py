@@ -1,5 +1,8 @@
 """Fetching one remote file (s3://, gs://, http(s)://) to a local path, and redacting URLs.
 
+(One file over 400 lines on purpose: every defence against a hostile server is here, so it can be
+audited in one reading.)
+
 `fetch` copies a video from a store or a web server that clipforge does not control, so it assumes the
 worst of it: a server may drip bytes forever, lie about (or exceed) its size, end a body early, or
 redirect to the cloud's metadata endpoint or another internal address. Each of these ends in a

@@ -17,6 +17,7 @@ from functools import lru_cache
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+from clipforge.pipeline.errors import ClipforgeError
 
 READ_ONLY_SCHEMES = ("http", "https")
 
@@ -56,8 +57,8 @@ def filesystem(url: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, 
     if parsed.scheme in ("gs", "gcs"):
         return pafs.GcsFileSystem(), f"{parsed.netloc}{parsed.path}".rstrip("/")
     if parsed.scheme in READ_ONLY_SCHEMES:
-        raise ValueError(f"{url}: http(s) locations can be read with open_url, not used as a folder")
-    raise ValueError(f"{url}: unsupported scheme {parsed.scheme!r} (use a local path, file://, s3:// or gs://)")
+        raise ClipforgeError(f"{url}: http(s) locations can be read with open_url, not used as a folder")
+    raise ClipforgeError(f"{url}: unsupported scheme {parsed.scheme!r} (use a local path, file://, s3:// or gs://)")
 
 
 class Location:

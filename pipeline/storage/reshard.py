@@ -23,6 +23,7 @@ from clipforge.pipeline.storage.fs import Location
 from clipforge.pipeline.storage.shards import INDEX_COLUMNS, LEDGER_COLUMNS, parquet_bytes
 from clipforge.pipeline.storage.tarwriter import BLOCK, FastTarWriter, read_ustar_header
 from clipforge.pipeline.storage.verify import safe_member, unsafe_name
+from clipforge.pipeline.errors import ClipforgeError
 
 
 @dataclass(frozen=True)
@@ -51,15 +52,15 @@ def _sample_ranges(source: "SourceTar") -> dict[str, tuple[int, int]]:
             break
         member = read_ustar_header(header)
         if member is None:
-            raise ValueError(f"{source.name}: no valid tar header at byte {pos} (corrupt or not a tar)")
+            raise ClipforgeError(f"{source.name}: no valid tar header at byte {pos} (corrupt or not a tar)")
         name_s, key, size, kind = member
         if kind not in (b"0", b"\0"):
             if kind in (b"x", b"g", b"L", b"K"):
                 return _sample_ranges_tarfile(source)
-            raise ValueError(f"{source.name}: member of type {kind!r} refused (links and devices are not read)")
+            raise ClipforgeError(f"{source.name}: member of type {kind!r} refused (links and devices are not read)")
         problem = unsafe_name(name_s)
         if problem:
-            raise ValueError(f"{source.name}: {problem}")
+            raise ClipforgeError(f"{source.name}: {problem}")
         end = pos + BLOCK + size + (-size % BLOCK)
         span = ranges.get(key)
         if span is None:
@@ -67,7 +68,7 @@ def _sample_ranges(source: "SourceTar") -> dict[str, tuple[int, int]]:
         elif span[1] == pos:
             span[1] = end
         else:
-            raise ValueError(f"{source.name}: members of {key!r} are not contiguous")
+            raise ClipforgeError(f"{source.name}: members of {key!r} are not contiguous")
         pos = end
     return {k: (a, b - a) for k, (a, b) in ranges.items()}
 
@@ -95,7 +96,7 @@ def _sample_ranges_tarfile(source: "SourceTar") -> dict[str, tuple[int, int]]:
         for m in tar:
             problem = safe_member(m)
             if problem:
-                raise ValueError(f"{source.name}: {problem}")
+                raise ClipforgeError(f"{source.name}: {problem}")
             key = m.name.rpartition("/")[2].partition(".")[0]
             end = m.offset_data + m.size + (-m.size % BLOCK)
             ranges.setdefault(key, [m.offset, end])[1] = end

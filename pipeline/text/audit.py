@@ -7,12 +7,12 @@ by a hash of the normalized text, near ones by MinHash LSH (bands sorted per ban
 compact arrays is held: ~50 bytes of RAM per caption plus 4*num_perm bytes on disk). Pass 2 writes
 `captions.parquet` with the duplicate columns; then `summary.json` and `report.html`.
 
-The duplicate finder (MinHash signatures, LSH bands, clusters) is `clipforge.pipeline.text.dedup`.
+The duplicate finder (MinHash signatures, LSH bands, clusters) is `clipforge.pipeline.text.dedup`; the
+running length statistics and n-gram counts are `clipforge.pipeline.text.audit_figures`.
 """
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -22,24 +22,24 @@ import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
 
-from clipforge.pipeline.text.captions import FLAGS, CleanConfig, as_text, clean_caption
+from clipforge.pipeline.text.audit_figures import LengthStats, NgramCounts, count_ngrams
+from clipforge.pipeline.text.caption_rules import FLAGS, CleanConfig, as_text, clean_caption
 from clipforge.pipeline.text.dedup import CJK_CHARS, DedupConfig, MinHasher, SignatureStore, dedup_tokens, find_duplicates
-from clipforge.pipeline.text.langid import STOPWORDS, script_and_language
+from clipforge.pipeline.text.langid import script_and_language
 from clipforge.pipeline.text.tables import CAPTION_COLUMNS, caption_column, iter_table, table_format
 
 ID_COLUMNS = ("key", "id", "video_id", "videoid", "vid_key", "video")
 SPAN_FOR_ROOM = 16.0   # the longest span prefix ("16.0 s") bounds the room left for the caption
 PROXY_PREFIX = 5       # proxy tokens taken by "16.0 s" + separator when no tokenizer is given
-HIST_CAP = 4096        # lengths below this are counted exactly per value; longer ones are kept in a list
 EXAMPLES = 3
 
 _PROXY_TOKEN_RE = re.compile(rf"[{CJK_CHARS}]|[^\W_{CJK_CHARS}]+|[^\w\s]")
 _ASCII_WORD_SPACE = bytes(c for c in range(128) if chr(c).isalnum() or chr(c).isspace() or c == 95)
-_STOP = frozenset(w for words in STOPWORDS.values() for w in words.split())
 
 
 def proxy_tokens(text: str) -> int:
@@ -47,108 +47,9 @@ def proxy_tokens(text: str) -> int:
     return len(_PROXY_TOKEN_RE.findall(text))
 
 
-# ------------------------------------------------------------------------------------------ summary
-class LengthStats:
-    """Exact mean, min, max and quantiles of integer lengths in O(HIST_CAP) memory."""
-
-    def __init__(self):
-        self.counts = np.zeros(HIST_CAP, dtype=np.int64)
-        self.over: list[int] = []
-        self.n = self.total = 0
-
-    def add(self, values: np.ndarray) -> None:
-        values = np.asarray(values, dtype=np.int64)
-        self.counts += np.bincount(values[values < HIST_CAP], minlength=HIST_CAP)
-        self.over.extend(values[values >= HIST_CAP].tolist())
-        self.n += len(values)
-        self.total += int(values.sum())
-
-    def _order_stat(self, k: int) -> int:
-        cum = np.cumsum(self.counts)
-        return int(np.searchsorted(cum, k, side="right")) if k < cum[-1] else sorted(self.over)[k - int(cum[-1])]
-
-    def quantile(self, q: float) -> float:
-        """As numpy's and pandas' default: linear interpolation between order statistics."""
-        pos = (self.n - 1) * q
-        lo, hi = int(np.floor(pos)), int(np.ceil(pos))
-        a, b = self._order_stat(lo), self._order_stat(hi)
-        return float(a + (b - a) * (pos - lo))
-
-    def stats(self) -> dict:
-        if not self.n:
-            return {"mean": 0.0, "min": 0, "p50": 0.0, "p90": 0.0, "p95": 0.0, "p99": 0.0, "max": 0}
-        out = {"mean": self.total / self.n, "min": self._order_stat(0)}
-        out.update({f"p{int(q * 100)}": self.quantile(q) for q in (0.5, 0.9, 0.95, 0.99)})
-        return {**out, "max": self._order_stat(self.n - 1)}
-
-    def histogram(self, bins: int = 60) -> dict:
-        top = self._order_stat(self.n - 1) if self.n else 0
-        width = max(1, -(-(top + 1) // bins))
-        full = np.zeros(top // width + 1, dtype=np.int64)
-        small = np.bincount(np.arange(HIST_CAP) // width, weights=self.counts).astype(np.int64)
-        k = min(len(full), len(small))
-        full[:k] = small[:k]
-        for v in self.over:
-            full[v // width] += 1
-        return {"width": width, "counts": full.tolist()}
-
-
-def _count_ngrams(tokens_list: list[list[str]], prune: bool = False) -> tuple[dict[int, Counter], bool]:
-    """Counts in C; stopwords are dropped when reporting. With `prune`, a slice with a big vocabulary
-    keeps only n-grams seen twice: merging counters is a Python loop, and a gram seen once in 25,000
-    captions is not a corpus-wide top gram."""
-    chain = itertools.chain.from_iterable
-    out = {1: Counter(chain(zip(t) for t in tokens_list)), 2: Counter(chain(zip(t, t[1:]) for t in tokens_list)),
-           3: Counter(chain(zip(t, t[1:], t[2:]) for t in tokens_list))}
-    pruned = False
-    for n, c in out.items():
-        if prune and len(c) > NGRAM_PRUNE:
-            out[n], pruned = Counter({g: k for g, k in c.items() if k > 1}), True
-    return out, pruned
-
-
-class _Ngrams:
-    """Top word n-grams (CJK: character n-grams) of the first NGRAM_ALL_ROWS captions and every
-    NGRAM_STRIDE-th after; exact unless a slice was pruned or a vocabulary outgrew `limit` (then cut
-    to its heaviest half)."""
-
-    def __init__(self, limit: int = 100_000):
-        self.counters: dict[int, Counter] = {1: Counter(), 2: Counter(), 3: Counter()}
-        self.limit, self.exact, self.rows = limit, True, 0
-
-    def add(self, counters: dict[int, Counter], pruned: bool, rows: int) -> None:
-        self.rows += rows
-        self.exact &= not pruned
-        for n, c in counters.items():
-            self.counters[n].update(c)
-            if len(self.counters[n]) > self.limit:
-                self.counters[n] = Counter(dict(self.counters[n].most_common(self.limit // 2)))
-                self.exact = False
-
-    def top(self, k: int = 25) -> dict:
-        def text(gram):
-            return "".join(w if i == 0 or (_is_cjk(w) and _is_cjk(gram[i - 1])) else " " + w
-                           for i, w in enumerate(gram))
-        def keep(gram):  # unigrams: no stopwords, no single Latin letters
-            return len(gram) > 1 or gram[0] not in _STOP and (len(gram[0]) > 1 or not gram[0].isascii())
-        out = {}
-        for n, cnt in self.counters.items():
-            best = [(g, c) for g, c in cnt.most_common(k + (len(_STOP) + 40 if n == 1 else 0)) if keep(g)]
-            out[str(n)] = [[text(g), c] for g, c in sorted(best, key=lambda kv: (-kv[1], kv[0]))[:k]]
-        return out
-
-
-def _is_cjk(token: str) -> bool:
-    return len(token) == 1 and re.match(rf"[{CJK_CHARS}]", token) is not None
-
-
-def _by_count(counter: Counter) -> dict:
-    return dict(sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
 # ---------------------------------------------------------------------------------------- one slice
 SLICE_ROWS = 25_000          # rows per unit of work (and per temporary part file)
-NGRAM_ALL_ROWS, NGRAM_STRIDE, NGRAM_PRUNE = 100_000, 10, 20_000
+NGRAM_ALL_ROWS, NGRAM_STRIDE = 100_000, 10   # captions whose n-grams are counted: all of the first, then every 10th
 _STATE: dict = {}
 
 
@@ -196,7 +97,7 @@ def _audit_slice(task: dict) -> dict:
             "counts": Counter(rows=m, empty=int(empty.sum()), cut_after_prefix=int(cut.sum()),
                               changed=sum(c != r for c, r in zip(clean, raw))),
             "flags": Counter(f for fl in flags for f in fl), "scripts": Counter(script), "languages": Counter(lang),
-            "ngrams": _count_ngrams(sampled, prune=True), "ngram_rows": len(sampled), "examples": examples,
+            "ngrams": count_ngrams(sampled, prune=True), "ngram_rows": len(sampled), "examples": examples,
             "cut_after_prefix_examples": [{"caption": clean[i][:600], "tokens": int(ntok[i])}
                              for i in np.flatnonzero(cut)[:EXAMPLES]]}
 
@@ -216,9 +117,6 @@ def audit(in_path, out_dir, text_tokenizer_path=None, slot: int = 64, chunk_rows
     processed by `workers` forked processes on Linux (default: the CPU count, at most 8; 1 = in this
     process), at most 2 per worker in flight, so memory stays bounded whatever the input size.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from clipforge.pipeline.text.report import render_report
 
     started = time.time()
@@ -233,125 +131,187 @@ def audit(in_path, out_dir, text_tokenizer_path=None, slot: int = 64, chunk_rows
     room = slot - len(tok.span_prefix(SPAN_FOR_ROOM)) if tok else slot - PROXY_PREFIX
     workers = workers or min(os.cpu_count() or 1, 8)
     hasher = MinHasher(dedup)
-    lengths = {"chars_raw": LengthStats(), "chars": LengthStats(), "tokens": LengthStats()}
-    counts, flags, scripts, languages = Counter(), Counter(), Counter(), Counter()
-    ngrams, examples, cut_examples = _Ngrams(), {}, []
     meta = {"caption_column": caption_col, "id_column": None}
-    exact_parts, has_parts, parts = [], [], []
-    wanted = set(CAPTION_COLUMNS) | set(ID_COLUMNS) | ({caption_col} if caption_col else set())
+    settings = {"config": config, "dedup": dedup, "tokenizer": tok_path, "room": room}
 
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".audit-") as tmp:
-        tmp = Path(tmp)
-        store = SignatureStore(tmp, dedup.num_perm, hasher.bands)
+        totals = _AuditTotals(Path(tmp), SignatureStore(Path(tmp), dedup.num_perm, hasher.bands))
+        rows = _run_slices(_slice_tasks(in_path, chunk_rows, caption_col, meta, settings), workers, totals.merge)
+        totals.store.close()
+        dups, reps, top_ids = _find_clusters(totals, rows, dedup)
+        top = _write_captions_table(totals.parts, dups, top_ids, out_dir / "captions.parquet")
 
-        def merge(res: dict) -> None:
-            parts.append(tmp / f"part-{len(parts):06d}.arrow")
-            res["part"].to_feather(parts[-1], compression="uncompressed")  # temporary: fastest to write
-            store.append(res["sig"], res["bands"])
-            exact_parts.append(res["exact"])
-            has_parts.append(res["has"])
-            for k, v in res["lengths"].items():
-                lengths[k].add(v)
-            counts.update(res["counts"])
-            flags.update(res["flags"])
-            scripts.update(res["scripts"])
-            languages.update(res["languages"])
-            ngrams.add(*res["ngrams"], res["ngram_rows"])
-            for f, ex in res["examples"].items():
-                mine = examples.setdefault(f, [])
-                mine += [e for e in ex if all(e["raw"] != x["raw"] for x in mine)][:EXAMPLES - len(mine)]
-            cut_examples.extend(res["cut_after_prefix_examples"][:EXAMPLES - len(cut_examples)])
-
-        pool, pending, row0 = None, [], 0
-        try:
-            for df in iter_table(in_path, chunk_rows, columns=wanted):
-                col = caption_col or caption_column(df.columns)
-                id_col = next((c for c in ID_COLUMNS if c in df.columns and c != col), None)
-                meta.update(caption_column=col, id_column=id_col)
-                raw_col = df["caption_raw"] if "caption_raw" in df.columns else df[col]
-                for start in range(0, len(df), SLICE_ROWS):
-                    stop = min(len(df), start + SLICE_ROWS)
-                    ids = None
-                    if id_col:
-                        ids = [x if type(x) is str else None if pd.isna(x) else str(x)
-                               for x in df[id_col].iloc[start:stop].tolist()]
-                    raw = [x if type(x) is str else as_text(x) for x in raw_col.iloc[start:stop].tolist()]
-                    task = {"raw": raw, "ids": ids, "row0": row0,
-                            "config": config, "dedup": dedup, "tokenizer": tok_path, "room": room}
-                    row0 += stop - start
-                    if workers > 1 and pool is None and row0 > 2 * SLICE_ROWS and sys.platform == "linux":
-                        # fork: no __main__ guard needed by callers, and workers start at once
-                        import multiprocessing
-                        from concurrent.futures import ProcessPoolExecutor
-                        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-                    if pool is None:
-                        merge(_audit_slice(task))
-                        continue
-                    pending.append(pool.submit(_audit_slice, task))
-                    while len(pending) > 2 * workers:
-                        merge(pending.pop(0).result())
-            for future in pending:  # results are merged in row order: the output is deterministic
-                merge(future.result())
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
-        store.close()
-        n = row0
-        exact = np.concatenate(exact_parts) if exact_parts else np.zeros(0, np.uint64)
-        has = np.concatenate(has_parts) if has_parts else np.zeros(0, bool)
-        dups = find_duplicates(store, store, has, exact, dedup)
-        sizes = dups["dup_cluster_size"]
-        reps = np.flatnonzero((dups["dup_cluster"] == np.arange(n)) & (sizes > 1))
-        top_ids = reps[np.lexsort((reps, -sizes[reps]))][:20]
-        top = {int(c): {"cluster": int(c), "size": int(sizes[c]), "caption": None, "examples": []} for c in top_ids}
-        # pass 2: the per-caption table with its duplicate columns
-        tmp_out = out_dir / "captions.parquet.tmp"
-        with pq.ParquetWriter(tmp_out, _schema()) as writer:
-            for path in parts:
-                part = pd.read_feather(path)
-                rows = part["row"].to_numpy()
-                for k, values in dups.items():
-                    part[k] = values[rows]
-                for i in np.flatnonzero(np.isin(part["dup_cluster"].to_numpy(), top_ids)):
-                    entry, cap = top[int(part["dup_cluster"].iat[i])], part["caption"].iat[i]
-                    if rows[i] == entry["cluster"]:
-                        entry["caption"] = cap[:600]
-                    elif len(entry["examples"]) < EXAMPLES and cap not in entry["examples"] and cap != entry["caption"]:
-                        entry["examples"].append(cap[:600])
-                writer.write_table(pa.Table.from_pandas(part, schema=_schema(), preserve_index=False)
-                                   .replace_schema_metadata(None))
-        os.replace(tmp_out, out_dir / "captions.parquet")
-
-    rows = counts["rows"]
-    clusters = int(len(reps))
-    in_clusters = int(sizes[reps].sum()) if clusters else 0
     summary = {
-        "input": str(in_path), "kind": kind, **meta,
-        "rows": rows, "usable": rows - counts["empty"], "empty": counts["empty"], "changed": counts["changed"],
-        "flags": {f: flags.get(f, 0) for f in FLAGS},
-        **{k: v.stats() for k, v in lengths.items()},
-        "token_count": {"method": "sentencepiece" if tok else "proxy",
-                        "tokenizer": tok.tokenizer_id if tok else None, "slot": slot, "room": room,
-                        "note": (f"room = slot - len(span prefix '{SPAN_FOR_ROOM:.1f} s' + separator)" if tok else
-                                 "proxy: one token per word, CJK character and punctuation mark; "
-                                 f"room = slot - {PROXY_PREFIX}")},
-        "cut_after_prefix": counts["cut_after_prefix"], "cut_after_prefix_fraction": counts["cut_after_prefix"] / rows if rows else 0.0,
-        "scripts": _by_count(scripts), "languages": _by_count(languages),
-        "duplicates": {
-            "method": "minhash-lsh", "num_perm": dedup.num_perm, "threshold": dedup.threshold,
-            "bands": hasher.bands, "rows_per_band": hasher.rows, "ngram": dedup.ngram, "verified": dedup.verify,
-            "exact_rows": int(dups["dup_exact"].sum()), "near_rows": int(dups["dup_near"].sum()),
-            "clusters": clusters, "rows_in_clusters": in_clusters, "removable": in_clusters - clusters,
-            "top": [top[int(c)] for c in top_ids]},
-        "top_ngrams": ngrams.top(), "ngrams_exact": ngrams.exact, "ngram_rows": ngrams.rows,
-        "histograms": {k: v.histogram() for k, v in lengths.items()},
-        "examples": {f: examples[f] for f in FLAGS if f in examples}, "cut_after_prefix_examples": cut_examples,
+        "input": str(in_path), "kind": kind, **meta, **_totals_summary(totals),
+        "token_count": _token_count_summary(tok, slot, room), **_cut_summary(totals),
+        "scripts": _by_count(totals.scripts), "languages": _by_count(totals.languages),
+        "duplicates": _duplicates_summary(dups, reps, top, dedup, hasher),
+        **_text_summary(totals),
         "config": asdict(config), "dedup_config": asdict(dedup), "chunk_rows": chunk_rows,
         "seconds": round(time.time() - started, 3),
     }
     _write_json(out_dir / "summary.json", summary)
     render_report(summary, out_dir / "report.html")
     return summary
+
+
+class _AuditTotals:
+    """What pass 1 keeps of the slices, merged in row order: each slice's part file, its MinHash
+    signatures (in `store`) and exact-duplicate keys, and the running figures of the summary."""
+
+    def __init__(self, tmp: Path, store: SignatureStore):
+        self.tmp, self.store = tmp, store
+        self.lengths = {"chars_raw": LengthStats(), "chars": LengthStats(), "tokens": LengthStats()}
+        self.counts, self.flags, self.scripts, self.languages = Counter(), Counter(), Counter(), Counter()
+        self.ngrams, self.examples, self.cut_examples = NgramCounts(), {}, []
+        self.exact_parts, self.has_parts, self.parts = [], [], []
+
+    def merge(self, res: dict) -> None:
+        self.parts.append(self.tmp / f"part-{len(self.parts):06d}.arrow")
+        res["part"].to_feather(self.parts[-1], compression="uncompressed")  # temporary: fastest to write
+        self.store.append(res["sig"], res["bands"])
+        self.exact_parts.append(res["exact"])
+        self.has_parts.append(res["has"])
+        for k, v in res["lengths"].items():
+            self.lengths[k].add(v)
+        self.counts.update(res["counts"])
+        self.flags.update(res["flags"])
+        self.scripts.update(res["scripts"])
+        self.languages.update(res["languages"])
+        self.ngrams.add(*res["ngrams"], res["ngram_rows"])
+        for f, ex in res["examples"].items():
+            mine = self.examples.setdefault(f, [])
+            mine += [e for e in ex if all(e["raw"] != x["raw"] for x in mine)][:EXAMPLES - len(mine)]
+        self.cut_examples.extend(res["cut_after_prefix_examples"][:EXAMPLES - len(self.cut_examples)])
+
+
+def _slice_tasks(in_path: Path, chunk_rows: int, caption_col, meta: dict, settings: dict) -> Iterator[dict]:
+    """Pass 1's units of work in row order: the raw captions (and ids) of SLICE_ROWS rows each, plus
+    `settings`. `meta` gets the caption and id columns found."""
+    wanted = set(CAPTION_COLUMNS) | set(ID_COLUMNS) | ({caption_col} if caption_col else set())
+    row0 = 0
+    for df in iter_table(in_path, chunk_rows, columns=wanted):
+        col = caption_col or caption_column(df.columns)
+        id_col = next((c for c in ID_COLUMNS if c in df.columns and c != col), None)
+        meta.update(caption_column=col, id_column=id_col)
+        raw_col = df["caption_raw"] if "caption_raw" in df.columns else df[col]
+        for start in range(0, len(df), SLICE_ROWS):
+            stop = min(len(df), start + SLICE_ROWS)
+            ids = None
+            if id_col:
+                ids = [x if type(x) is str else None if pd.isna(x) else str(x)
+                       for x in df[id_col].iloc[start:stop].tolist()]
+            raw = [x if type(x) is str else as_text(x) for x in raw_col.iloc[start:stop].tolist()]
+            yield {"raw": raw, "ids": ids, "row0": row0, **settings}
+            row0 += stop - start
+
+
+def _run_slices(tasks: Iterator[dict], workers: int, merge: Callable[[dict], None]) -> int:
+    """`_audit_slice` every task and `merge` the results in row order (the output is deterministic): in
+    this process, or from the third slice on in `workers` forked processes; returns the rows seen."""
+    pool, pending, rows = None, [], 0
+    try:
+        for task in tasks:
+            rows = task["row0"] + len(task["raw"])
+            if workers > 1 and pool is None and rows > 2 * SLICE_ROWS and sys.platform == "linux":
+                # fork: no __main__ guard needed by callers, and workers start at once
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor
+                pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+            if pool is None:
+                merge(_audit_slice(task))
+                continue
+            pending.append(pool.submit(_audit_slice, task))
+            while len(pending) > 2 * workers:   # bounded memory: at most 2 slices per worker in flight
+                merge(pending.pop(0).result())
+        for future in pending:
+            merge(future.result())
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return rows
+
+
+def _find_clusters(totals: _AuditTotals, rows: int, dedup: DedupConfig) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Duplicate columns of every row, the clusters' representative rows, and the 20 biggest clusters'."""
+    exact = np.concatenate(totals.exact_parts) if totals.exact_parts else np.zeros(0, np.uint64)
+    has = np.concatenate(totals.has_parts) if totals.has_parts else np.zeros(0, bool)
+    dups = find_duplicates(totals.store, totals.store, has, exact, dedup)
+    sizes = dups["dup_cluster_size"]
+    reps = np.flatnonzero((dups["dup_cluster"] == np.arange(rows)) & (sizes > 1))
+    top_ids = reps[np.lexsort((reps, -sizes[reps]))][:20]
+    return dups, reps, top_ids
+
+
+def _write_captions_table(parts: list[Path], dups: dict, top_ids: np.ndarray, out_path: Path) -> list[dict]:
+    """Pass 2: the per-caption table (the part files with their duplicate columns) at `out_path`; returns
+    the top clusters, each with its representative's caption and up to EXAMPLES others."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sizes = dups["dup_cluster_size"]
+    top = {int(c): {"cluster": int(c), "size": int(sizes[c]), "caption": None, "examples": []} for c in top_ids}
+    tmp_out = out_path.with_name(out_path.name + ".tmp")
+    with pq.ParquetWriter(tmp_out, _schema()) as writer:
+        for path in parts:
+            part = pd.read_feather(path)
+            rows = part["row"].to_numpy()
+            for k, values in dups.items():
+                part[k] = values[rows]
+            for i in np.flatnonzero(np.isin(part["dup_cluster"].to_numpy(), top_ids)):
+                entry, cap = top[int(part["dup_cluster"].iat[i])], part["caption"].iat[i]
+                if rows[i] == entry["cluster"]:
+                    entry["caption"] = cap[:600]
+                elif len(entry["examples"]) < EXAMPLES and cap not in entry["examples"] and cap != entry["caption"]:
+                    entry["examples"].append(cap[:600])
+            writer.write_table(pa.Table.from_pandas(part, schema=_schema(), preserve_index=False)
+                               .replace_schema_metadata(None))
+    os.replace(tmp_out, out_path)
+    return [top[int(c)] for c in top_ids]
+
+
+# ------------------------------------------------------------------------------- summary.json parts
+def _by_count(counter: Counter) -> dict:
+    return dict(sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _totals_summary(totals: _AuditTotals) -> dict:
+    rows, counts = totals.counts["rows"], totals.counts
+    return {"rows": rows, "usable": rows - counts["empty"], "empty": counts["empty"], "changed": counts["changed"],
+            "flags": {f: totals.flags.get(f, 0) for f in FLAGS},
+            **{k: v.stats() for k, v in totals.lengths.items()}}
+
+
+def _token_count_summary(tok, slot: int, room: int) -> dict:
+    return {"method": "sentencepiece" if tok else "proxy",
+            "tokenizer": tok.tokenizer_id if tok else None, "slot": slot, "room": room,
+            "note": (f"room = slot - len(span prefix '{SPAN_FOR_ROOM:.1f} s' + separator)" if tok else
+                     "proxy: one token per word, CJK character and punctuation mark; "
+                     f"room = slot - {PROXY_PREFIX}")}
+
+
+def _cut_summary(totals: _AuditTotals) -> dict:
+    rows, cut = totals.counts["rows"], totals.counts["cut_after_prefix"]
+    return {"cut_after_prefix": cut, "cut_after_prefix_fraction": cut / rows if rows else 0.0}
+
+
+def _duplicates_summary(dups: dict, reps: np.ndarray, top: list[dict], dedup: DedupConfig,
+                        hasher: MinHasher) -> dict:
+    clusters = int(len(reps))
+    in_clusters = int(dups["dup_cluster_size"][reps].sum()) if clusters else 0
+    return {"method": "minhash-lsh", "num_perm": dedup.num_perm, "threshold": dedup.threshold,
+            "bands": hasher.bands, "rows_per_band": hasher.rows, "ngram": dedup.ngram, "verified": dedup.verify,
+            "exact_rows": int(dups["dup_exact"].sum()), "near_rows": int(dups["dup_near"].sum()),
+            "clusters": clusters, "rows_in_clusters": in_clusters, "removable": in_clusters - clusters,
+            "top": top}
+
+
+def _text_summary(totals: _AuditTotals) -> dict:
+    """Top n-grams, length histograms and example captions."""
+    return {"top_ngrams": totals.ngrams.top(), "ngrams_exact": totals.ngrams.exact, "ngram_rows": totals.ngrams.rows,
+            "histograms": {k: v.histogram() for k, v in totals.lengths.items()},
+            "examples": {f: totals.examples[f] for f in FLAGS if f in totals.examples},
+            "cut_after_prefix_examples": totals.cut_examples}
 
 
 def _schema():

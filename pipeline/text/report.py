@@ -133,7 +133,7 @@ def _stats_table(summary: dict) -> str:
 
 
 def _rules_table(summary: dict, config: dict | None) -> str:
-    from clipforge.pipeline.text.captions import CleanConfig, clean_caption
+    from clipforge.pipeline.text.caption_rules import CleanConfig, clean_caption
     cfg = CleanConfig(**config) if config else CleanConfig()
     rows = max(summary["rows"], 1)
     out = ["<table><tr><th>rule</th><th>captions</th><th>before → after</th></tr>"]

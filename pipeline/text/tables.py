@@ -14,6 +14,8 @@ from typing import Iterable, Iterator
 
 import pandas as pd
 
+from clipforge.pipeline.errors import ClipforgeError
+
 CAPTION_COLUMNS = ("caption", "text", "sentence", "prompt", "prompt_en", "name", "title", "description",
                    "caption_raw")
 _TEXT_COLUMNS = set(CAPTION_COLUMNS) | {"id", "key", "video", "video_id", "videoid", "vid_key", "url"}
@@ -35,18 +37,18 @@ def _open(path, errors: str = "strict"):
 
 def table_format(path, must_exist: bool = True) -> str:
     """The format of a table from its name: parquet, csv, tsv, jsonl, json, txt, or a dataset folder.
-    A local input that does not exist is a FileNotFoundError (`must_exist=False` for outputs)."""
+    A local input that does not exist is a ClipforgeError (`must_exist=False` for outputs)."""
     url = _is_url(path)
     path = str(path) if url else Path(path)
     if not url and path.is_dir():
         return "dataset"
     if must_exist and not url and not path.exists():   # say what is wrong, not what the name's extension looks like
-        raise FileNotFoundError(f"{path}: no such file or directory")
+        raise ClipforgeError(f"{path}: no such file or directory")
     suffix = Path(path).suffix
     fmt = _FORMATS.get(suffix.lower())
     if fmt is None:
-        raise ValueError(f"{path}: unsupported extension {suffix!r} "
-                         f"(use one of {', '.join(sorted(_FORMATS))}, or a dataset directory)")
+        raise ClipforgeError(f"{path}: unsupported extension {suffix!r} "
+                             f"(use one of {', '.join(sorted(_FORMATS))}, or a dataset directory)")
     return fmt
 
 
@@ -55,7 +57,7 @@ def caption_column(columns) -> str:
     for name in CAPTION_COLUMNS:
         if name in columns:
             return name
-    raise ValueError(f"no caption column (looked for {', '.join(CAPTION_COLUMNS)}; have {list(columns)})")
+    raise ClipforgeError(f"no caption column (looked for {', '.join(CAPTION_COLUMNS)}; have {list(columns)})")
 
 
 def _sniff_sep(path: Path) -> str:
@@ -75,7 +77,7 @@ def _dataset_files(path: Path) -> list[Path]:
     files = [path / r["files"]["index"]["name"] for r in records] or sorted((path / "index").glob("*.parquet")) \
         or sorted(path.glob("*.parquet"))   # a dataset without records, or a plain folder of Parquet files
     if not files:
-        raise ValueError(f"{path}: a directory without index/*.parquet (not a built dataset)")
+        raise ClipforgeError(f"{path}: a directory without index/*.parquet (not a built dataset)")
     return files
 
 
@@ -83,8 +85,6 @@ def iter_table(path, chunk_rows: int = 200_000, all_text: bool = False,
                columns: Iterable[str] | None = None) -> Iterator[pd.DataFrame]:
     """`read_chunks` (below), with an unreadable file said in one line that names it."""
     import pyarrow as pa
-
-    from clipforge.pipeline.errors import ClipforgeError
 
     try:
         yield from read_chunks(path, chunk_rows, all_text, columns)
@@ -171,7 +171,7 @@ def _jsonl_chunks(path, chunk_rows: int) -> Iterator[pd.DataFrame]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
+                raise ClipforgeError(f"{path}:{number}: not JSON ({err.msg})") from None
             if len(records) >= chunk_rows:
                 yield pd.DataFrame.from_records(records)
                 records = []
@@ -189,7 +189,7 @@ def _json_records(data, path) -> list:
                 return value
         if all(isinstance(v, list) for v in data.values()):  # {video: [caption, ...]}
             return [{"video": k, "caption": c} for k, v in data.items() for c in v]
-    raise ValueError(f"{path}: JSON must be a list of records or a dict of caption lists")
+    raise ClipforgeError(f"{path}: JSON must be a list of records or a dict of caption lists")
 
 
 def read_table(path) -> pd.DataFrame:

@@ -10,6 +10,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
+from clipforge.pipeline.errors import ClipforgeError
 
 SEQUENTIAL = "sequential"
 INTERPOLATION = "interpolation"
@@ -30,9 +31,9 @@ class ClipConfig:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
+            raise ClipforgeError(f"mode must be one of {MODES}, not {self.mode!r}")
         if self.frames < 1 or self.size < 8 or not self.rates:
-            raise ValueError("frames >= 1, size >= 8 and at least one rate are required")
+            raise ClipforgeError("frames >= 1, size >= 8 and at least one rate are required")
         object.__setattr__(self, "rates", tuple(sorted(float(r) for r in self.rates)))
         object.__setattr__(self, "interpolation_rates", tuple(sorted(float(r) for r in self.interpolation_rates)))
 

@@ -1,5 +1,8 @@
 """Decoding: one reader per video serves all its clips, decord where it is proven right, PyAV otherwise.
 
+(One file over 400 lines on purpose: the clock and reader of every container, and the proof that
+decord's frames are right, are one decision and are read together.)
+
 `decode_video` is the worker-side function (probe → clock → plan → read the planned frames → orient and
 crop); it raises `DecodeFailure(reason, message)` for bad input. Every result names its `decoder`
 (decord | pyav) and its `clock` (demux | decode | grid, see `Timeline`); docs/decode.md says which

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
+from clipforge.pipeline.errors import ClipforgeError
 
 # Saturated, well separated colours: they must stay distinguishable after yuv420p + x264 loss, and each
 # has a luma well above the dark background so "the shape" is simply "the bright pixels".
@@ -57,15 +58,15 @@ class SynthConfig:
             combos = tuple(tuple(c) for c in getattr(self, name))
             for color, shape, direction in combos:
                 if color not in COLORS or shape not in SHAPES or direction not in DIRECTIONS:
-                    raise ValueError(f"unknown combination {color!r} {shape!r} {direction!r}: colours are "
+                    raise ClipforgeError(f"unknown combination {color!r} {shape!r} {direction!r}: colours are "
                                      f"{', '.join(COLORS)}; shapes {', '.join(SHAPES)}; directions "
                                      f"{', '.join(DIRECTIONS)}")
             object.__setattr__(self, name, combos)
         if not 0.0 <= self.cross_band <= 1.0:
-            raise ValueError(f"cross_band is a fraction of the frame in [0, 1], not {self.cross_band}")
+            raise ClipforgeError(f"cross_band is a fraction of the frame in [0, 1], not {self.cross_band}")
         if len(set(self.leave_out)) >= len(COLORS) * len(SHAPES) * len(DIRECTIONS) or (
                 self.only and set(self.only) <= set(self.leave_out)):
-            raise ValueError("leave_out and only leave no combination to draw")
+            raise ClipforgeError("leave_out and only leave no combination to draw")
 
     def allows(self, color: str, shape: str, direction: str) -> bool:
         combo = (color, shape, direction)
@@ -288,7 +289,7 @@ def parse_combinations(text: str) -> tuple:
     for item in filter(None, (part.strip() for part in text.split(","))):
         parts = item.split("-")
         if len(parts) != 3:
-            raise ValueError(f"{item!r}: a combination is COLOR-SHAPE-DIRECTION, e.g. red-square-left")
+            raise ClipforgeError(f"{item!r}: a combination is COLOR-SHAPE-DIRECTION, e.g. red-square-left")
         combos.append(tuple(parts))
     return tuple(combos)
 
@@ -299,10 +300,10 @@ def parse_sizes(text: str) -> tuple:
     for item in filter(None, (part.strip() for part in text.split(","))):
         parts = item.lower().split("x")
         if len(parts) != 2 or not all(p.isdigit() for p in parts):
-            raise ValueError(f"{item!r}: a size is WIDTHxHEIGHT, e.g. 96x96")
+            raise ClipforgeError(f"{item!r}: a size is WIDTHxHEIGHT, e.g. 96x96")
         width, height = int(parts[0]), int(parts[1])
         if min(width, height) < 16 or width % 2 or height % 2:
-            raise ValueError(f"{item!r}: width and height must be even and at least 16 (yuv420p, a visible shape)")
+            raise ClipforgeError(f"{item!r}: width and height must be even and at least 16 (yuv420p, a visible shape)")
         sizes.append((width, height))
     return tuple(sizes)
 

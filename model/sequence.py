@@ -1,25 +1,22 @@
-"""A stage's sequence layout as tensors: per-position descriptors, the attention masks of both channels,
-the loss positions and the grid rotary tables. Pure functions of a CogVideoConfig (model/gpt.py) and a
-stage, built once per stage and device by CogVideo.masks."""
+"""A training phase's sequence as tensors: per-position descriptors, the attention masks of both channels,
+the loss positions and the grid rotary tables. Pure functions of a CogVideoConfig (model/config.py) and a
+phase, built once per phase and device by CogVideo.masks."""
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # gpt.py imports this module
-    from clipforge.model.gpt import CogVideoConfig
+from clipforge.model.config import CogVideoConfig
 
 
-def layout(cfg: CogVideoConfig, stage: str) -> dict[str, torch.Tensor]:
-    """Per-position descriptors of a stage's sequence, each (L,): frame index (-1 for text), is-code,
+def position_descriptors(cfg: CogVideoConfig, phase: str) -> dict[str, torch.Tensor]:
+    """Per-position descriptors of a phase's sequence, each (L,): frame index (-1 for text), is-code,
     grid row and column (-1 for text and <boi>)."""
     hw = cfg.tokens_h * cfg.tokens_w
     frame = [-1] * cfg.text_slot
     code = [False] * cfg.text_slot
     row = [-1] * cfg.text_slot
     col = [-1] * cfg.text_slot
-    for f in cfg.frame_order(stage):
+    for f in cfg.frame_order(phase):
         frame += [f] * (1 + hw)
         code += [False] + [True] * hw
         row += [-1] + [i // cfg.tokens_w for i in range(hw)]
@@ -28,13 +25,13 @@ def layout(cfg: CogVideoConfig, stage: str) -> dict[str, torch.Tensor]:
             "row": torch.tensor(row), "col": torch.tensor(col)}
 
 
-def build_masks(cfg: CogVideoConfig, stage: str) -> dict[str, object]:
+def build_masks(cfg: CogVideoConfig, phase: str) -> dict[str, object]:
     """Boolean attention masks (True = may attend), (L, L) with query rows and key columns.
 
-    Returns {"base": mask, "plus": [mask for even layers, mask for odd layers] or None (image stage),
+    Returns {"base": mask, "plus": [mask for even layers, mask for odd layers] or None (image phase),
     "loss": (L,) bool, True where the logits predict an image code of a loss frame (the next token)}.
     """
-    lay = layout(cfg, stage)
+    lay = position_descriptors(cfg, phase)
     frame, code = lay["frame"], lay["code"]
     n = len(frame)
     pos = torch.arange(n)
@@ -44,9 +41,9 @@ def build_masks(cfg: CogVideoConfig, stage: str) -> dict[str, object]:
     base = causal & (text_k | same_frame)
 
     plus = None
-    if stage == "sequential":
+    if phase == "sequential":
         plus = [causal, causal]
-    elif stage == "interpolation":
+    elif phase == "interpolation":
         is_text, given, gen = frame == -1, (frame >= 0) & (frame % 2 == 0), frame % 2 == 1
         in_given_block = is_text | given
         visible = ((in_given_block[:, None] & in_given_block[None, :])          # text + given: bidirectional
@@ -62,22 +59,22 @@ def build_masks(cfg: CogVideoConfig, stage: str) -> dict[str, object]:
             plus.append(visible & (~both_code | same_window))
 
     loss_frame = torch.zeros(n, dtype=torch.bool)
-    for f in cfg.loss_frames(stage):
+    for f in cfg.loss_frames(phase):
         loss_frame |= frame == f
     loss = torch.zeros(n, dtype=torch.bool)
     loss[:-1] = (code & loss_frame)[1:]  # logits at t predict token t+1
     return {"base": base, "plus": plus, "loss": loss}
 
 
-def grid_rotary(cfg: CogVideoConfig, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (L, rot/2) of 2D rotary embeddings over a stage's layout: the first rot/2 dims of a
+def grid_rotary(cfg: CogVideoConfig, phase: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (L, rot/2) of 2D rotary embeddings over a phase's layout: the first rot/2 dims of a
     head (rot = half the head, a multiple of 4) turn with the code's grid row, the next rot/2 with its
     column, at frequencies from 1 rad per token down to 1/side (no wrap-around across the grid). Text
     and <boi> stay unrotated. Why: a query's score then depends on the *offset* between code positions,
     so "the code one step left of me in the previous frame" is one fixed pattern for every position;
     with learned absolute tables alone each of the h*w positions has to learn its own shifted match, and
-    the sequential stage carried the shape forward but never learnt which way the words move it."""
-    lay = layout(cfg, stage)
+    the sequential phase carried the shape forward but never learnt which way the words move it."""
+    lay = position_descriptors(cfg, phase)
     hs = cfg.n_embd // cfg.n_head
     pairs = max(1, hs // 8)                                  # per axis: rot = 4 * pairs dims
     side = max(cfg.tokens_h, cfg.tokens_w)

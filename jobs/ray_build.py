@@ -197,7 +197,7 @@ def ray_shard_task(spec: BuildSpec, descriptor: dict, workers: list) -> dict:
     return record
 
 
-def plan_workers(config, nodes: list[dict] | None = None) -> int:
+def tokenizer_worker_count(config, nodes: list[dict] | None = None) -> int:
     """Tokenizer workers that can all be placed: per alive node, whole GPUs times the shares one GPU
     holds (a share is never split across GPUs), or GPUs / share for shares above one GPU."""
     import ray
@@ -243,7 +243,7 @@ class TokenizerPool:
         import ray
 
         self.last = time.monotonic()
-        want = plan_workers(self.spec.config)
+        want = tokenizer_worker_count(self.spec.config)
         while len(self.workers) < want:
             self.workers.append(self._new_worker())
         while len(self.workers) > want:

@@ -53,14 +53,14 @@ def worker_identity() -> str:
 class BuildShard:
     """Stage over shard descriptors; yields each shard attempt's record (uncommitted).
 
-    `stages` are `Stage`s over row dicts (`clipforge.pipeline.stages.build_stages`). `roundtrip_qa` clips
+    `stages` are `Stage`s over row dicts (`clipforge.pipeline.stages.build_stages`). `roundtrip_clips` clips
     per shard are marked, after the stage that produces clips, for a decode-back PSNR by the tokenizer.
     """
 
-    def __init__(self, writer: ShardWriter, stages: list[Stage], roundtrip_qa: int = 2,
+    def __init__(self, writer: ShardWriter, stages: list[Stage], roundtrip_clips: int = 2,
                  describe_worker: Callable[[], dict] | None = None):
         self.writer, self.stages = writer, stages
-        self.roundtrip_qa = roundtrip_qa
+        self.roundtrip_clips = roundtrip_clips
         self.describe_worker = describe_worker or (lambda: {})
 
     def __call__(self, descriptors: Iterable[dict]) -> Iterator[dict]:
@@ -103,7 +103,7 @@ class BuildShard:
         for row in rows:
             if is_ok(row) and row.get("clip_index") is not None:
                 decoded_inputs.add(row["row_index"])
-                if marked < self.roundtrip_qa:
+                if marked < self.roundtrip_clips:
                     row = {**row, "roundtrip_qa": True}
                     marked += 1
             yield row
@@ -155,9 +155,9 @@ class BuildSpec:
 
     def shard_builder(self, image_encoder=None) -> BuildShard:
         if self.stage_factory is not None:
-            return BuildShard(self.writer(), self.stage_factory(self), roundtrip_qa=0)
+            return BuildShard(self.writer(), self.stage_factory(self), roundtrip_clips=0)
         stages = build_stages(self.config, self.image_tokenizer, self.text_tokenizer, image_encoder=image_encoder)
-        return BuildShard(self.writer(), stages, roundtrip_qa=self.config.roundtrip_qa)
+        return BuildShard(self.writer(), stages, roundtrip_clips=self.config.roundtrip_clips)
 
 
 _builders: dict = {}       # per process: one BuildShard (and its decode child) for the current run

@@ -32,7 +32,7 @@ class BuildConfig:
     tokenize_dtype: str = "float32"     # float32 | bfloat16 (bf16 can flip nearest-code ties: recorded)
     tokenize_timeout_s: float = 300.0   # a GPU worker that does not answer a call in this time is skipped
     tokenize_inflight_mb: int = 256     # frames a shard task has sent to GPU workers and not yet got back
-    roundtrip_qa: int = 2               # clips per shard decoded back to pictures for a PSNR in the record
+    roundtrip_clips: int = 2            # clips per shard decoded back to pictures for a PSNR in the record
     gc_grace_s: float = 900.0           # unnamed attempt parts younger than this are never removed
     lease_ttl_s: float = 120.0          # a driver that has not renewed its lease for this long is gone
     commit_every_s: float = 2.0         # accepted records are written to the commit log at most this often

@@ -161,14 +161,9 @@ class TokenizeClips(Stage):
             yield out
 
     def _roundtrip_psnr(self, codes: np.ndarray, frames: np.ndarray) -> float:
+        from clipforge.tokenizer.metrics import psnr
+
         try:
-            decoded = np.asarray(self.image.decode(codes.astype(np.int64)))
+            return psnr(np.asarray(self.image.decode(codes.astype(np.int64))), frames)
         except Exception:   # noqa: BLE001 — quality figures must never fail a sample
             return -1.0
-        return psnr_uint8(decoded, frames)
-
-
-def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two uint8 pictures (or stacks of them) of the same shape."""
-    err = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if err == 0 else float(10 * np.log10(255.0 ** 2 / err))

@@ -341,3 +341,23 @@ def test_clean_manifest_on_real_webvid_csv(tmp_path):
     df = pd.read_parquet(tmp_path / "webvid.parquet")
     assert summary["caption_column"] == "name" and summary["rows"] == 20 == len(df)
     assert list(df["caption_raw"]) == list(df["name"])
+
+
+@pytest.mark.parametrize("name", ["manifest.csv", "manifest.tsv", "manifest.jsonl", "manifest.parquet"])
+def test_tables_read_from_object_storage_through_the_one_filesystem_layer(s3_server, tmp_path, name):
+    """A manifest on s3:// reads like a local one in every format (no fsspec backend is installed)."""
+    import pyarrow.fs as pafs
+
+    frame = pd.DataFrame({"video": ["s3://videos/a.mp4", "s3://videos/b.mp4"], "caption": ["a red ball", "ein Hund"]})
+    local = tmp_path / name
+    {"manifest.csv": lambda: frame.to_csv(local, index=False),
+     "manifest.tsv": lambda: frame.to_csv(local, sep="\t", index=False),
+     "manifest.jsonl": lambda: frame.to_json(local, orient="records", lines=True, force_ascii=False),
+     "manifest.parquet": lambda: frame.to_parquet(local, index=False)}[name]()
+    fs = pafs.S3FileSystem(endpoint_override=s3_server.removeprefix("http://"), scheme="http", access_key="testing",
+                           secret_key="testing", region="us-east-1")
+    with fs.open_output_stream(f"datasets/{name}") as out:
+        out.write(local.read_bytes())
+    got = pd.concat(list(iter_table(f"s3://datasets/{name}", chunk_rows=1)), ignore_index=True)
+    assert got[["video", "caption"]].to_dict("records") == frame.to_dict("records")
+    assert read_table(f"s3://datasets/{name}")["caption"].tolist() == ["a red ball", "ein Hund"]

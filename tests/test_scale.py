@@ -164,16 +164,16 @@ def test_on_s3_fractional_gpu_shares_complete_and_a_killed_tokenizer_costs_nothi
 
 
 def test_tokenizer_workers_are_planned_per_gpu_so_every_one_can_be_placed():
-    from clipforge.jobs.ray_build import plan_workers
+    from clipforge.jobs.ray_build import tokenizer_worker_count
 
     def nodes(*gpus):
         return [{"Alive": True, "Resources": {"GPU": g, "CPU": 8}} for g in gpus]
 
-    assert plan_workers(BuildConfig(tokenize_gpus=0.4), nodes(2)) == 4          # not 5: a share is never split
-    assert plan_workers(BuildConfig(tokenize_gpus=0.25), nodes(2, 1, 0)) == 12
-    assert plan_workers(BuildConfig(tokenize_gpus=1.0), nodes(8, 8)) == 16
-    assert plan_workers(BuildConfig(tokenize_gpus=2.0), nodes(3, 4)) == 3
-    assert plan_workers(BuildConfig(tokenize_gpus=0.5), [{"Alive": False, "Resources": {"GPU": 4}}]) == 0
+    assert tokenizer_worker_count(BuildConfig(tokenize_gpus=0.4), nodes(2)) == 4          # not 5: a share is never split
+    assert tokenizer_worker_count(BuildConfig(tokenize_gpus=0.25), nodes(2, 1, 0)) == 12
+    assert tokenizer_worker_count(BuildConfig(tokenize_gpus=1.0), nodes(8, 8)) == 16
+    assert tokenizer_worker_count(BuildConfig(tokenize_gpus=2.0), nodes(3, 4)) == 3
+    assert tokenizer_worker_count(BuildConfig(tokenize_gpus=0.5), [{"Alive": False, "Resources": {"GPU": 4}}]) == 0
 
 
 def _three_node_cluster():

@@ -28,6 +28,7 @@ from urllib.parse import quote, unquote, unquote_plus, urljoin, urlparse, urlspl
 
 import pyarrow.fs as pafs
 
+from clipforge.pipeline.errors import InputFailure
 from clipforge.pipeline.storage.fs import READ_ONLY_SCHEMES, filesystem
 
 # Query parameters whose values are credentials (compared case-insensitively): presigned S3 and GCS URLs,
@@ -104,14 +105,10 @@ def _scrub(text: str, url: str) -> str:
     return text
 
 
-class FetchError(Exception):
+class FetchError(InputFailure):
     """A remote file could not be fetched. `reason` is one of schema.REASONS: "missing" (not there),
     "fetch_error" (transient: may work on a retry) or "fetch_refused" (a redirect clipforge will not
     follow). The message never carries credentials (see `redact_url`)."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 class _Transient(Exception):

@@ -29,7 +29,7 @@ class ProgressTracker:
         self.tasks = self.inputs = self.samples = self.videos_decoded = 0
         self.failures: Counter = Counter()
         self.stage_seconds: Counter = Counter()
-        self.decode_workers: Counter = Counter()
+        self.shard_workers: Counter = Counter()
         self.nodes: Counter = Counter()
         self.tokenize_workers: Counter = Counter()
         self.retries_by_cause: Counter = Counter()
@@ -63,7 +63,7 @@ class ProgressTracker:
         run = record.get("run", {})
         self.stage_seconds.update(run.get("seconds", {}))
         if run.get("worker"):
-            self.decode_workers[run["worker"]] += 1
+            self.shard_workers[run["worker"]] += 1
         if run.get("node"):
             self.nodes[run["node"]] += 1
         self.tokenize_workers.update(run.get("tokenize_workers", {}))
@@ -96,7 +96,7 @@ class ProgressTracker:
             "failures_by_reason": dict(sorted(self.failures.items())),
             "stage_seconds": {k: round(v, 3) for k, v in sorted(self.stage_seconds.items())},
             "stage_inputs_per_s": {k: round(self.inputs / v, 3) for k, v in sorted(self.stage_seconds.items()) if v},
-            "workers": {"decode": dict(sorted(self.decode_workers.items())),
+            "workers": {"shard": dict(sorted(self.shard_workers.items())),
                         "nodes": dict(sorted(self.nodes.items())),
                         "tokenize": dict(sorted(self.tokenize_workers.items()))},
             "actors": self.actors,

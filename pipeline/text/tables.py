@@ -1,20 +1,23 @@
 """Table files: read captions and manifests in bounded memory, and write them back.
 
 Formats follow the file's extension: parquet (or a built dataset's directory), csv (delimiter sniffed),
-tsv, jsonl, json and txt; see `iter_table`. A path with "://" is a URL (s3://, gs://, https://, ...):
-pandas and pyarrow resolve it, fsspec opens the formats read here line by line. `TableWriter` appends
+tsv, jsonl, json and txt; see `iter_table`. A path with "://" is a URL (s3://, gs://, https://, ...),
+opened by the one filesystem layer, `clipforge.pipeline.storage.fs.open_url`. `TableWriter` appends
 DataFrame chunks to one local file of any of these formats but txt.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import pandas as pd
 
 from clipforge.pipeline.errors import ClipforgeError
+from clipforge.pipeline.storage.fs import open_url
 
 CAPTION_COLUMNS = ("caption", "text", "sentence", "prompt", "prompt_en", "name", "title", "description",
                    "caption_raw")
@@ -28,11 +31,20 @@ def _is_url(path) -> bool:
 
 
 def _open(path, errors: str = "strict"):
-    """A UTF-8 text file for reading: a local path, or a URL through fsspec."""
+    """A UTF-8 text file for reading: a local path, or a URL."""
     if _is_url(path):
-        import fsspec
-        return fsspec.open(str(path), "rt", encoding="utf-8", errors=errors)
+        return io.TextIOWrapper(open_url(str(path)), encoding="utf-8", errors=errors)
     return open(path, encoding="utf-8", errors=errors)
+
+
+@contextmanager
+def _binary(path):
+    """A local path as it is (pandas and pyarrow open it themselves), or a URL opened for reading."""
+    if not _is_url(path):
+        yield path
+        return
+    with open_url(str(path)) as f:
+        yield f
 
 
 def table_format(path, must_exist: bool = True) -> str:
@@ -116,21 +128,24 @@ def read_chunks(path, chunk_rows: int = 200_000, all_text: bool = False,
         return
     if fmt in ("parquet", "dataset"):
         for file in ([path] if fmt == "parquet" else _dataset_files(path)):
-            pf = pq.ParquetFile(file)
-            names = None if wanted is None else [c for c in pf.schema_arrow.names if c in wanted]
-            for batch in pf.iter_batches(batch_size=chunk_rows, columns=names):
-                yield batch.to_pandas()
+            with _binary(file) as src:
+                pf = pq.ParquetFile(src)
+                names = None if wanted is None else [c for c in pf.schema_arrow.names if c in wanted]
+                for batch in pf.iter_batches(batch_size=chunk_rows, columns=names):
+                    yield batch.to_pandas()
     elif fmt in ("csv", "tsv"):
         sep = "\t" if fmt == "tsv" else _sniff_sep(path)
         if all_text:
             kw = dict(dtype=str, keep_default_na=False, na_filter=False)
         else:
-            header = pd.read_csv(path, sep=sep, nrows=0).columns
+            with _binary(path) as src:
+                header = pd.read_csv(src, sep=sep, nrows=0).columns
             kw = dict(dtype={c: str for c in header if c in _TEXT_COLUMNS}, keep_default_na=False,
                       na_values=[""])
         if wanted is not None:
             kw["usecols"] = lambda c: c in wanted
-        yield from pd.read_csv(path, sep=sep, chunksize=chunk_rows, **kw)
+        with _binary(path) as src:
+            yield from pd.read_csv(src, sep=sep, chunksize=chunk_rows, **kw)
     elif fmt == "jsonl":
         yield from _jsonl_chunks(path, chunk_rows)
     elif fmt == "json":
@@ -200,7 +215,8 @@ def read_table(path) -> pd.DataFrame:
         return pd.concat(chunks, ignore_index=True)
     if table_format(path) == "parquet":
         import pyarrow.parquet as pq
-        return pq.ParquetFile(path).schema_arrow.empty_table().to_pandas()
+        with _binary(path) as src:
+            return pq.ParquetFile(src).schema_arrow.empty_table().to_pandas()
     return pd.DataFrame({"caption": []})
 
 

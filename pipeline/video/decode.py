@@ -27,7 +27,8 @@ import numpy as np
 
 from clipforge.pipeline.video.clips import (ClipConfig, center_crop, crop_box, display_size, orient_for_display, plan_clips,
                             resize_for_short_side, sane_timestamps)
-from clipforge.pipeline.video.isolate import IsolatedCall, WorkerFailure
+from clipforge.pipeline.errors import InputFailure
+from clipforge.pipeline.video.isolate import IsolatedCall
 
 STAGE = "decode"
 
@@ -75,7 +76,7 @@ REFERENCING_PREFIXES = (
 FILE_LINE = re.compile(rb"^[ \t]*file[ \t]+['\"]", re.IGNORECASE | re.MULTILINE)   # concat's `file '…'`
 
 
-class DecodeFailure(WorkerFailure):
+class DecodeFailure(InputFailure):
     """Bad input: the reason (one of schema.REASONS) goes to the ledger."""
 
 

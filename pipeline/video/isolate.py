@@ -21,7 +21,7 @@ child (spawned once, reused for every call, so the cost is paid once per stage i
   environment by multiprocessing; it inherits the parent's and scrubs it first thing);
 - **first to go**: on Linux the child sets its oom_score_adj to 1000, so the OOM killer takes a decoder
   before the worker that runs it;
-- **honest reasons**: a `WorkerFailure` (bad input, e.g. `DecodeFailure`) comes back with its own
+- **honest reasons**: an `InputFailure` (bad input, e.g. `DecodeFailure`) comes back with its own
   reason; any other exception is a bug in our code and comes back as the retryable `internal_error`.
 """
 from __future__ import annotations
@@ -34,6 +34,8 @@ import threading
 import time
 import traceback
 
+from clipforge.pipeline.errors import InputFailure
+
 PR_SET_PDEATHSIG = 1          # from <linux/prctl.h>
 WATCHDOG_PERIOD_S = 1.0
 # Environment variables the child must not keep: names starting with one of these, or containing one of
@@ -42,12 +44,6 @@ SECRET_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "AZURE_", "HF_")
 SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "KEY", "AUTH")
 
 
-class WorkerFailure(Exception):
-    """An expected failure of the input (not of our code): `reason` is one of schema.REASONS."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -174,7 +170,7 @@ def _child_main(conn, fn, memory_limit_mb, cpu_limit_s, parent_pid, init):
             conn.send(("ok", fn(*args)))
         except MemoryError:
             conn.send(("failure", "worker_crash", "memory limit exceeded while decoding"))
-        except WorkerFailure as err:
+        except InputFailure as err:
             conn.send(("failure", err.reason, str(err) or type(err).__name__))
         except Exception as err:   # noqa: BLE001 — a bug in our code: retryable, with where it happened
             where = traceback.format_exc(limit=-1).strip().splitlines()

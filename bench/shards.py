@@ -3,7 +3,7 @@
     python bench/shards.py [--samples 20000] [--per-shard 1000]
 
 Writing: `ShardCommitter.write` (tar + index + ledger + stats, fsync and atomic renames) on token
-samples of the SPEC's size (5×20×20 uint16 codes, a ~20-token caption, full metadata), one process.
+samples of CogVideo's size (5×20×20 uint16 codes, a ~20-token caption, full metadata), one process.
 Resharding: `reshard` with a shuffle and a validation split, and an unshuffled re-cut, against (a) a
 member-by-member `tarfile` copy of the same tars, (b) a raw byte copy (`shutil.copyfile`, from the page
 cache, no hash, no fsync) and (c) a verified copy (read, sha256, write, fsync: what a reshard must do

@@ -41,7 +41,7 @@ PRESETS = {
     # the demo's model: 64x64 frames -> 8x8 codes, text slot 24, 512 codes, ~1.3M parameters
     "demo": dict(text_vocab=400, image_vocab=512, n_layer=4, n_head=4, n_embd=128, text_slot=24,
                  tokens_h=8, tokens_w=8, window=4, shift=2),
-    # the GPU target: ~100M parameters (114M) at 160x160 (20x20 codes), 5 frames, SPEC vocabularies
+    # the GPU target: ~100M parameters (114M) at 160x160 (20x20 codes), 5 frames, CogVideo's vocabularies (20,000 image codes)
     "100m": dict(text_vocab=8000, image_vocab=20000, n_layer=8, n_head=12, n_embd=768, text_slot=64,
                  tokens_h=20, tokens_w=20, window=10, shift=5),
 }

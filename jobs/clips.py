@@ -13,7 +13,7 @@ from clipforge.pipeline.schema import video_id_for
 def plan_video(video: str, out: str | None = None, size: int = 160, frames: int = 5, mode: str = "sequential",
                trim: float = 0.0, timeout_s: float = 120.0, memory_limit_mb: int | None = 8192,
                cpu_limit_s: float | None = None) -> dict:
-    """SPEC §2's JSON: {"video", "decoder", "source", "clips": [...], "failure"}; with `out`, each clip's
+    """The clip plan as JSON: {"video", "decoder", "source", "clips": [...], "failure"}; with `out`, each clip's
     frames as `.npy` (uint8 [T,S,S,3]) and a contact-sheet PNG (one row per clip).
 
     The video is decoded as the build decodes it: in an isolated child with the same time, CPU-time and

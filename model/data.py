@@ -1,4 +1,4 @@
-"""Training pairs (tokens, targets) streamed from a built dataset's WebDataset shards (SPEC §3).
+"""Training pairs (tokens, targets) streamed from a built dataset's WebDataset shards (docs/format.md).
 
 DATASET/dataset.json gives the layout ("frames", "frame_size", "tokens_h", "tokens_w", "text_slot") and
 the tokenizers ({"image": {"id", "sha256", "path"}, "text": {...}}); DATASET/shards/train-*.tar hold the

@@ -172,7 +172,7 @@ class CogVideo(nn.Module):
 
     @torch.no_grad()
     def init_plus_from_base(self) -> None:
-        """SPEC: attention-plus starts as a copy of the base channel, alpha = 0.5, and frames 1.. start
+        """As in CogVideo: attention-plus starts as a copy of the base channel, alpha = 0.5, and frames 1.. start
         with copies of the image position table. Called at construction and when a sequential or
         interpolation run starts from an image-phase checkpoint."""
         for block in self.h:

@@ -53,7 +53,7 @@ def worker_identity() -> str:
 class BuildShard:
     """Stage over shard descriptors; yields each shard attempt's record (uncommitted).
 
-    `stages` are `Stage`s over row dicts (`clipforge.pipeline.stages.build_stages`). `roundtrip_clips` clips
+    `stages` are `Stage`s over row dicts (`clipforge.pipeline.chain.build_stages`). `roundtrip_clips` clips
     per shard are marked, after the stage that produces clips, for a decode-back PSNR by the tokenizer.
     """
 

@@ -373,6 +373,24 @@ def _check_complete(written: int, expected: int | None) -> None:
         raise _Transient(f"got {written} of {expected} bytes")
 
 
+def _copy_chunks(read, tmp: str, max_bytes: int, deadline: _Deadline, url: str, expected: int | None) -> int:
+    """Copy what `read()` returns to `tmp` until it returns b"", checking the deadline before and after
+    every read, the size limit and, at the end, the declared size."""
+    written = 0
+    with open(tmp, "wb") as out:
+        while True:
+            if deadline.expired():
+                raise TimeoutError("deadline passed")
+            chunk = read()
+            if deadline.expired():
+                raise TimeoutError("deadline passed")
+            if not chunk:
+                break
+            written = _append(out, chunk, written, max_bytes, url)
+    _check_complete(written, expected)
+    return written
+
+
 def _copy_http(url: str, tmp: str, max_bytes: int, deadline: _Deadline, allow_private: bool,
                max_redirects: int) -> int:
     resp = _open_http(url, deadline, allow_private, max_redirects)
@@ -382,25 +400,16 @@ def _copy_http(url: str, tmp: str, max_bytes: int, deadline: _Deadline, allow_pr
             raise FetchError("fetch_error", f"{redact_url(url)}: {expected} bytes (Content-Length) is over "
                                             f"the {max_bytes}-byte limit")
         sock = _response_socket(resp)
-        written = 0
-        with open(tmp, "wb") as out:
-            while True:
-                left = deadline.remaining()
-                if left <= 0:
-                    raise TimeoutError("deadline passed")
-                if sock is not None:
-                    try:
-                        sock.settimeout(left)
-                    except OSError:
-                        pass   # closed at the end of the body; the read below returns b""
-                chunk = resp.read1(_HTTP_CHUNK)   # one socket read, not a loop until 64 KiB arrive
-                if deadline.expired():
-                    raise TimeoutError("deadline passed")
-                if not chunk:
-                    break
-                written = _append(out, chunk, written, max_bytes, url)
-        _check_complete(written, expected)
-        return written
+
+        def read() -> bytes:
+            if sock is not None:
+                try:
+                    sock.settimeout(max(deadline.remaining(), 1e-3))
+                except OSError:
+                    pass   # closed at the end of the body; the read below returns b""
+            return resp.read1(_HTTP_CHUNK)   # one socket read, not a loop until 64 KiB arrive
+
+        return _copy_chunks(read, tmp, max_bytes, deadline, url, expected)
     finally:
         resp.close()
 
@@ -417,19 +426,8 @@ def _copy_store(url: str, tmp: str, max_bytes: int, deadline: _Deadline, endpoin
     expected = info.size
     if expected is not None and expected > max_bytes:
         raise FetchError("fetch_error", f"{redact_url(url)}: {expected} bytes is over the {max_bytes}-byte limit")
-    written = 0
-    with fs.open_input_stream(path) as src, open(tmp, "wb") as out:
-        while True:
-            if deadline.expired():
-                raise TimeoutError("deadline passed")
-            chunk = src.read(_STORE_CHUNK)
-            if deadline.expired():
-                raise TimeoutError("deadline passed")
-            if not chunk:
-                break
-            written = _append(out, chunk, written, max_bytes, url)
-    _check_complete(written, expected)
-    return written
+    with fs.open_input_stream(path) as src:
+        return _copy_chunks(lambda: src.read(_STORE_CHUNK), tmp, max_bytes, deadline, url, expected)
 
 
 def _remove(path: str) -> None:

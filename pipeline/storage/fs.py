@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 from clipforge.pipeline.errors import ClipforgeError
+from clipforge.pipeline.storage.atomic import atomic_write
 
 READ_ONLY_SCHEMES = ("http", "https")
 
@@ -139,14 +140,7 @@ class Location:
         if self.local:
             target = self.path(name)
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            tmp = f"{target}.tmp{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-            if sync_dir:
-                fsync_dir(os.path.dirname(target))
+            atomic_write(target, data, sync_dir)
         else:
             with self.fs.open_output_stream(self.path(name)) as f:
                 f.write(data)
@@ -167,20 +161,6 @@ class Location:
 def as_location(value, endpoint: str | None = None) -> Location:
     """`value` itself when it is already a Location, else the Location of that path or URL."""
     return value if isinstance(value, Location) else Location(value, endpoint)
-
-
-def fsync_dir(path: str) -> None:
-    """Make a rename in `path` durable (POSIX: the directory entry lives in the directory's own blocks)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass   # some filesystems refuse fsync on a directory; the file data itself was fsynced
-    finally:
-        os.close(fd)
 
 
 def open_url(url: str, mode: str = "rb", endpoint: str | None = None):

@@ -1,4 +1,4 @@
-"""The on-disk sample format (SPEC §3) and its safe decoding.
+"""The on-disk sample format (docs/format.md) and its safe decoding.
 
 A sample is the set of tar members sharing a key: `KEY.json` (metadata), `KEY.txt` (clean caption),
 `KEY.vtok.npy` (uint16 [frames, h, w]) and `KEY.ttok.npy` (int32 caption ids, no padding). Arrays are

@@ -7,7 +7,7 @@ decord's frames are right, are one decision and are read together.)
 crop); it raises `DecodeFailure(reason, message)` for bad input. Every result names its `decoder`
 (decord | pyav) and its `clock` (demux | decode | grid, see `Timeline`); docs/decode.md says which
 container gets which and why. `DecodeVideo` (`decode_stage.py`) is the stage: it runs
-`decode_video` in an isolated child process (see `pipeline/isolate.py`), because a decord hang cannot be
+`decode_video` in an isolated child process (see `pipeline/video/isolate.py`), because a decord hang cannot be
 interrupted from Python, and turns every failure into an error row.
 
 Untrusted input (docs/decode.md, "Untrusted files"): before any decoder opens a file, `sniff` refuses

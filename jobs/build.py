@@ -21,9 +21,8 @@ from clipforge.pipeline.manifest import count_rows, iter_shard_slices, manifest_
 from clipforge.pipeline.chain import RUN_ONLY_FIELDS, BuildConfig
 from clipforge.pipeline.storage.commits import (CommitLog, RunLease, collect_garbage, fingerprint_sha256,
                                                 shard_number)
-from clipforge.pipeline.storage.dataset import (FORMAT_VERSION, DatasetError, DatasetInfo, absolute,
-                                                check_output_folder, code_versions, funnel_from_records,
-                                                package_versions, write_wids_index)
+from clipforge.pipeline.storage.dataset import (DatasetError, DatasetInfo, absolute, build_fingerprint,
+                                                check_output_folder, write_wids_index)
 from clipforge.pipeline.storage.fs import Location
 from clipforge.pipeline.storage.progress import ProgressTracker
 from clipforge.pipeline.video.clips import ClipConfig
@@ -44,9 +43,8 @@ def build(manifest: str, out: str, image_tokenizer: str, text_tokenizer: str,
         raise ClipforgeError(f"{manifest}: manifest lacks column(s) {', '.join(missing)} (has {', '.join(columns)})")
     if rows == 0:
         raise ClipforgeError(f"{manifest}: the manifest has no rows")
-    fingerprint = {"format_version": FORMAT_VERSION, "manifest": str(manifest),
-                   "manifest_sha256": manifest_digest(manifest), "inputs": rows, "layout": layout,
-                   "tokenizers": tokenizer_ids, "config": _fingerprint_config(config), "code": code_versions()}
+    fingerprint = build_fingerprint(str(manifest), manifest_digest(manifest), rows, layout, tokenizer_ids,
+                                    {k: v for k, v in asdict(config).items() if k not in RUN_ONLY_FIELDS})
     check_output_folder(dest)
     lease = RunLease(dest, ttl_s=config.lease_ttl_s, take_over=take_over)
     lease.acquire()
@@ -92,7 +90,7 @@ def build(manifest: str, out: str, image_tokenizer: str, text_tokenizer: str,
         tracker.close()
         collect_garbage(dest, config.gc_grace_s, accepted=commit_log.effective)
         paths = {"image": absolute(image_tokenizer), "text": absolute(text_tokenizer)}
-        return _complete(dest, commit_log, fingerprint, config, tracker, paths)
+        return _complete(dest, commit_log, config, tracker, paths)
     finally:
         lease.release()
 
@@ -136,10 +134,6 @@ def _layout(config: BuildConfig, image_tokenizer: str, text_tokenizer: str) -> t
     return layout, ids
 
 
-def _fingerprint_config(config: BuildConfig) -> dict:
-    return {k: v for k, v in asdict(config).items() if k not in RUN_ONLY_FIELDS}
-
-
 def _descriptors(manifest: str, per_shard: int, skip: frozenset, redo: dict, dest: Location,
                  repeated: dict[int, str]) -> Iterator[dict]:
     """Shard descriptors with their rows, streamed from the manifest (read once, in order)."""
@@ -163,27 +157,11 @@ def failed_shard(spec: BuildSpec, d: dict, err: BaseException) -> dict:
     return {**record, "run": {"seconds": {}, "worker": "driver"}}
 
 
-def _complete(dest: Location, commit_log: CommitLog, fingerprint: dict, config: BuildConfig,
-              tracker: ProgressTracker, paths: dict) -> dict:
+def _complete(dest: Location, commit_log: CommitLog, config: BuildConfig, tracker: ProgressTracker,
+              paths: dict) -> dict:
     records = [r for name, r in sorted(commit_log.effective.items()) if name.startswith(f"{config.split}-")]
     info = DatasetInfo.read(dest)
-    layout = fingerprint["layout"]
-    tokens_per_frame = layout["tokens_h"] * layout["tokens_w"]
-    info.data.update({
-        "complete": True, "manifest": fingerprint["manifest"], "config": asdict(config), "layout": layout,
-        "sequence": {"text_slot": config.text_slot, "frames": layout["frames"], "tokens_per_frame": tokens_per_frame,
-                     "tokens": config.text_slot + layout["frames"] * tokens_per_frame},
-        # where the tokenizers were read from, so that `train` and `sample` find them (not part of the
-        # fingerprint: the same tokenizer may sit elsewhere on a resume)
-        "tokenizers": {kind: {**ids, "path": paths[kind]} for kind, ids in fingerprint["tokenizers"].items()},
-        "packages": package_versions(),
-        "funnel": funnel_from_records(records, fingerprint["inputs"]),
-        # every (dtype, device class) that encoded some shard of this dataset
-        "encode_settings": [dict(s) for s in sorted({tuple(sorted((r.get("encode_settings") or {}).items()))
-                                                     for r in records})],
-        "run": tracker.payload,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    })
+    info.complete_build(asdict(config), config.text_slot, records, paths, tracker.payload)
     info.write(dest)
     write_wids_index(dest, records, config.split)
     return info.data

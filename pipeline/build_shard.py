@@ -69,6 +69,7 @@ class BuildShard:
 
     def build(self, d: dict) -> dict:
         t0 = time.perf_counter()
+        counts_before = self._stage_counts()
         inputs = list(manifest_rows(d["rows"], first_index=d["start"], repeated_ids=d.get("repeated_ids")))
         read_s = time.perf_counter() - t0
         stream: Iterator[dict] = iter(inputs)
@@ -96,7 +97,10 @@ class BuildShard:
                    "rows": [d["start"], d["stop"]]})
         stage_seconds["write"] = time.perf_counter() - t1
         # run facts: not part of the record (which must not depend on timing), but returned to the driver
-        return {**record, "run": {"seconds": stage_seconds, "worker": worker_identity(), **self.describe_worker()}}
+        counts = {name: {k: v - counts_before.get(name, {}).get(k, 0) for k, v in after.items()}
+                  for name, after in self._stage_counts().items()}
+        return {**record, "run": {"seconds": stage_seconds, "stage_counts": counts, "worker": worker_identity(),
+                                  **self.describe_worker()}}
 
     def _after_clips(self, rows: Iterator[dict], decoded_inputs: set) -> Iterator[dict]:
         marked = 0
@@ -111,10 +115,13 @@ class BuildShard:
     def _encode_settings(self) -> dict:
         """The image encoder's dtype and device class: bf16 and the device can flip nearest-code ties."""
         for stage in self.stages:
-            settings = getattr(stage, "encode_settings", None)
+            settings = stage.encode_settings
             if settings is not None:
                 return {k: settings.get(k) for k in ("dtype", "device", "device_name")}
         return {}
+
+    def _stage_counts(self) -> dict[str, dict]:
+        return {stage.name: stage.stats() for stage in self.stages}
 
     def close(self) -> None:
         for stage in self.stages:

@@ -45,8 +45,14 @@ class Stage:
         raise NotImplementedError
 
     def stats(self) -> dict:
-        """Counters of this stage since it was made (rows in, kept, dropped by reason, ...)."""
+        """Counters of this stage since it was made (rows in, kept, dropped by reason, ...); the shard
+        builder reports each shard's share of them, and progress.json sums them (`stage_counts`)."""
         return dict(self.counts)
+
+    @property
+    def encode_settings(self) -> dict | None:
+        """The image encoder's settings (dtype, device) for a stage that encodes frames; None otherwise."""
+        return None
 
     def close(self) -> None:
         """Release what `__init__` took (a child process, a GPU)."""

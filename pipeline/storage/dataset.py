@@ -18,6 +18,7 @@ which keeps them right after `--resume` and `--retry-failed`, and reads no tar o
 from __future__ import annotations
 
 import json
+import time
 import os
 import platform
 from collections import Counter
@@ -152,6 +153,30 @@ class DatasetInfo:
         as_location(dataset, endpoint).write_text(INFO_NAME, json.dumps(self.data, indent=2, sort_keys=True,
                                                                         default=str))
 
+    def complete_build(self, config: dict, text_slot: int, records: list[dict], tokenizer_paths: dict,
+                       run: dict) -> None:
+        """The fields a finished build adds: settings, sequence geometry, where the tokenizers were read
+        from, versions, the funnel summed from the committed records, encode settings, the last progress."""
+        fingerprint = self.fingerprint
+        layout = fingerprint["layout"]
+        tokens_per_frame = layout["tokens_h"] * layout["tokens_w"]
+        self.data.update({
+            "complete": True, "manifest": fingerprint["manifest"], "config": config, "layout": layout,
+            "sequence": {"text_slot": text_slot, "frames": layout["frames"], "tokens_per_frame": tokens_per_frame,
+                         "tokens": text_slot + layout["frames"] * tokens_per_frame},
+            # where the tokenizers were read from, so that `train` and `sample` find them (not part of the
+            # fingerprint: the same tokenizer may sit elsewhere on a resume)
+            "tokenizers": {kind: {**ids, "path": tokenizer_paths[kind]}
+                           for kind, ids in fingerprint["tokenizers"].items()},
+            "packages": package_versions(),
+            "funnel": funnel_from_records(records, fingerprint["inputs"]),
+            # every (dtype, device class) that encoded some shard of this dataset
+            "encode_settings": [dict(s) for s in sorted({tuple(sorted((r.get("encode_settings") or {}).items()))
+                                                         for r in records})],
+            "run": run,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+
     def check_resume(self, fingerprint: dict) -> None:
         """Refuse to continue a dataset with another run's fingerprint, naming the first field that differs."""
         old = self.fingerprint
@@ -168,6 +193,13 @@ class DatasetInfo:
 # what a clipforge job writes at the top of a dataset folder: anything else there is the user's
 OWN_NAMES = frozenset({INFO_NAME, "manifest.parquet", "progress.json", "lease", "commits", "shards", "index", "ledger", "wids",
                        "keymap.parquet"})
+
+
+def build_fingerprint(manifest: str, manifest_sha256: str, inputs: int, layout: dict, tokenizers: dict,
+                      config: dict) -> dict:
+    """What makes a build's bytes: a resume must match it field for field (`check_resume`)."""
+    return {"format_version": FORMAT_VERSION, "manifest": manifest, "manifest_sha256": manifest_sha256,
+            "inputs": inputs, "layout": layout, "tokenizers": tokenizers, "config": config, "code": code_versions()}
 
 
 def check_output_folder(dest: Location) -> None:

@@ -29,6 +29,7 @@ class ProgressTracker:
         self.tasks = self.inputs = self.samples = self.videos_decoded = 0
         self.failures: Counter = Counter()
         self.stage_seconds: Counter = Counter()
+        self.stage_counts: dict[str, Counter] = {}
         self.shard_workers: Counter = Counter()
         self.nodes: Counter = Counter()
         self.tokenize_workers: Counter = Counter()
@@ -62,6 +63,8 @@ class ProgressTracker:
         self.failures.update(record.get("errors_by_reason", {}))
         run = record.get("run", {})
         self.stage_seconds.update(run.get("seconds", {}))
+        for stage, counts in run.get("stage_counts", {}).items():
+            self.stage_counts.setdefault(stage, Counter()).update(counts)
         if run.get("worker"):
             self.shard_workers[run["worker"]] += 1
         if run.get("node"):
@@ -96,6 +99,7 @@ class ProgressTracker:
             "failures_by_reason": dict(sorted(self.failures.items())),
             "stage_seconds": {k: round(v, 3) for k, v in sorted(self.stage_seconds.items())},
             "stage_inputs_per_s": {k: round(self.inputs / v, 3) for k, v in sorted(self.stage_seconds.items()) if v},
+            "stage_counts": {k: dict(sorted(v.items())) for k, v in sorted(self.stage_counts.items())},
             "workers": {"shard": dict(sorted(self.shard_workers.items())),
                         "nodes": dict(sorted(self.nodes.items())),
                         "tokenize": dict(sorted(self.tokenize_workers.items()))},

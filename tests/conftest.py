@@ -1,7 +1,11 @@
-"""Session fixtures: a small real corpus (H.264 files written with PyAV) and tokenizers trained on it.
+"""Session fixtures: a small real corpus (H.264 files written with PyAV) and tokenizers trained on it, the
+dataset built from them that the shard and reshard tests share (`reference_dataset`), and the tiny dataset
+the model tests share (`model_dataset`); a fresh local Ray (`start_local_ray`), an S3 server (`s3_server`).
 
 Everything is built once per session in a temporary directory; the tokenizers are deliberately
-under-trained (a few steps), since the tests check the plumbing, not the picture quality.
+under-trained (a few steps), since the tests check the plumbing, not the picture quality. Test modules
+import nothing from here or from each other: what several share is a fixture, a helper one module needs
+lives in that module.
 """
 from __future__ import annotations
 
@@ -11,8 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +51,90 @@ def image_tokenizer(tmp_path_factory) -> Path:
     return out
 
 
+# ------------------------------------------------------------------ the model tests' dataset
+
+MODEL_CAPTIONS = [f"a {c} {s} moves {d}" for c in ("red", "green", "blue", "yellow", "white")
+                  for s in ("circle", "square") for d in ("left", "right", "up", "down", "around")]
+MODEL_COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40),
+                "white": (235, 235, 235)}
+
+
+def model_clip_frames(caption, n=5, size=32, seed=0):
+    """uint8 [n, size, size, 3]: the caption's shape moving in its direction over a dark background."""
+    _, color, shape, _, direction = caption.split()
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    step = {"left": (0, -3), "right": (0, 3), "up": (-3, 0), "down": (3, 0), "around": (2, 2)}[direction]
+    cy, cx = size / 2 - 2 * step[0] + rng.uniform(-2, 2), size / 2 - 2 * step[1] + rng.uniform(-2, 2)
+    out = np.full((n, size, size, 3), 20, np.uint8)
+    for t in range(n):
+        y, x = cy + t * step[0], cx + t * step[1]
+        mask = ((yy - y) ** 2 + (xx - x) ** 2 <= 25) if shape == "circle" else (
+            (abs(yy - y) <= 4) & (abs(xx - x) <= 4))
+        out[t][mask] = MODEL_COLORS[color]
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_dataset(tmp_path_factory) -> Path:
+    """The one tiny dataset the model tests share (tests/test_model.py, tests/test_model_ddp.py), built once
+    a session: 32x32 frames -> 4x4 codes, 5 frames, text slot 12, two train shards of 40 clips, each with
+    one sample of the wrong shape, and its own tokenizers (the text one referred to by a relative path)."""
+    import json
+
+    import webdataset as wds
+
+    from clipforge.pipeline.storage.samples import encode_sample
+    from clipforge.tokenizer.image_train import train_image_tokenizer
+    from clipforge.tokenizer.text import train_text_tokenizer
+    from clipforge.tokenizer.vq import VQConfig
+
+    root = tmp_path_factory.mktemp("model_ds")
+    text = train_text_tokenizer(MODEL_CAPTIONS, root / "text.model", vocab_size=120)
+    clips = {i: model_clip_frames(MODEL_CAPTIONS[i % len(MODEL_CAPTIONS)], seed=i) for i in range(80)}
+    vq = VQConfig(image_size=32, downsample=8, codebook_size=64, code_dim=16, channels=32, stem_channels=16,
+                  res_blocks=1, name="test")
+    image = train_image_tokenizer(np.concatenate(list(clips.values())), root / "image", preset=vq, steps=40,
+                                  batch_size=32, log=None)
+    layout_ = {"frames": 5, "frame_size": 32, "tokens_h": 4, "tokens_w": 4, "text_slot": 12}
+    (root / "shards").mkdir()
+    for shard in range(2):
+        with wds.TarWriter(str(root / "shards" / f"train-{shard:06d}.tar")) as sink:
+            for i in range(shard * 40, shard * 40 + 40):
+                caption = MODEL_CAPTIONS[i % len(MODEL_CAPTIONS)]
+                meta = {"mode": "sequential", "rate": 1.0, "span": 4.0, "layout": layout_}
+                ttok, _ = text.encode_caption(caption)
+                sink.write(encode_sample(f"clip{i:04d}", meta, caption, image.encode(clips[i]), ttok))
+            # one sample with the wrong number of frames: skipped and counted, never trained on
+            sink.write(encode_sample(f"bad{shard}", {"span": 4.0}, "x", np.zeros((3, 4, 4), np.uint16), ttok))
+    info = {"layout": layout_, "tokenizers": {
+        "image": {"id": image.tokenizer_id, "sha256": image.sha256, "path": str(root / "image")},
+        "text": {"id": text.tokenizer_id, "sha256": text.sha256, "path": "text.model"}}}  # relative path
+    (root / "dataset.json").write_text(json.dumps(info))
+    return root
+
+
+# -------------------------------------------------------- the shard and reshard tests' build
+
+@pytest.fixture(scope="session")
+def reference_config():
+    """The settings of `reference_dataset` (tests/test_shards.py's command-line builds pass the same flags)."""
+    from clipforge.jobs.build import BuildConfig, with_overrides
+
+    return with_overrides(BuildConfig(), size=64, mode="both", inputs_per_shard=2, text_slot=24, runner="local")
+
+
+@pytest.fixture(scope="session")
+def reference_dataset(corpus, image_tokenizer, text_tokenizer, reference_config, tmp_path_factory) -> Path:
+    """The corpus built once, uninterrupted, with `reference_config`: what the shard tests (resume after
+    SIGKILL, retries, readers) and the reshard tests compare against or read. Copy it before changing it."""
+    from clipforge.jobs.build import build
+
+    out = tmp_path_factory.mktemp("ref") / "ds"
+    build(str(corpus), str(out), str(image_tokenizer), str(text_tokenizer), reference_config, progress=False)
+    return out
+
+
 def pytest_configure(config):
     # `make test` runs two xdist workers on two cores: one torch thread each, else both workers' thread
     # pools fight over the same cores (a module fixture that trains took 4x longer that way)
@@ -67,7 +153,7 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.xdist_group(group))
 
 
-def start_local_ray(**kwargs):
+def _start_local_ray(**kwargs):
     """`ray.init(address="local", ...)`: always a fresh instance, never a cluster another test left running
     or registered on this machine. Ray gives a starting node a fixed 30 s to register with its GCS, which a
     loaded 2-core machine (the other test worker, a cluster still shutting down) can miss, so starting
@@ -83,37 +169,10 @@ def start_local_ray(**kwargs):
                 raise
 
 
-def shared_videos() -> list[Path]:
-    videos = SHARED_DATA / "videos"
-    return sorted(p for p in videos.rglob("*") if p.is_file()) if videos.exists() else []
-
-
-def commit_shards(root, writer_rows: list[list[dict]], layout: dict, info: dict | None = None,
-                  inputs_per_shard: int = 2) -> list[dict]:
-    """A dataset made by hand: each list of rows written as one shard attempt and committed by a driver
-    holding the lease, as the build does; `info` (merged into a minimal dataset.json) when given."""
-    from clipforge.pipeline.storage.commits import CommitLog, RunLease
-    from clipforge.pipeline.storage.dataset import DatasetInfo
-    from clipforge.pipeline.storage.shards import ShardWriter
-
-    writer = ShardWriter(root, layout)
-    records = [writer.write(i, rows, inputs=inputs_per_shard) for i, rows in enumerate(writer_rows)]
-    with RunLease(root) as lease:
-        log = CommitLog(root)
-        log.start_epoch(lease.epoch)
-        log.commit(records, lease)
-    if info is not None:
-        DatasetInfo({"format": "clipforge-dataset", "layout": layout, **info}).write(root)
-    return records
-
-
-def forget_commit(root, shard: str) -> None:
-    """As if the driver died before committing `shard`: its record leaves the log (its parts stay)."""
-    from pathlib import Path
-
-    for segment in (Path(root) / "commits").glob("*.jsonl"):
-        lines = [line for line in segment.read_text().splitlines(keepends=True) if f'"shard": "{shard}"' not in line]
-        segment.write_text("".join(lines))
+@pytest.fixture
+def start_local_ray():
+    """`start_local_ray(**ray_init_kwargs)`: a fresh local Ray instance (see `_start_local_ray`)."""
+    return _start_local_ray
 
 
 def _free_port() -> int:

@@ -10,9 +10,15 @@ import webdataset as wds
 
 from clipforge.jobs.build import BuildConfig, build, with_overrides
 from clipforge.pipeline.storage.samples import decode_sample
-from tests.conftest import forget_commit
 from clipforge.pipeline.storage.shards import read_index, read_ledger, read_records, shard_urls
 from clipforge.jobs.verify import verify_dataset
+
+
+def forget_commit(root, shard: str) -> None:
+    """As if the driver died before committing `shard`: its record leaves the log (its parts stay)."""
+    for segment in (Path(root) / "commits").glob("*.jsonl"):
+        lines = [line for line in segment.read_text().splitlines(keepends=True) if f'"shard": "{shard}"' not in line]
+        segment.write_text("".join(lines))
 
 
 def _config(runner):
@@ -49,8 +55,13 @@ def _check_dataset(out, manifest):
 
 def test_local_build_accounts_for_every_row(corpus, image_tokenizer, text_tokenizer, tmp_path):
     out = tmp_path / "ds"
-    build(str(corpus), str(out), str(image_tokenizer), str(text_tokenizer), _config("local"), progress=False)
-    _check_dataset(out, corpus)
+    info = build(str(corpus), str(out), str(image_tokenizer), str(text_tokenizer), _config("local"), progress=False)
+    samples = _check_dataset(out, corpus)
+    # each stage's counters, summed over the shards: every input met the caption stage once, every kept
+    # clip left the tokenizer as a sample
+    counts = json.loads((out / "progress.json").read_text())["stage_counts"]
+    assert counts["captions"]["total"] == info["funnel"]["inputs"]
+    assert counts["tokenize"]["kept"] == len(samples) == info["funnel"]["samples"]
 
 
 @pytest.mark.ray
@@ -86,9 +97,12 @@ def test_resume_keeps_committed_shards(corpus, image_tokenizer, text_tokenizer, 
     _check_dataset(out, corpus)
 
 
-def test_verify_reports_a_damaged_shard(corpus, image_tokenizer, text_tokenizer, tmp_path):
+def test_verify_reports_a_damaged_shard(reference_dataset, tmp_path):
+    import shutil
+
     out = tmp_path / "ds"
-    build(str(corpus), str(out), str(image_tokenizer), str(text_tokenizer), _config("local"), progress=False)
+    shutil.copytree(reference_dataset, out)     # a complete build, damaged below
+    assert verify_dataset(out)["problems"] == []
     tar = Path(shard_urls(out)[0])
     data = bytearray(tar.read_bytes())
     data[600] ^= 0xFF

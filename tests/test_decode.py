@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import av
 import numpy as np
@@ -16,7 +17,13 @@ from clipforge.pipeline.video.decode import DecodeFailure
 from clipforge.pipeline.video.decode_stage import DecodeVideo
 from clipforge.pipeline.video.isolate import IsolatedCall
 from clipforge.pipeline.manifest import manifest_rows, read_manifest
-from tests.conftest import shared_videos
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_videos() -> list[Path]:
+    videos = SHARED_DATA / "videos"
+    return sorted(p for p in videos.rglob("*") if p.is_file()) if videos.exists() else []
 
 
 def _sleep_forever(_):

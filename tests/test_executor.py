@@ -10,7 +10,6 @@ import pytest
 from clipforge.jobs.executor import run_tasks
 from clipforge.pipeline.storage.fs import Location
 from clipforge.pipeline.storage.progress import ProgressTracker
-from tests.conftest import start_local_ray
 
 
 def test_local_runner_retries_then_turns_a_task_into_its_failure_result():
@@ -37,7 +36,7 @@ def test_local_runner_retries_then_turns_a_task_into_its_failure_result():
 
 
 @pytest.mark.ray
-def test_a_hung_task_is_cancelled_at_its_deadline_and_run_again(tmp_path):
+def test_a_hung_task_is_cancelled_at_its_deadline_and_run_again(tmp_path, start_local_ray):
     """The first attempt of task 1 hangs; the deadline cancels it and the second attempt completes."""
     import ray
 

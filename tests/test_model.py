@@ -6,7 +6,6 @@ import av
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 
 from clipforge.model.data import SequenceBuilder, ShardStream, read_dataset_info, shard_urls
 from clipforge.model.config import CogVideoConfig
@@ -14,67 +13,14 @@ from clipforge.model.sample import sample
 from clipforge.model.checkpoint import load_checkpoint, model_from_checkpoint
 from clipforge.model.config import TrainConfig
 from clipforge.model.train import train
-from clipforge.pipeline.storage.samples import encode_sample
-from clipforge.tokenizer.vq import VQConfig
-from clipforge.tokenizer.image_train import train_image_tokenizer
-from clipforge.tokenizer.text import TextTokenizer, train_text_tokenizer
+from clipforge.tokenizer.text import TextTokenizer
 
 # ------------------------------------------------------------------------------ data, train, sample
 
-CAPTIONS = [f"a {c} {s} moves {d}" for c in ("red", "green", "blue", "yellow", "white")
-            for s in ("circle", "square") for d in ("left", "right", "up", "down", "around")]
-COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40),
-          "white": (235, 235, 235)}
 
-
-def clip_frames(caption, n=5, size=32, seed=0):
-    """uint8 [n, size, size, 3]: the caption's shape moving in its direction over a dark background."""
-    _, color, shape, _, direction = caption.split()
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    step = {"left": (0, -3), "right": (0, 3), "up": (-3, 0), "down": (3, 0), "around": (2, 2)}[direction]
-    cy, cx = size / 2 - 2 * step[0] + rng.uniform(-2, 2), size / 2 - 2 * step[1] + rng.uniform(-2, 2)
-    out = np.full((n, size, size, 3), 20, np.uint8)
-    for t in range(n):
-        y, x = cy + t * step[0], cx + t * step[1]
-        mask = ((yy - y) ** 2 + (xx - x) ** 2 <= 25) if shape == "circle" else (
-            (abs(yy - y) <= 4) & (abs(xx - x) <= 4))
-        out[t][mask] = COLORS[color]
-    return out
-
-
-@pytest.fixture(scope="session")
-def dataset(tmp_path_factory):
-    """A tiny built dataset: 32x32 frames -> 4x4 codes, 5 frames, text slot 12, two train shards (session
-    scope: tests/test_model_ddp.py uses it too)."""
-    root = tmp_path_factory.mktemp("ds")
-    text = train_text_tokenizer(CAPTIONS, root / "text.model", vocab_size=120)
-    clips = {i: clip_frames(CAPTIONS[i % len(CAPTIONS)], seed=i) for i in range(80)}
-    vq = VQConfig(image_size=32, downsample=8, codebook_size=64, code_dim=16, channels=32, stem_channels=16,
-                  res_blocks=1, name="test")
-    image = train_image_tokenizer(np.concatenate(list(clips.values())), root / "image", preset=vq, steps=40,
-                                  batch_size=32, log=None)
-    layout_ = {"frames": 5, "frame_size": 32, "tokens_h": 4, "tokens_w": 4, "text_slot": 12}
-    (root / "shards").mkdir()
-    for shard in range(2):
-        with wds.TarWriter(str(root / "shards" / f"train-{shard:06d}.tar")) as sink:
-            for i in range(shard * 40, shard * 40 + 40):
-                caption = CAPTIONS[i % len(CAPTIONS)]
-                meta = {"mode": "sequential", "rate": 1.0, "span": 4.0, "layout": layout_}
-                ttok, _ = text.encode_caption(caption)
-                sink.write(encode_sample(f"clip{i:04d}", meta, caption, image.encode(clips[i]), ttok))
-            # one sample with the wrong number of frames: skipped and counted, never trained on
-            sink.write(encode_sample(f"bad{shard}", {"span": 4.0}, "x", np.zeros((3, 4, 4), np.uint16), ttok))
-    info = {"layout": layout_, "tokenizers": {
-        "image": {"id": image.tokenizer_id, "sha256": image.sha256, "path": str(root / "image")},
-        "text": {"id": text.tokenizer_id, "sha256": text.sha256, "path": "text.model"}}}  # relative path
-    (root / "dataset.json").write_text(json.dumps(info))
-    return root
-
-
-def test_sequence_builder_and_stream(dataset):
-    info = read_dataset_info(dataset)
-    text = TextTokenizer(dataset / "text.model")
+def test_sequence_builder_and_stream(model_dataset):
+    info = read_dataset_info(model_dataset)
+    text = TextTokenizer(model_dataset / "text.model")
     cfg = CogVideoConfig(text_vocab=text.vocab_size, image_vocab=64, n_layer=1, n_head=1, n_embd=8, text_slot=12,
                          frames=5, tokens_h=4, tokens_w=4, window=2, shift=1)
     builder = SequenceBuilder(cfg, text, "interpolation")
@@ -92,13 +38,13 @@ def test_sequence_builder_and_stream(dataset):
     # captions longer than the slot are counted (the trainer warns): dropped captions are not captions
     builder(vtok, np.arange(7, 27, dtype=np.int32), 4.0)
     assert (builder.captions, builder.captions_cut) == (2, 1)
-    stream = ShardStream(shard_urls(dataset, "train"), builder, shuffle=False, repeat=False)
+    stream = ShardStream(shard_urls(model_dataset, "train"), builder, shuffle=False, repeat=False)
     items = list(stream)
     assert len(items) == 80 and stream.skipped == {"shape": 2}
     assert info["layout"]["text_slot"] == 12
     # later epochs come from memory, and are the very epochs a stream that keeps nothing reads from disk
     def epochs(memory_mb, n=200):
-        s = ShardStream(shard_urls(dataset, "train"), builder, seed=3, buffer=16, cond_drop=0.3, memory_mb=memory_mb)
+        s = ShardStream(shard_urls(model_dataset, "train"), builder, seed=3, buffer=16, cond_drop=0.3, memory_mb=memory_mb)
         out = [(key, tokens.tolist()) for (tokens, _, key), _ in zip(s, range(n))]
         return out, s
     from_memory, kept = epochs(256)
@@ -108,12 +54,12 @@ def test_sequence_builder_and_stream(dataset):
 
 
 @pytest.fixture(scope="module")
-def run(dataset, tmp_path_factory):
+def run(model_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     config = TrainConfig(phase="sequential", steps=60, batch_size=8, lr=3e-3, n_layer=2, n_head=2, n_embd=48,
                          eval_interval=30, eval_batches=2, ckpt_interval=30, log_interval=10, warmup_steps=5,
                          seed=0)
-    summary = train(dataset, out, config, log=None)
+    summary = train(model_dataset, out, config, log=None)
     return out, summary
 
 
@@ -132,7 +78,7 @@ def test_train_lowers_loss_and_writes_run(run):
     assert any("val_loss" in l for l in lines) and lines[0]["step"] == 1
 
 
-def test_checkpoint_reload_gives_identical_logits(run, dataset):
+def test_checkpoint_reload_gives_identical_logits(run, model_dataset):
     out, _ = run
     ckpt = load_checkpoint(out)
     assert ckpt["model_config"]["text_slot"] == 12 and ckpt["train_config"]["phase"] == "sequential"
@@ -145,14 +91,14 @@ def test_checkpoint_reload_gives_identical_logits(run, dataset):
     assert torch.equal(la, lb)
 
 
-def test_interpolation_stage_from_image_stage_run(run, dataset, tmp_path):
+def test_interpolation_stage_from_image_stage_run(run, model_dataset, tmp_path):
     """image phase -> interpolation phase: plus channel re-initialised from base, base frozen."""
     image_run = tmp_path / "image"
     small = dict(batch_size=4, n_layer=2, n_head=2, n_embd=48, eval_batches=1, log_interval=5, lr=3e-3)
-    train(dataset, image_run, TrainConfig(phase="image", steps=6, **small), log=None)
+    train(model_dataset, image_run, TrainConfig(phase="image", steps=6, **small), log=None)
     base = load_checkpoint(image_run)["model"]
     interp_run = tmp_path / "interp"
-    summary = train(dataset, interp_run, TrainConfig(phase="interpolation", steps=6, init_from=str(image_run),
+    summary = train(model_dataset, interp_run, TrainConfig(phase="interpolation", steps=6, init_from=str(image_run),
                                                      **small), log=None)
     assert summary["freeze_base"] and not summary["joint_image"]
     after = load_checkpoint(interp_run)
@@ -171,15 +117,15 @@ def test_interpolation_stage_from_image_stage_run(run, dataset, tmp_path):
     assert mixed["frames"] == 5 and mixed["image_run"] == str(image_run)
 
 
-def test_dropout_given_with_init_from_replaces_the_image_runs(dataset, tmp_path):
+def test_dropout_given_with_init_from_replaces_the_image_runs(model_dataset, tmp_path):
     """A later phase keeps the image-phase run's dropout unless one is given: it is a training choice (the
     demo's sequential phase trains without it), not part of the architecture."""
     small = dict(batch_size=4, n_layer=1, n_head=2, n_embd=32, eval_batches=1, log_interval=5)
-    train(dataset, tmp_path / "image", TrainConfig(phase="image", steps=2, **small), log=None)   # dropout 0.1
+    train(model_dataset, tmp_path / "image", TrainConfig(phase="image", steps=2, **small), log=None)   # dropout 0.1
     tokens = torch.randint(0, 100, (2, 12 + 5 * 17), generator=torch.Generator().manual_seed(0))
     for given, want in ((None, 0.1), (0.0, 0.0)):
         out = tmp_path / f"seq-{given}"
-        train(dataset, out, TrainConfig(phase="sequential", steps=2, init_from=str(tmp_path / "image"), dropout=given,
+        train(model_dataset, out, TrainConfig(phase="sequential", steps=2, init_from=str(tmp_path / "image"), dropout=given,
                                         **small), log=None)
         model = model_from_checkpoint(load_checkpoint(out)).train()
         assert model.config.dropout == want
@@ -188,18 +134,18 @@ def test_dropout_given_with_init_from_replaces_the_image_runs(dataset, tmp_path)
         assert torch.equal(a, b) is (want == 0.0)   # in training mode only dropout makes two passes differ
 
 
-def test_train_base_with_and_without_the_joint_image_loss(dataset, tmp_path, capsys):
+def test_train_base_with_and_without_the_joint_image_loss(model_dataset, tmp_path, capsys):
     """`train --init-from IMAGE_RUN --train-base` adds the image-phase loss to every step unless
     --no-joint-image: the summary says which, and only the joint run logs a frame-0 loss."""
     from clipforge.jobs.cli import main
 
     small = ["--batch-size", "4", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--log-interval", "1",
              "--eval-interval", "100"]
-    main(["train", str(dataset), "--out", str(tmp_path / "image"), "--phase", "image", "--steps", "2", *small])
+    main(["train", str(model_dataset), "--out", str(tmp_path / "image"), "--phase", "image", "--steps", "2", *small])
     capsys.readouterr()
     for flag, joint in ((None, True), ("--no-joint-image", False)):
         out = tmp_path / f"seq-{joint}"
-        main(["train", str(dataset), "--out", str(out), "--steps", "3", "--init-from", str(tmp_path / "image"),
+        main(["train", str(model_dataset), "--out", str(out), "--steps", "3", "--init-from", str(tmp_path / "image"),
               "--train-base", *small, *([flag] if flag else [])])
         summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert summary["joint_image"] is joint and summary["freeze_base"] is False
@@ -232,7 +178,7 @@ def _curve(run_dir):
     return [(l["step"], l["loss"], l.get("loss_image")) for l in lines if "loss" in l]
 
 
-def test_resume_after_a_crash_reproduces_the_uninterrupted_run(dataset, tmp_path):
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(model_dataset, tmp_path):
     """A run killed after step 5 (last checkpoint at step 3) and resumed gives the same per-step losses
     and the same final weights as a run that was never interrupted: dropout, caption dropout, shuffling,
     AdamW moments and the schedule all continue where they were."""
@@ -240,7 +186,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(dataset, tmp_path
                cond_drop=0.3, shuffle_buffer=16, eval_interval=100, eval_batches=1, ckpt_interval=3,
                log_interval=1, warmup_steps=2, keep_checkpoints=0, seed=3)
     full = tmp_path / "full"
-    train(dataset, full, TrainConfig(**cfg), log=None)
+    train(model_dataset, full, TrainConfig(**cfg), log=None)
 
     def crash_after_step_5(msg):
         if msg.startswith("step      5 loss"):
@@ -248,10 +194,10 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(dataset, tmp_path
 
     cut = tmp_path / "cut"
     with pytest.raises(Crash):
-        train(dataset, cut, TrainConfig(**cfg), log=crash_after_step_5)
+        train(model_dataset, cut, TrainConfig(**cfg), log=crash_after_step_5)
     assert json.loads((cut / "latest.json").read_text())["step"] == 3
     assert [s for s, _, _ in _curve(cut)] == [1, 2, 3, 4, 5]
-    summary = train(dataset, cut, TrainConfig(), log=None, resume=True)     # config comes from the checkpoint
+    summary = train(model_dataset, cut, TrainConfig(), log=None, resume=True)     # config comes from the checkpoint
     assert summary["resumed_from"] == 3 and summary["steps"] == 8
     assert _curve(cut) == _curve(full)
     a, b = load_checkpoint(full), load_checkpoint(cut)

@@ -11,7 +11,6 @@ from clipforge.model.data import SequenceBuilder, ShardStream, make_loader, shar
 from clipforge.model.config import CogVideoConfig
 from clipforge.model.checkpoint import load_checkpoint
 from clipforge.tokenizer.text import TextTokenizer
-from tests.test_model import dataset  # noqa: F401  (the tiny built dataset fixture)
 
 
 def keys_of(dataset_dir, rank, world, workers):
@@ -24,22 +23,22 @@ def keys_of(dataset_dir, rank, world, workers):
 
 
 @pytest.mark.parametrize("world,workers", [(2, 0), (2, 2)])
-def test_ranks_and_workers_partition_an_epoch(dataset, world, workers):
+def test_ranks_and_workers_partition_an_epoch(model_dataset, world, workers):
     """2 shards over 2 slots split by shard; over 4 slots (2 ranks x 2 workers) by sample: either way every
     sample of the epoch goes to exactly one (rank, worker)."""
-    per_rank = [keys_of(dataset, r, world, workers) for r in range(world)]
-    everything = keys_of(dataset, 0, 1, 0)
+    per_rank = [keys_of(model_dataset, r, world, workers) for r in range(world)]
+    everything = keys_of(model_dataset, 0, 1, 0)
     assert len(everything) == 80
     assert all(per_rank) and not set(per_rank[0]) & set(per_rank[1])
     assert sorted(per_rank[0] + per_rank[1]) == sorted(everything)
 
 
-def test_torchrun_two_ranks_disjoint_samples_identical_weights(dataset, tmp_path):
+def test_torchrun_two_ranks_disjoint_samples_identical_weights(model_dataset, tmp_path):
     """`torchrun --nproc_per_node 2 … train`: gloo on CPU, gradient accumulation to a global batch of 8
     (2 ranks x batch 2 x 2 micro-steps); the ranks train on disjoint samples and hold identical weights."""
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "clipforge.jobs.cli", "train", str(dataset), "--out", str(run), "--steps", "3",
+           "-m", "clipforge.jobs.cli", "train", str(model_dataset), "--out", str(run), "--steps", "3",
            "--batch-size", "2", "--global-batch", "8", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
            "--lr", "3e-3", "--log-interval", "1", "--ckpt-interval", "2", "--record-keys", "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,

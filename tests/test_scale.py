@@ -22,7 +22,6 @@ from clipforge.pipeline.storage.commits import CommitLog, RunLease, collect_garb
 from clipforge.pipeline.storage.shards import (ShardWriter, read_index, read_ledger, read_records,
                                                shard_urls)
 from clipforge.jobs.verify import verify_dataset
-from tests.conftest import start_local_ray
 
 LAYOUT = {"frames": 5, "frame_size": 64, "tokens_h": 8, "tokens_w": 8, "text_slot": 24, "image_vocab": 64}
 
@@ -119,7 +118,8 @@ def _when_committed(out, n: int, action, timeout_s: float = 300) -> threading.Ev
     return done
 
 
-def _fractional_shares_with_a_tokenizer_killed(manifest, image_tokenizer, text_tokenizer, out, local):
+def _fractional_shares_with_a_tokenizer_killed(manifest, image_tokenizer, text_tokenizer, out, local,
+                                               start_local_ray):
     """2 declared GPUs and a share of 0.4: two workers on each GPU (five would leave one unplaceable and
     its shards waiting forever). One worker is killed for good mid-build: its callers move to another,
     the pool replaces it, and the dataset equals the in-process build's."""
@@ -150,17 +150,18 @@ def _fractional_shares_with_a_tokenizer_killed(manifest, image_tokenizer, text_t
 @pytest.mark.ray
 @pytest.mark.slow
 def test_fractional_gpu_shares_complete_and_a_killed_tokenizer_costs_nothing(wide_manifest, image_tokenizer,
-                                                                            text_tokenizer, tmp_path, fresh_ray):
+                                                                            text_tokenizer, tmp_path, fresh_ray,
+                                                                            start_local_ray):
     _fractional_shares_with_a_tokenizer_killed(wide_manifest, image_tokenizer, text_tokenizer, tmp_path / "ds",
-                                               tmp_path / "local")
+                                               tmp_path / "local", start_local_ray)
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_on_s3_fractional_gpu_shares_complete_and_a_killed_tokenizer_costs_nothing(
-        wide_manifest, image_tokenizer, text_tokenizer, s3_server, tmp_path, fresh_ray):
+        wide_manifest, image_tokenizer, text_tokenizer, s3_server, tmp_path, fresh_ray, start_local_ray):
     _fractional_shares_with_a_tokenizer_killed(wide_manifest, image_tokenizer, text_tokenizer, "s3://datasets/gpu",
-                                               tmp_path / "local")
+                                               tmp_path / "local", start_local_ray)
 
 
 def test_tokenizer_workers_are_planned_per_gpu_so_every_one_can_be_placed():

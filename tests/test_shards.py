@@ -1,4 +1,5 @@
-"""Shards you can trust: exactly-once resume after SIGKILL, resharding, safe reading, many readers."""
+"""Shards you can trust: exactly-once resume after SIGKILL, retries, safe reading, many readers.
+(Resharding: tests/test_reshard.py.)"""
 import io
 from pathlib import Path
 import json
@@ -14,15 +15,15 @@ import pandas as pd
 import pytest
 import webdataset as wds
 
-from clipforge.jobs.build import BuildConfig, build, with_overrides
+from clipforge.jobs.build import build, with_overrides
 from clipforge.jobs.reshard import ReshardConfig, reshard
 from clipforge.pipeline.storage.samples import decode_sample
 from clipforge.pipeline.storage.shards import read_index, read_ledger, read_records, shard_urls
 from clipforge.pipeline.storage.tarwriter import FastTarWriter, read_ustar_header
 from clipforge.jobs.verify import verify_dataset
 from clipforge.pipeline.storage.verify import iter_tar_samples
-from tests.conftest import start_local_ray
 
+# the command-line form of `reference_config` (tests/conftest.py)
 FLAGS = ["--size", "64", "--mode", "both", "--inputs-per-shard", "2", "--text-slot", "24", "--runner", "local",
          "--commit-every", "0", "--quiet"]
 
@@ -32,17 +33,6 @@ def _committed(out) -> int:
         return len(read_records(out))
     except (OSError, ValueError):
         return 0
-
-
-def _cfg():
-    return with_overrides(BuildConfig(), size=64, mode="both", inputs_per_shard=2, text_slot=24, runner="local")
-
-
-@pytest.fixture(scope="module")
-def reference(corpus, image_tokenizer, text_tokenizer, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "ds"
-    build(str(corpus), str(out), str(image_tokenizer), str(text_tokenizer), _cfg(), progress=False)
-    return out
 
 
 def _cli_build(corpus, out, image_tokenizer, text_tokenizer, *extra):
@@ -57,8 +47,8 @@ def _ledger_facts(ds):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_after", [0, 1, 3])
-def test_sigkill_then_resume_equals_an_uninterrupted_build(reference, corpus, image_tokenizer, text_tokenizer,
-                                                           tmp_path, kill_after):
+def test_sigkill_then_resume_equals_an_uninterrupted_build(reference_dataset, corpus, image_tokenizer,
+                                                           text_tokenizer, tmp_path, kill_after):
     out = tmp_path / "ds"
     proc = subprocess.Popen(_cli_build(corpus, out, image_tokenizer, text_tokenizer),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -72,11 +62,11 @@ def test_sigkill_then_resume_equals_an_uninterrupted_build(reference, corpus, im
     # the kill really interrupted the build: its record of completion was never written
     info_path = out / "dataset.json"
     assert not info_path.exists() or json.loads(info_path.read_text())["complete"] is False
-    assert len(read_records(out)) < len(read_records(reference)) or kill_after == 3
+    assert len(read_records(out)) < len(read_records(reference_dataset)) or kill_after == 3
     res = subprocess.run(_cli_build(corpus, out, image_tokenizer, text_tokenizer, "--resume"),
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert tar_bytes(out) == tar_bytes(reference)
+    assert tar_bytes(out) == tar_bytes(reference_dataset)
     # parts of killed attempts are left to `clipforge gc` (they are younger than its default grace)
     gc = subprocess.run([sys.executable, "-m", "clipforge.jobs.cli", "gc", str(out), "--older-than", "0"],
                         capture_output=True, text=True)
@@ -87,8 +77,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_build(reference, corpus, im
                if not p.name.endswith(".json")}
     assert on_disk == named
     assert not list(out.rglob("*.tmp*"))
-    pd.testing.assert_frame_equal(read_index(out), read_index(reference))
-    assert _ledger_facts(out) == _ledger_facts(reference)
+    pd.testing.assert_frame_equal(read_index(out), read_index(reference_dataset))
+    assert _ledger_facts(out) == _ledger_facts(reference_dataset)
     assert verify_dataset(out)["problems"] == []
 
 
@@ -96,19 +86,20 @@ def tar_bytes(ds) -> dict:
     return {r["shard"]: (ds / r["files"]["tar"]["name"]).read_bytes() for r in read_records(ds)}
 
 
-def test_retry_failed_redoes_only_shards_with_transient_failures(reference, corpus, image_tokenizer,
-                                                                 text_tokenizer, tmp_path):
+def test_retry_failed_redoes_only_shards_with_transient_failures(reference_dataset, reference_config, corpus,
+                                                                 image_tokenizer, text_tokenizer, tmp_path):
     import shutil
     out = tmp_path / "ds"
-    shutil.copytree(reference, out)
+    shutil.copytree(reference_dataset, out)
     before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.tar")}
-    build(str(corpus), str(out), str(image_tokenizer), str(text_tokenizer), _cfg(), retry_failed=True, progress=False)
+    build(str(corpus), str(out), str(image_tokenizer), str(text_tokenizer), reference_config, retry_failed=True,
+          progress=False)
     after = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.tar")}
     assert before == after        # only permanent failures (missing, empty, not a video): nothing is redone
 
     # a build whose decodes all time out (a transient reason), retried twice: attempts are counted
     flaky = tmp_path / "flaky"
-    hurried = with_overrides(_cfg(), decode_timeout_s=0.001)
+    hurried = with_overrides(reference_config, decode_timeout_s=0.001)
     build(str(corpus), str(flaky), str(image_tokenizer), str(text_tokenizer), hurried, progress=False)
     first = read_ledger(flaky)
     timed_out = set(first.loc[first.reason == "timeout", "row_index"])
@@ -121,72 +112,38 @@ def test_retry_failed_redoes_only_shards_with_transient_failures(reference, corp
     assert len(first) == 10 and (second.reason == "timeout").any()
     assert (second.loc[second.reason == "timeout", "attempts"] == 2).all()
     # with a sane time limit the retry succeeds and gives exactly the uninterrupted build's shards
-    build(str(corpus), str(flaky), str(image_tokenizer), str(text_tokenizer), _cfg(), retry_failed=True,
+    build(str(corpus), str(flaky), str(image_tokenizer), str(text_tokenizer), reference_config, retry_failed=True,
           progress=False)
-    assert tar_bytes(flaky) == tar_bytes(reference)
+    assert tar_bytes(flaky) == tar_bytes(reference_dataset)
     assert not (read_ledger(flaky).reason == "timeout").any()
     assert verify_dataset(flaky)["problems"] == []
 
 
-def test_reshard_shuffle_filter_and_validation_split(reference, tmp_path):
-    out = tmp_path / "re"
-    cfg = ReshardConfig(samples_per_shard=3, shuffle_seed=7, filter="rate >= 1", val_fraction=0.34, val_seed=1)
-    report = reshard([str(reference)], str(out), cfg, progress=False)
-    index = read_index(reference)
-    selected = index.query("rate >= 1")
-    assert report["samples_out"] == len(selected) and sum(report["splits"].values()) == len(selected)
-    new = read_index(out)
-    assert sorted(new.key) == sorted(selected.key)
-    train_videos = set(new[new.shard.str.startswith("train")].video_id)
-    val_videos = set(new[new.shard.str.startswith("val")].video_id)
-    assert not train_videos & val_videos
-    assert (new.groupby("shard").size() <= 3).all()
-    keymap = pd.read_parquet(out / "keymap.parquet")
-    assert sorted(keymap.key) == sorted(selected.key)
-    # the same bytes as the original samples, read back with webdataset
-    originals = {s["__key__"]: s for s in wds.WebDataset(shard_urls(reference), shardshuffle=False, empty_check=False)}
-    for s in wds.WebDataset(shard_urls(out, None), shardshuffle=False, empty_check=False):
-        assert s["vtok.npy"] == originals[s["__key__"]]["vtok.npy"] and s["json"] == originals[s["__key__"]]["json"]
-    assert verify_dataset(out)["problems"] == []
-    again = reshard([str(reference)], str(tmp_path / "again"), cfg, progress=False)
-    assert tar_bytes(out) == tar_bytes(tmp_path / "again")      # deterministic for a seed
-    assert again["splits"] == report["splits"]
-
-
-def test_reshard_merge_refuses_duplicate_keys(reference, tmp_path):
-    with pytest.raises(ValueError, match="duplicate"):
-        reshard([str(reference), str(reference)], str(tmp_path / "m"), progress=False)
-
-
-def test_bad_filter_is_a_clear_error(reference, tmp_path):
-    with pytest.raises(ValueError, match="bad --filter"):
-        reshard([str(reference)], str(tmp_path / "f"), ReshardConfig(filter="no_such_column >"), progress=False)
-
-
 @pytest.fixture(scope="module")
-def resharded(reference, tmp_path_factory):
+def resharded(reference_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("resharded") / "ds"
-    reshard([str(reference)], str(out), ReshardConfig(samples_per_shard=4, shuffle_seed=3), progress=False)
+    reshard([str(reference_dataset)], str(out), ReshardConfig(samples_per_shard=4, shuffle_seed=3), progress=False)
     return out
 
 
 @pytest.fixture(params=["built", "resharded"])
-def dataset(request, reference, resharded):
-    return reference if request.param == "built" else resharded
+def built_or_resharded(request, reference_dataset, resharded):
+    """Each reader test runs on the dataset as built and as resharded into 4-sample shards."""
+    return reference_dataset if request.param == "built" else resharded
 
 
-def test_readers_webdataset_wids_and_plain_tar(dataset):
+def test_readers_webdataset_wids_and_plain_tar(built_or_resharded):
     import wids
-    reference = dataset
-    tars = shard_urls(reference, None)
+    root = built_or_resharded
+    tars = shard_urls(root, None)
     samples = [decode_sample(s) for s in wds.WebDataset(tars, shardshuffle=False, empty_check=False)]
-    assert sorted(s["key"] for s in samples) == sorted(read_index(reference).key)
+    assert sorted(s["key"] for s in samples) == sorted(read_index(root).key)
     assert all(s["vtok"].shape == (5, 8, 8) for s in samples)
-    listing = json.loads((reference / "wids" / "train.json").read_text())
-    shards = [{"url": str((reference / "wids" / e["url"]).resolve()), "nsamples": e["nsamples"]}
+    listing = json.loads((root / "wids" / "train.json").read_text())
+    shards = [{"url": str((root / "wids" / e["url"]).resolve()), "nsamples": e["nsamples"]}
               for e in listing["shardlist"]]
     ds = wids.ShardListDataset(shards, transformations=[])
-    assert len(ds) == len(read_index(reference))   # the index and the wids listing agree
+    assert len(ds) == len(read_index(root))   # the index and the wids listing agree
     keys = set()
     for i in range(len(ds)):
         s = ds[i]
@@ -194,16 +151,17 @@ def test_readers_webdataset_wids_and_plain_tar(dataset):
         raw = s[".vtok.npy"]
         vtok = np.load(raw if hasattr(raw, "read") else io.BytesIO(raw), allow_pickle=False)
         assert vtok.shape == (5, 8, 8) and vtok.dtype == np.uint16
-    assert keys == set(read_index(reference).key)
-    for record in read_records(reference, None):
-        tar = reference / record["files"]["tar"]["name"]
+    assert keys == set(read_index(root).key)
+    for record in read_records(root, None):
+        tar = root / record["files"]["tar"]["name"]
         out = subprocess.run(["tar", "-tf", str(tar)], capture_output=True, text=True, check=True).stdout.split()
         assert len(out) == 4 * record["samples"]
 
 
 @pytest.mark.ray
-def test_ray_data_reads_the_shards(dataset):
+def test_ray_data_reads_the_shards(built_or_resharded, start_local_ray):
     import ray
+    dataset = built_or_resharded
     start_local_ray(num_cpus=2)
     # the committed tars only: shards/ may also hold parts of attempts that were never committed
     stale = dataset / "shards" / "train-000000.0123456789.tar"
@@ -265,28 +223,3 @@ def test_tar_headers_are_told_from_member_data(fmt):
         assert read_ustar_header(blob[data_start:data_start + 512]) is None, f"member data at {data_start} read as a header"
     plain = [(name, key, size) for name, key, size, kind in headers if kind in (b"0", b"\0")]
     assert plain == [("clip-0001.json", "clip-0001", len(data)), ("clip-0001.txt", "clip-0001", 12)]
-
-
-@pytest.mark.parametrize("source_shard_samples", [None, 1])
-def test_reshard_trusts_headers_over_a_wrong_index(reference, tmp_path, source_shard_samples):
-    import shutil
-    src = tmp_path / "src"
-    if source_shard_samples:   # one-sample tars: a wrong size can look right for a single sample
-        reshard([str(reference)], str(src), ReshardConfig(samples_per_shard=source_shard_samples), progress=False)
-    else:
-        shutil.copytree(reference, src)
-    for part in (src / "index").glob("*.parquet"):   # sizes that do not describe the tars
-        df = pd.read_parquet(part)
-        df["bytes"] = 512
-        df.to_parquet(part)
-    reshard([str(src)], str(tmp_path / "out"), ReshardConfig(samples_per_shard=5), progress=False)
-    got = {s["__key__"]: s for s in wds.WebDataset(shard_urls(tmp_path / "out", None), shardshuffle=False,
-                                                     empty_check=False)}
-    want = {s["__key__"]: s for s in wds.WebDataset(shard_urls(reference), shardshuffle=False, empty_check=False)}
-    assert got.keys() == want.keys()
-    for k in want:
-        assert {m: got[k][m] for m in ("json", "txt", "ttok.npy", "vtok.npy")} == \
-            {m: want[k][m] for m in ("json", "txt", "ttok.npy", "vtok.npy")}
-    # the new index gives the sizes as copied, not the wrong ones it was given
-    assert verify_dataset(tmp_path / "out")["problems"] == []
-    assert (read_index(tmp_path / "out")["bytes"] > 512).all()

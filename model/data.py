@@ -19,12 +19,14 @@ not decode are skipped and counted in `stream.skipped` by reason; nothing raises
 Data parallelism: every (rank, DataLoader worker) pair is one "reader" of world_size * num_workers. With at
 least as many shards as readers, each reader reads its own shards; with fewer, every reader reads all shards
 and keeps every n-th sample, so small datasets still split without overlap. Either way the readers see
-disjoint samples. Resuming replays a stream up to a batch count (`resume_at`): the shuffle and the
-caption-dropout draws are seeded, so the replayed stream continues exactly where the killed one stopped.
+disjoint samples. Every sample carries its reader's position; a checkpoint keeps the position of the last
+sample each reader gave, and a resumed stream starts there (`ShardStream.resume_from`): it reads nothing
+it already gave, and gives exactly what the uninterrupted stream would have.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -147,135 +149,172 @@ class SequenceBuilder:
         return tokens, targets
 
 
-class ShardStream(torch.utils.data.IterableDataset):
-    """Iterates (tokens, targets, key) over shards; `repeat` loops over epochs, reshuffling each one.
+def unit_float(*parts) -> float:
+    """A float in [0, 1) that depends only on `parts`: the stream's draws are functions of where they are,
+    not of a generator's history, so a stream can start anywhere and draw what it would have drawn."""
+    digest = hashlib.blake2b(repr(parts).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
-    split="val" with holdout > 0 takes the held-out videos of the train shards, split="train" with
-    holdout > 0 leaves them out. rank/world_size split the data between data-parallel processes, and
-    DataLoader workers split each rank's share again (see the module docstring).
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Iterates (tokens, targets, key, position) over shards; `repeat` loops over epochs.
+
+    An epoch of one reader (a rank and DataLoader worker, see the module docstring): its shards in an
+    order drawn for the epoch; `open_shards` of them are open at a time, each read in an order drawn for
+    it, and every sample comes from an open shard drawn at random, so consecutive samples come from
+    several shards. Every draw is a function of (seed, epoch, reader, position): the reader's position
+    after a sample (`position`, a JSON string: epoch, next shard, open shards with the samples taken from
+    each, draws) is all it takes to continue. `resume_from(positions)` starts each reader there: nothing
+    before it is read or decoded again, and what follows is what the uninterrupted stream would give.
+
+    holdout > 0: holdout_side="only" keeps the held-out source videos, "exclude" leaves them out.
     """
 
     def __init__(self, urls: list[str], builder: SequenceBuilder, shuffle: bool = True, repeat: bool = True,
-                 seed: int = 0, buffer: int = 256, cond_drop: float = 0.0, holdout: float = 0.0,
+                 seed: int = 0, open_shards: int = 4, cond_drop: float = 0.0, holdout: float = 0.0,
                  holdout_side: str = "exclude", modes: tuple | None = None, rank: int = 0, world_size: int = 1,
-                 memory_mb: float = 256):
+                 memory_mb: float = 256, endpoint: str | None = None):
         super().__init__()
-        # decoded shards kept in memory after their first read, up to memory_mb of shard bytes (per rank
-        # and worker): reading and decoding was a third of a demo-sized image-phase step
+        # shards' raw bytes kept in memory after their first read, up to memory_mb (per rank and worker):
+        # reading was a third of a demo-sized image-phase step
         self.memory_bytes = memory_mb * 2**20
         self.in_memory: dict[str, list] = {}
         self.bytes_in_memory = 0
-        self.urls, self.builder = list(urls), builder
-        self.shuffle, self.repeat, self.seed, self.buffer = shuffle, repeat, seed, buffer
+        self.urls, self.builder, self.endpoint = list(urls), builder, endpoint
+        self.shuffle, self.repeat, self.seed = shuffle, repeat, seed
+        self.open_shards = max(1, open_shards) if shuffle else 1
         self.cond_drop, self.holdout, self.holdout_side = cond_drop, holdout, holdout_side
         self.modes = tuple(modes) if modes else None
         self.rank, self.world_size = rank, world_size
-        self.skip_batches, self.batch_size = 0, 1
+        self.start: dict[int, dict] = {}
         self.skipped: Counter = Counter()
         self.seen = 0
+        self.decoded_keys: list[str] = []   # the first 100k samples this process decoded (a resume decodes
+                                            # none that came before its position)
         self.spans: Counter = Counter()   # (mode, span) of the samples used, for the sampler's default span
 
-    def resume_at(self, batches: int, batch_size: int) -> None:
-        """Continue after `batches` batches of `batch_size` (per rank) were consumed: iteration replays
-        and drops them. Call before the DataLoader starts its workers."""
-        self.skip_batches, self.batch_size = batches, batch_size
+    def resume_from(self, positions: dict) -> None:
+        """Continue each reader from its position ({reader: position}, as the stream gave them); readers
+        without one start at the beginning. Call before the DataLoader starts its workers."""
+        self.start = {int(r): json.loads(p) if isinstance(p, str) else dict(p) for r, p in positions.items()}
 
-    def _reader(self) -> tuple[int, int, int]:
-        """(reader, readers, worker id) of this rank and DataLoader worker."""
+    def _reader(self) -> tuple[int, int]:
+        """(reader, readers) of this rank and DataLoader worker."""
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        return self.rank * workers + worker, self.world_size * workers, worker
+        return self.rank * workers + worker, self.world_size * workers
 
-    def _epoch(self, epoch: int, reader: int, readers: int) -> Iterator:
+    def _epoch_shards(self, epoch: int, reader: int, readers: int) -> list[str]:
         urls = list(self.urls)
         if self.shuffle:  # the same order on every rank and worker (same seed), so the split is a partition
             random.Random(self.seed * 1000 + epoch).shuffle(urls)
-        by_shard = len(urls) >= readers
-        if by_shard:
-            urls = urls[reader::readers]
-        i = 0
-        for url in urls:
-            for sample in self._shard(url):
-                if by_shard or i % readers == reader:
-                    yield sample
-                i += 1
+        return urls[reader::readers] if len(urls) >= readers else urls
 
-    def _shard(self, url: str) -> Iterator[dict | None]:
-        """One shard's decoded samples in order (None for one that does not decode), from memory after
-        the first complete read while the budget lasts."""
+    def _shard_order(self, url: str, epoch: int, reader: int, readers: int) -> list:
+        """This reader's raw samples of one shard, in the order drawn for (epoch, shard). With fewer shards
+        than readers, every reader reads every shard and keeps every n-th sample."""
+        raw = self._raw_samples(url)
+        mine = raw if len(self.urls) >= readers else raw[reader::readers]
+        if self.shuffle:
+            mine = list(mine)
+            # by the shard's name, not its URL or attempt: the same data gives the same order wherever it lives
+            shard = url.rsplit("/", 1)[-1].split(".", 1)[0]
+            random.Random(f"{self.seed}:{epoch}:{shard}").shuffle(mine)
+        return mine
+
+    def _raw_samples(self, url: str) -> list[dict]:
+        """One shard's samples as webdataset gives them (member name -> bytes), from memory after the
+        first read while the budget lasts."""
         if url in self.in_memory:
-            yield from self.in_memory[url]
-            return
+            return self.in_memory[url]
         ds = wds.WebDataset([url], shardshuffle=False, empty_check=False, nodesplitter=None,
                             workersplitter=None, handler=wds.warn_and_continue)
-        kept, size = [], 0
-        for raw in ds:
-            try:
-                sample = decode_sample(raw)
-            except (ValueError, KeyError, UnicodeDecodeError):  # incomplete or unreadable sample
-                sample = None
-            size += sum(len(v) for v in raw.values() if isinstance(v, bytes))
-            kept.append(sample)
-            yield sample
+        kept = list(ds)
+        size = sum(len(v) for raw in kept for v in raw.values() if isinstance(v, bytes))
         if self.bytes_in_memory + size <= self.memory_bytes:
             self.in_memory[url] = kept
             self.bytes_in_memory += size
+        return kept
 
-    def _samples(self, epoch: int, reader: int, readers: int) -> Iterator[dict]:
-        """Decoded samples of one epoch that pass the checks and the held-out split, shuffled."""
-        def decoded():
-            for sample in self._epoch(epoch, reader, readers):
-                if sample is None:
-                    self.skipped["decode"] += 1
-                    continue
-                if self.holdout > 0:
-                    held = in_holdout(video_id_of(sample), self.holdout)
-                    if held != (self.holdout_side == "only"):
-                        continue
-                yield sample
-
-        samples = decoded()
-        if self.shuffle:
-            rng = random.Random(self.seed * 1000 + epoch + 1 + 7 * reader)
-            samples = wds.filters.shuffle(self.buffer, rng=rng)(samples)
-        return samples
-
-    def __iter__(self):
-        reader, readers, worker = self._reader()
-        workers = readers // self.world_size
-        # batch j of this rank comes from worker j % workers (the DataLoader's round robin)
-        skip = max(0, (self.skip_batches - worker + workers - 1) // workers) * self.batch_size
-        rng = random.Random(self.seed * 7919 + reader)
-        epoch = 0
+    def _walk(self, reader: int, readers: int) -> Iterator[tuple[dict, dict]]:
+        """(raw sample, position after it) from this reader's start position on, epoch after epoch."""
+        position = self.start.get(reader) or {"epoch": 0, "next": 0, "open": [], "draws": 0}
         while True:
-            produced = 0
-            for sample in self._samples(epoch, reader, readers):
-                meta = sample["meta"] if isinstance(sample["meta"], dict) else {}
-                mode = meta.get("mode")
-                if self.modes and mode not in self.modes:
-                    self.skipped["mode"] += 1
+            epoch, nxt, draws = position["epoch"], position["next"], position["draws"]
+            opened = [list(o) for o in position["open"]]        # [shard number in the epoch, samples taken]
+            shards = self._epoch_shards(epoch, reader, readers)
+            orders: dict[int, list] = {}
+            while True:
+                while len(opened) < self.open_shards and nxt < len(shards):
+                    opened.append([nxt, 0])
+                    nxt += 1
+                if not opened:
+                    break
+                pick = int(unit_float(self.seed, epoch, reader, draws) * len(opened)) if self.shuffle else 0
+                draws += 1
+                number, taken = opened[pick]
+                if number not in orders:
+                    orders[number] = self._shard_order(shards[number], epoch, reader, readers)
+                order = orders[number]
+                if taken >= len(order):
+                    opened.pop(pick)
+                    orders.pop(number)
                     continue
-                reason = self.builder.check(sample["vtok"])
-                if reason:
-                    self.skipped[reason] += 1
-                    continue
-                span = meta.get("span")
-                span = float(span) if isinstance(span, (int, float)) else None
-                drop = self.cond_drop > 0 and rng.random() < self.cond_drop
-                produced += 1
-                self.seen += 1
-                if span is not None and len(self.spans) < 10_000:
-                    self.spans[(str(mode), round(span, 2))] += 1
-                if skip:  # replaying up to the resume point: every draw above happened, nothing is yielded
-                    skip -= 1
-                    continue
-                tokens, targets = self.builder(sample["vtok"], sample["ttok"], span, drop)
-                yield torch.from_numpy(tokens), torch.from_numpy(targets), sample["key"]
+                opened[pick][1] = taken + 1
+                yield order[taken], {"reader": reader, "epoch": epoch, "next": nxt, "draws": draws,
+                                     "open": [list(o) for o in opened]}
             if not self.repeat:
                 return
-            if produced == 0:
-                raise ClipforgeError(f"no usable sample in {len(self.urls)} shard(s); skipped: {dict(self.skipped)}")
-            epoch += 1
+            position = {"epoch": epoch + 1, "next": 0, "open": [], "draws": 0}
+
+    def _usable(self, raw: dict) -> dict | None:
+        """The decoded sample, or None (counted in `skipped`) when it does not decode, falls on the other
+        side of the held-out split, is of another clip mode or does not fit the layout."""
+        try:
+            sample = decode_sample(raw)
+        except (ValueError, KeyError, UnicodeDecodeError):  # incomplete or unreadable sample
+            self.skipped["decode"] += 1
+            return None
+        if len(self.decoded_keys) < 100_000:
+            self.decoded_keys.append(sample["key"])
+        if self.holdout > 0 and in_holdout(video_id_of(sample), self.holdout) != (self.holdout_side == "only"):
+            return None
+        meta = sample["meta"] if isinstance(sample["meta"], dict) else {}
+        if self.modes and meta.get("mode") not in self.modes:
+            self.skipped["mode"] += 1
+            return None
+        reason = self.builder.check(sample["vtok"])
+        if reason:
+            self.skipped[reason] += 1
+            return None
+        return sample
+
+    def __iter__(self):
+        from clipforge.pipeline.storage.fs import register_webdataset_schemes
+
+        register_webdataset_schemes(self.endpoint)   # in each DataLoader worker: shards on s3:// and gs://
+        reader, readers = self._reader()
+        produced, epoch, whole = 0, None, reader not in self.start   # whole: the epoch was read from its start
+        for raw, position in self._walk(reader, readers):
+            if position["epoch"] != epoch:
+                if epoch is not None and whole and produced == 0:
+                    raise ClipforgeError(f"no usable sample in {len(self.urls)} shard(s); skipped: "
+                                         f"{dict(self.skipped)}")
+                whole = whole or epoch is not None
+                epoch, produced = position["epoch"], 0
+            sample = self._usable(raw)
+            if sample is None:
+                continue
+            meta = sample["meta"] if isinstance(sample["meta"], dict) else {}
+            span = meta.get("span")
+            span = float(span) if isinstance(span, (int, float)) else None
+            drop = self.cond_drop > 0 and unit_float(self.seed, "drop", epoch, sample["key"]) < self.cond_drop
+            produced += 1
+            self.seen += 1
+            if span is not None and len(self.spans) < 10_000:
+                self.spans[(str(meta.get("mode")), round(span, 2))] += 1
+            tokens, targets = self.builder(sample["vtok"], sample["ttok"], span, drop)
+            yield torch.from_numpy(tokens), torch.from_numpy(targets), sample["key"], json.dumps(position)
 
 
 def make_loader(stream: ShardStream, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader:

@@ -103,9 +103,12 @@ class TrainingRun:
         modes = tuple(config.clip_modes) if config.clip_modes else None
         holdout = 0.0 if val_urls else config.holdout
         self.train_stream = ShardStream(train_urls, builder, shuffle=True, repeat=True, seed=config.seed,
-                                        buffer=config.shuffle_buffer, cond_drop=config.cond_drop, holdout=holdout,
+                                        open_shards=config.open_shards, cond_drop=config.cond_drop, holdout=holdout,
                                         holdout_side="exclude", modes=modes, rank=self.rank, world_size=self.world)
-        self.train_stream.resume_at(self.start_step * self.accum, config.batch_size)
+        # where each of this rank's readers stood after the last batch the run consumed
+        self.positions: dict[int, str] = dict((self.state or {}).get("data", {}).get("positions", {}).get(
+            str(self.rank), {}))
+        self.train_stream.resume_from(self.positions)
         val_stream = ShardStream(val_urls or train_urls, builder, shuffle=False, repeat=False, holdout=holdout,
                                  holdout_side="only" if holdout else "exclude", modes=modes)
         self.val_set, self.eval_split = self.eval_batches(val_stream), "val" if val_urls else "holdout"
@@ -124,7 +127,7 @@ class TrainingRun:
 
     def eval_batches(self, stream) -> list:
         batches = []
-        for tokens, targets, _ in make_loader(stream, self.config.batch_size):
+        for tokens, targets, _, _ in make_loader(stream, self.config.batch_size):
             batches.append((tokens, targets))
             if len(batches) >= self.config.eval_batches:
                 break
@@ -181,19 +184,21 @@ class TrainingRun:
     def checkpoint(self, step: int, train_loss: float, val: dict, seconds: float) -> str:
         """Collective (all ranks call it): every rank's RNG (ranks draw different dropout masks) and a digest
         of its weights, which must agree on all ranks; rank 0 writes the checkpoint and latest.json."""
-        mine = (rng_state(self.device), weights_digest(self.model))
+        mine = (rng_state(self.device), weights_digest(self.model), dict(self.positions))
         gathered = [mine]
         if self.world > 1:
             gathered = [None] * self.world
             dist.all_gather_object(gathered, mine)
         rngs, digests = [g[0] for g in gathered], [g[1] for g in gathered]
+        positions = {str(rank): g[2] for rank, g in enumerate(gathered)}
         if len(set(digests)) > 1:
             raise RuntimeError(f"data-parallel ranks hold different weights at step {step}: {digests}")
         name = f"ckpt_{step:06d}.pt"
         if not self.master:
             return name
         spans = default_spans(self.train_stream.spans)
-        self.write_checkpoint(name, self.checkpoint_blob(step, train_loss, val, seconds, spans, rngs, digests))
+        self.write_checkpoint(name, self.checkpoint_blob(step, train_loss, val, seconds, spans, rngs, digests,
+                                                         positions))
         write_json(self.run / "latest.json", {
             "ckpt": name, "step": step, "phase": self.config.phase, "phases": self.phases, "train_loss": train_loss,
             **val, "eval_split": self.eval_split, "seconds": round(seconds, 1), "default_span": spans,
@@ -207,7 +212,7 @@ class TrainingRun:
             self.ckpts.pop(0).unlink(missing_ok=True)
         return name
 
-    def checkpoint_blob(self, step, train_loss, val, seconds, spans, rngs, digests) -> dict:
+    def checkpoint_blob(self, step, train_loss, val, seconds, spans, rngs, digests, positions) -> dict:
         return {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                 "model_config": self.mc.to_dict(), "train_config": asdict(self.config), "step": step,
                 "phase": self.config.phase, "phases": self.phases, "train_loss": train_loss,
@@ -215,7 +220,9 @@ class TrainingRun:
                 "dataset": str(Path(self.dataset_dir).resolve()),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state(),
                 "rng": [{k: v.cpu() if torch.is_tensor(v) else v for k, v in r.items()} for r in rngs],
-                "data": {"batches_per_rank": step * self.accum, "batch_size": self.config.batch_size},
+                # each rank's readers' positions: a resume starts there and reads nothing before them
+                "data": {"batches_per_rank": step * self.accum, "batch_size": self.config.batch_size,
+                         "positions": positions},
                 "seconds": seconds, "world_size": self.world, "rank_weights_sha256": digests,
                 "freeze_base": self.freeze, "joint_image": self.joint}
 
@@ -233,7 +240,9 @@ class TrainingRun:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, image_sum, tokens_seen = 0.0, 0.0, 0
         for _ in range(self.accum):
-            tokens, targets, keys = next(self.train_iter)
+            tokens, targets, keys, positions = next(self.train_iter)
+            last = json.loads(positions[-1])   # a batch comes from one reader
+            self.positions[last["reader"]] = positions[-1]
             if keys_file:
                 keys_file.write("".join(f"{step} {k}\n" for k in keys))
             tokens, targets = tokens.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)

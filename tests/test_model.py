@@ -1,5 +1,6 @@
 """The CogVideo-style model on data: sequences from shards, training, checkpoints, resume, sampling, eval-synth.
 (Masks, layouts and the KV cache without training: tests/test_model_structure.py.)"""
+import itertools
 import json
 
 import av
@@ -44,13 +45,37 @@ def test_sequence_builder_and_stream(model_dataset):
     assert info["layout"]["text_slot"] == 12
     # later epochs come from memory, and are the very epochs a stream that keeps nothing reads from disk
     def epochs(memory_mb, n=200):
-        s = ShardStream(shard_urls(model_dataset, "train"), builder, seed=3, buffer=16, cond_drop=0.3, memory_mb=memory_mb)
-        out = [(key, tokens.tolist()) for (tokens, _, key), _ in zip(s, range(n))]
+        s = ShardStream(shard_urls(model_dataset, "train"), builder, seed=3, open_shards=2, cond_drop=0.3, memory_mb=memory_mb)
+        out = [(key, tokens.tolist()) for (tokens, _, key, _), _ in zip(s, range(n))]
         return out, s
     from_memory, kept = epochs(256)
     from_disk, none = epochs(0)
-    assert from_memory == from_disk and kept.skipped == none.skipped == {"shape": 5}
+    assert from_memory == from_disk and kept.skipped == none.skipped
+    assert kept.skipped["shape"] == 5   # 2 an epoch; the third epoch has one of them before sample 200
     assert kept.in_memory and kept.bytes_in_memory > 0 and not none.in_memory
+
+
+@pytest.mark.parametrize("cut", [1, 37, 79, 80, 130])
+def test_a_stream_resumed_from_a_position_reads_nothing_before_it(model_dataset, cut):
+    """Stop a shuffled, repeating stream after `cut` samples (mid-shard, end of an epoch, next epoch) and
+    start a new one from the last sample's position: it continues with exactly the samples (and caption
+    dropout) the uninterrupted stream gives, and decodes none of the samples that came before."""
+    info = read_dataset_info(model_dataset)
+    text = TextTokenizer(model_dataset / "text.model")
+    cfg = CogVideoConfig(text_vocab=text.vocab_size, image_vocab=64, n_layer=1, n_head=1, n_embd=8,
+                         text_slot=info["layout"]["text_slot"], frames=5, tokens_h=4, tokens_w=4, window=2, shift=1)
+
+    def stream():
+        return ShardStream(shard_urls(model_dataset, "train"), SequenceBuilder(cfg, text, "sequential"), seed=7,
+                           open_shards=2, cond_drop=0.5)
+
+    whole = [(key, tokens.tolist(), pos) for tokens, _, key, pos in itertools.islice(stream(), cut + 40)]
+    resumed = stream()
+    resumed.resume_from({0: whole[cut - 1][2]})
+    rest = [(key, tokens.tolist(), pos) for tokens, _, key, pos in itertools.islice(resumed, 40)]
+    assert rest == whole[cut:]
+    before = {key for key, _, _ in whole[:cut]} - {key for key, _, _ in whole[cut:]}   # not met again
+    assert before and not before & set(resumed.decoded_keys)
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +208,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(model_dataset, tm
     and the same final weights as a run that was never interrupted: dropout, caption dropout, shuffling,
     AdamW moments and the schedule all continue where they were."""
     cfg = dict(phase="sequential", steps=8, batch_size=4, lr=3e-3, n_layer=1, n_head=2, n_embd=32, dropout=0.1,
-               cond_drop=0.3, shuffle_buffer=16, eval_interval=100, eval_batches=1, ckpt_interval=3,
+               cond_drop=0.3, open_shards=2, eval_interval=100, eval_batches=1, ckpt_interval=3,
                log_interval=1, warmup_steps=2, keep_checkpoints=0, seed=3)
     full = tmp_path / "full"
     train(model_dataset, full, TrainConfig(**cfg), log=None)

@@ -18,8 +18,8 @@ def keys_of(dataset_dir, rank, world, workers):
     cfg = CogVideoConfig(text_vocab=text.vocab_size, image_vocab=64, n_layer=1, n_head=1, n_embd=8, text_slot=12,
                          frames=5, tokens_h=4, tokens_w=4, window=2, shift=1)
     stream = ShardStream(shard_urls(dataset_dir, "train"), SequenceBuilder(cfg, text, "sequential"), shuffle=True,
-                         repeat=False, seed=5, buffer=8, rank=rank, world_size=world)
-    return [k for _, _, keys in make_loader(stream, 4, workers) for k in keys]
+                         repeat=False, seed=5, open_shards=2, rank=rank, world_size=world)
+    return [k for _, _, keys, _ in make_loader(stream, 4, workers) for k in keys]
 
 
 @pytest.mark.parametrize("world,workers", [(2, 0), (2, 2)])

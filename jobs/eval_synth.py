@@ -46,13 +46,14 @@ def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: 
     import pandas as pd
     import torch
 
+    from clipforge.model.run_folder import local_run
     from clipforge.model.sample import load_companion, load_run
     from clipforge.model.distributed import default_device
     from clipforge.pipeline.video.pictures import contact_sheet, write_png
 
     log = log or (lambda msg: None)
     t0 = time.time()
-    run = Path(run_dir)
+    run = local_run(run_dir)
     out_dir = Path(out) if out else run / "eval-synth"
     out_dir.mkdir(parents=True, exist_ok=True)
     held = pd.read_parquet(held_manifest)

@@ -19,7 +19,9 @@ from clipforge.tokenizer.image import CONFIG_FILE, WEIGHTS_FILE
 
 def load_checkpoint(run: str | os.PathLike, device="cpu") -> dict:
     """A checkpoint dict from a RUN directory (its latest.json) or a ckpt_*.pt file."""
-    path = Path(run)
+    from clipforge.model.run_folder import local_run
+
+    path = local_run(run) if "://" in str(run) else Path(run)
     if path.is_dir():
         latest = path / "latest.json"
         if not latest.exists():
@@ -80,24 +82,4 @@ def truncate_jsonl(path: Path, last_step: int, key=lambda line: json.loads(line)
         path.write_text("".join(l + "\n" for l in lines if l.strip() and key(l) <= last_step), encoding="utf-8")
 
 
-RUN_FILES = ("latest.json", "summary.json", "log.jsonl")   # with ckpt_*.pt, tokenizers/, keys/: what a run writes
-
-
-def claim_run_folder(run: Path, overwrite: bool) -> None:
-    """A new run goes into a new or empty folder. One that already holds a run is refused unless
-    `overwrite`, which removes only what a run writes (so two runs never mix in one log or checkpoint
-    series); a folder holding anything else is refused either way."""
-    if not run.exists() or not any(run.iterdir()):
-        return
-    ours = [p for p in run.iterdir() if p.name in RUN_FILES or p.name in ("tokenizers", "keys")
-            or (p.name.startswith("ckpt_") and p.suffix == ".pt")]
-    others = sorted(p.name for p in run.iterdir() if p not in ours)
-    if others:
-        raise FileExistsError(f"{run} holds files that are not a training run's ({', '.join(others[:3])}): "
-                              f"pick a new --out")
-    if not overwrite:
-        raise FileExistsError(f"{run} already holds a training run: pass --resume to continue it, or "
-                              f"--overwrite to replace it")
-    for p in ours:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
 

@@ -60,7 +60,8 @@ def tokenizer_paths(dataset_dir: str | Path, info: dict, image: str | None = Non
     """{"image": image tokenizer directory, "text": spm model file}: `image`/`text` when given, else the
     paths dataset.json names (relative ones are taken relative to the dataset directory). Checks the
     files against the sha256 recorded in dataset.json, so a dataset is never read with other tokenizers."""
-    from clipforge.tokenizer.image import WEIGHTS_FILE
+    from clipforge.pipeline.storage.fs import is_remote, local_copy
+    from clipforge.tokenizer.image import CONFIG_FILE, WEIGHTS_FILE
 
     out = {}
     for kind, given in (("image", image), ("text", text)):
@@ -68,16 +69,18 @@ def tokenizer_paths(dataset_dir: str | Path, info: dict, image: str | None = Non
         if given is None and "path" not in entry:
             raise ClipforgeError(f"dataset.json names no {kind} tokenizer path; pass the {kind} tokenizer the "
                              f"dataset was built with (--{kind}-tokenizer)")
-        path = Path(given if given is not None else entry["path"])
-        if given is None and not path.is_absolute():
-            path = Path(dataset_dir) / path
+        where = str(given if given is not None else entry["path"])
+        if given is None and not is_remote(where) and not Path(where).is_absolute():
+            where = f"{str(dataset_dir).rstrip('/')}/{where}"   # relative to the dataset, local or remote
+        # a tokenizer on object storage is copied to the cache, then checked like a local one
+        path = local_copy(where, (CONFIG_FILE, WEIGHTS_FILE) if kind == "image" else ())
         blob_path = path / WEIGHTS_FILE if kind == "image" else path
         if not blob_path.exists():
-            raise FileNotFoundError(f"{kind} tokenizer not found at {blob_path}")
+            raise FileNotFoundError(f"{kind} tokenizer not found at {where}")
         if entry.get("sha256"):
             digest = hashlib.sha256(blob_path.read_bytes()).hexdigest()
             if digest != entry["sha256"]:
-                raise ClipforgeError(f"{kind} tokenizer at {path} does not match the dataset "
+                raise ClipforgeError(f"{kind} tokenizer at {where} does not match the dataset "
                                  f"(sha256 {digest[:12]} != {entry['sha256'][:12]})")
         out[kind] = path
     return out

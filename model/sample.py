@@ -20,6 +20,7 @@ import torch
 from clipforge.model.distributed import default_device
 from clipforge.model.checkpoint import load_checkpoint, model_from_checkpoint
 from clipforge.model.config import SAMPLING
+from clipforge.model.run_folder import local_run
 from clipforge.model.video import upscale, write_video
 from clipforge.pipeline.errors import ClipforgeError
 
@@ -84,7 +85,7 @@ def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike,
     run this one started from). Returns {"out", "frames", "seconds", "tokens", "span", "fps", "rounds"}.
     """
     t0 = time.time()
-    run = Path(run_dir)
+    run = local_run(run_dir)   # a run on object storage: its latest checkpoint and tokenizers, pulled
     device = torch.device(device or default_device())
     ckpt, model, text, image = load_run(run, device)
     cfg = model.config

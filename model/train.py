@@ -42,9 +42,11 @@ import torch.distributed as dist
 from clipforge.model.distributed import (all_reduce_mean, dist_context, rng_state, uses_bf16_autocast,
                                          set_rng_state, weights_digest)
 from clipforge.model.data import SequenceBuilder, ShardStream, make_loader, shard_urls
-from clipforge.model.checkpoint import (claim_run_folder, copy_tokenizers, default_spans, truncate_jsonl, write_json)
+from clipforge.model.checkpoint import (copy_tokenizers, default_spans, truncate_jsonl, write_json)
 from clipforge.model.config import TrainConfig
 from clipforge.model.optim import Schedule, adamw
+from clipforge.model.run_folder import RunFolder
+from clipforge.pipeline.storage.dataset import absolute
 from clipforge.model.start import accumulation_steps, dataset_tokenizers, resumed_config, starting_model, what_trains
 
 
@@ -56,8 +58,10 @@ class TrainingRun:
     """One training run: everything the loop needs, made in `__init__` in the order a resume relies on
     (seed, model, data, optimizer), then `loop()`. `train()` below is the whole of its use."""
 
-    def __init__(self, dataset_dir, run: Path, config: TrainConfig, state: dict | None, log):
-        self.dataset_dir, self.run, self.config, self.state = dataset_dir, run, config, state
+    def __init__(self, dataset_dir, folder: RunFolder, config: TrainConfig, state: dict | None, log):
+        self.dataset_dir, self.folder, self.run = dataset_dir, folder, folder.local
+        self.config, self.state = config, state
+        run = self.run
         self.rank, self.world, self.device, self.joined = dist_context(config.device)
         self.master = self.rank == 0
         self.log = log if self.master else (lambda msg: None)
@@ -195,6 +199,8 @@ class TrainingRun:
             raise RuntimeError(f"data-parallel ranks hold different weights at step {step}: {digests}")
         name = f"ckpt_{step:06d}.pt"
         if not self.master:
+            if self.folder.remote and self.config.record_keys:   # each rank's keys live where it runs
+                self.folder.publish_file(f"keys/rank{self.rank}.txt")
             return name
         spans = default_spans(self.train_stream.spans)
         self.write_checkpoint(name, self.checkpoint_blob(step, train_loss, val, seconds, spans, rngs, digests,
@@ -202,7 +208,7 @@ class TrainingRun:
         write_json(self.run / "latest.json", {
             "ckpt": name, "step": step, "phase": self.config.phase, "phases": self.phases, "train_loss": train_loss,
             **val, "eval_split": self.eval_split, "seconds": round(seconds, 1), "default_span": spans,
-            "dataset": str(Path(self.dataset_dir).resolve()),
+            "dataset": absolute(self.dataset_dir),
             "model_config": self.mc.to_dict(), "train_config": asdict(self.config), "tokenizers": {
                 "image": {"id": self.image.tokenizer_id, "sha256": self.image.sha256, "path": "tokenizers/image"},
                 "text": {"id": self.text.tokenizer_id, "sha256": self.text.sha256, "path": "tokenizers/text.model"}}})
@@ -210,6 +216,7 @@ class TrainingRun:
             self.ckpts.append(self.run / name)
         while self.config.keep_checkpoints and len(self.ckpts) > self.config.keep_checkpoints:
             self.ckpts.pop(0).unlink(missing_ok=True)
+        self.folder.publish(name, self.ckpts)   # object storage: latest.json last, then old checkpoints go
         return name
 
     def checkpoint_blob(self, step, train_loss, val, seconds, spans, rngs, digests, positions) -> dict:
@@ -217,7 +224,7 @@ class TrainingRun:
                 "model_config": self.mc.to_dict(), "train_config": asdict(self.config), "step": step,
                 "phase": self.config.phase, "phases": self.phases, "train_loss": train_loss,
                 "val_loss": val.get("val_loss"), "spans": {k: float(v) for k, v in spans.items()},
-                "dataset": str(Path(self.dataset_dir).resolve()),
+                "dataset": absolute(self.dataset_dir),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state(),
                 "rng": [{k: v.cpu() if torch.is_tensor(v) else v for k, v in r.items()} for r in rngs],
                 # each rank's readers' positions: a resume starts there and reads nothing before them
@@ -360,6 +367,9 @@ class TrainingRun:
                 "autocast": "bfloat16" if self.use_amp else None, "world_size": self.world,
                 "grad_accum": self.accum, "global_batch": self.world * self.config.batch_size * self.accum,
                 "samples_seen": self.train_stream.seen, "skipped": dict(self.train_stream.skipped),
+                # samples this run decoded (in process; DataLoader workers count their own): a resumed run
+                # decodes none that came before its position
+                "samples_decoded": len(self.train_stream.decoded_keys) if not self.config.num_workers else None,
                 "eval_captions_cut": round(self.cut_share, 4),
                 "ckpt": str(self.run / progress["ckpt"]) if progress["ckpt"] else None, "tokenizers": self.tokenizers}
 
@@ -377,16 +387,20 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
     resume: continue RUN from its latest checkpoint (model, optimizer, schedule, step, RNG, data
     position) with the configuration saved there (`device` and `num_workers` of `config` still apply);
     a RUN without a checkpoint starts afresh."""
-    run = Path(out_dir)
-    config, state = resumed_config(config or TrainConfig(), run, resume)
+    folder = RunFolder(out_dir)
+    master = int(os.environ.get("RANK", "0")) == 0
+    if resume and folder.remote and folder.has_checkpoint():
+        folder.pull()   # the latest checkpoint, its log, keys and tokenizers, into the working copy
+    elif not resume and master:   # only rank 0 writes the run's files
+        folder.claim(overwrite)
+    config, state = resumed_config(config or TrainConfig(), folder.local, resume)
     config.validate()
-    if not resume and int(os.environ.get("RANK", "0")) == 0:   # only rank 0 writes the run's files
-        claim_run_folder(run, overwrite)
     cpu0 = cpu_seconds()
-    training = TrainingRun(dataset_dir, run, config, state, log or (lambda msg: None))
+    training = TrainingRun(dataset_dir, folder, config, state, log or (lambda msg: None))
     t0 = time.time() - training.seconds_before
     progress = training.loop()
     summary = training.summary(progress, time.time() - t0, cpu_seconds() - cpu0)
     if training.master:
-        write_json(run / "summary.json", summary)
+        write_json(folder.local / "summary.json", summary)
+        folder.publish_file("summary.json")
     return summary

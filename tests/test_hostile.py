@@ -58,7 +58,7 @@ def test_reshard_into_a_users_folder_is_refused(tmp_path):
 
 
 def test_a_training_run_is_replaced_only_when_asked(tmp_path):
-    from clipforge.model.checkpoint import claim_run_folder
+    from clipforge.model.run_folder import claim_local as claim_run_folder
 
     run = tmp_path / "run"
     run.mkdir()

@@ -11,7 +11,9 @@ the same code serves a laptop's disk and an object store. Two facts shape the AP
 """
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 import urllib.request
 from functools import lru_cache
 from urllib.parse import urlparse
@@ -107,6 +109,13 @@ class Location:
         names = [info.base_name for info in self.fs.get_file_info(sel) if info.type == pafs.FileType.File]
         return sorted(n for n in names if n.endswith(suffix))
 
+    def walk(self, folder: str = "") -> list[str]:
+        """Names (relative to the Location, with `/`) of every file under `folder`, sorted."""
+        sel = pafs.FileSelector(self.path(folder), allow_not_found=True, recursive=True)
+        root = self.path().rstrip("/") + "/"
+        return sorted(info.path[len(root):] if info.path.startswith(root) else info.path
+                      for info in self.fs.get_file_info(sel) if info.type == pafs.FileType.File)
+
     def sizes(self, folder: str = "") -> dict[str, int]:
         """{name relative to the Location: size} of the files directly in `folder`, from one listing
         (a few requests on an object store, instead of one per file)."""
@@ -192,3 +201,25 @@ def register_webdataset_schemes(endpoint: str | None = None) -> None:
 
     for scheme in ("s3", "gs", "gcs"):
         gopen_module.gopen_schemes[scheme] = opener
+
+
+def cache_root() -> Path:
+    """Where clipforge keeps local copies of remote files and working copies of remote runs:
+    $CLIPFORGE_CACHE, else ~/.cache/clipforge."""
+    return Path(os.environ.get("CLIPFORGE_CACHE") or Path.home() / ".cache" / "clipforge")
+
+
+def local_copy(url: str, names: tuple[str, ...] = (), endpoint: str | None = None) -> Path:
+    """A local path for `url`: the path itself when it is local; else a fresh copy in the cache of the
+    remote file, or (with `names`) of those files of the remote folder. Each file is written whole."""
+    if not is_remote(str(url)):
+        return Path(url)
+    source = Location(url, endpoint) if names else Location(str(url).rsplit("/", 1)[0], endpoint)
+    digest = hashlib.sha256(source.child_url("").encode("utf-8") + b"|" + str(url).encode("utf-8")).hexdigest()[:16]
+    target = cache_root() / "files" / digest
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names or (str(url).rsplit("/", 1)[1],):
+        if not source.exists(name):
+            raise FileNotFoundError(source.child_url(name))
+        atomic_write(target / name, source.read_bytes(name))
+    return target if names else target / str(url).rsplit("/", 1)[1]

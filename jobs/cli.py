@@ -148,11 +148,13 @@ def _cmd_train(a):
 
     names = {flag[2:].replace("-", "_"): flag[2:].replace("-", "_") for flag, _, _ in TRAIN_FLAGS}
     config = TrainConfig(**given(a, phase="phase", init_from="init_from", grid_rope="grid_rope",
-                                 joint_image="joint_image", **names),
+                                 joint_image="joint_image", keep_checkpoints="keep_checkpoints", **names),
+                         **({"weights": list(_floats(a.weights))} if a.weights else {}),
                          **({"freeze_base": False} if a.train_base else {}),
                          **({"clip_modes": a.clip_modes.split(",")} if a.clip_modes else {}),
                          amp=not a.fp32, record_keys=a.record_keys)
-    summary = train(a.dataset, a.out, config, resume=a.resume, overwrite=a.overwrite)
+    summary = train(a.dataset if len(a.dataset) > 1 else a.dataset[0], a.out, config, resume=a.resume,
+                    overwrite=a.overwrite)
     if summary.get("world_size", 1) == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, default=str))
 

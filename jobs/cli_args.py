@@ -249,6 +249,9 @@ TRAIN_FLAGS = (
     ("--grad-accum", int, "micro-batches per optimizer step"),
     ("--global-batch", int, "samples per optimizer step over all ranks (sets --grad-accum)"),
     ("--num-workers", int, "DataLoader workers per rank"),
+    ("--open-shards", int, "shards each reader draws samples from at once"),
+    ("--holdout", float, "share of source videos held out for evaluation when there is no val split"),
+    ("--eval-batches", int, ""),
     ("--log-interval", int, ""),
     ("--eval-interval", int, ""),
     ("--ckpt-interval", int, ""),
@@ -259,7 +262,11 @@ TRAIN_FLAGS = (
 
 def add_train(sub) -> None:
     s = command(sub, "train", "train the bundled CogVideo-style model on shards")
-    s.add_argument("dataset", metavar="DATASET")
+    s.add_argument("dataset", nargs="+", metavar="DATASET",
+                   help="a dataset (a folder, s3:// or gs://); several are mixed, see --weights")
+    s.add_argument("--weights", help="comma-separated shares of the datasets' samples, e.g. 0.7,0.3 (default: equal)")
+    s.add_argument("--keep-last", dest="keep_checkpoints", type=int, metavar="N",
+                   help=with_default("checkpoints kept (0: all)", TrainConfig, "keep_checkpoints"))
     s.add_argument("--out", required=True, metavar="RUN")
     s.add_argument("--phase", "--stage", dest="phase", choices=["image", "sequential", "interpolation"],
                    help=with_default("training phase", TrainConfig, "phase"))

@@ -118,6 +118,7 @@ class TrainConfig:
     cond_drop: float = 0.1             # caption dropout, for classifier-free guidance
     clip_modes: list | None = None     # only samples whose meta "mode" is listed (None: all)
     holdout: float = 0.05              # fraction of source videos held out when there are no val shards
+    weights: list | None = None        # with several datasets: their shares of the samples (None: equal)
     open_shards: int = 4               # shards each reader draws samples from at once (the shuffle's reach)
     num_workers: int = 0
     record_keys: bool = False          # write RUN/keys/rank{R}.txt: which sample each rank trained on, when

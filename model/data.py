@@ -320,5 +320,55 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield torch.from_numpy(tokens), torch.from_numpy(targets), sample["key"], json.dumps(position)
 
 
+class MixtureStream(torch.utils.data.IterableDataset):
+    """Samples from several `ShardStream`s (one per dataset) in proportion to `weights`: each draw picks a
+    stream by a function of (seed, reader, draw), so a mixture, like a stream, continues from a position
+    (its draws and each stream's position) without reading anything before it."""
+
+    def __init__(self, streams: list[ShardStream], weights: list[float], seed: int = 0):
+        super().__init__()
+        if len(streams) != len(weights) or not streams or min(weights) < 0 or sum(weights) <= 0:
+            raise ClipforgeError(f"need one non-negative weight per dataset, not all zero; got {weights} for "
+                                 f"{len(streams)} dataset(s)")
+        self.streams, self.seed = streams, seed
+        total = float(sum(weights))
+        self.bounds = list(np.cumsum([w / total for w in weights]))
+        self.start: dict[int, dict] = {}
+
+    @property
+    def skipped(self) -> Counter:
+        return sum((s.skipped for s in self.streams), Counter())
+
+    @property
+    def spans(self) -> Counter:
+        return sum((s.spans for s in self.streams), Counter())
+
+    @property
+    def seen(self) -> int:
+        return sum(s.seen for s in self.streams)
+
+    @property
+    def decoded_keys(self) -> list[str]:
+        return [k for s in self.streams for k in s.decoded_keys]
+
+    def resume_from(self, positions: dict) -> None:
+        self.start = {int(r): json.loads(p) if isinstance(p, str) else dict(p) for r, p in positions.items()}
+        for i, stream in enumerate(self.streams):
+            stream.resume_from({r: p["parts"][str(i)] for r, p in self.start.items() if str(i) in p["parts"]})
+
+    def __iter__(self):
+        iters = [iter(s) for s in self.streams]
+        reader = self.streams[0]._reader()[0]
+        start = self.start.get(reader, {"draws": 0, "parts": {}})
+        draws, parts = start["draws"], dict(start["parts"])
+        while True:
+            u = unit_float(self.seed, "mixture", reader, draws)
+            draws += 1
+            i = min(int(np.searchsorted(self.bounds, u, side="right")), len(iters) - 1)
+            tokens, targets, key, position = next(iters[i])
+            parts[str(i)] = json.loads(position)
+            yield tokens, targets, key, json.dumps({"reader": reader, "draws": draws, "parts": parts})
+
+
 def make_loader(stream: ShardStream, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=num_workers, drop_last=False)

@@ -40,14 +40,22 @@ def accumulation_steps(config: TrainConfig, world: int) -> int:
     return accum
 
 
-def dataset_tokenizers(dataset_dir, config: TrainConfig):
-    """(layout, tokenizer paths, text tokenizer, image tokenizer) of a dataset, checked against its layout."""
+def dataset_tokenizers(datasets: list, config: TrainConfig):
+    """(layout, tokenizer paths, text tokenizer, image tokenizer) of the datasets, checked against their
+    layout: several datasets (a mixture) must share one layout and one pair of tokenizers."""
     from clipforge.tokenizer.image import ImageTokenizer
     from clipforge.tokenizer.text import TextTokenizer
 
-    info = read_dataset_info(dataset_dir)
-    layout = info["layout"]
-    paths = tokenizer_paths(dataset_dir, info, config.image_tokenizer, config.text_tokenizer)
+    infos = [read_dataset_info(d) for d in datasets]
+    layout = infos[0]["layout"]
+    for other, info in zip(datasets[1:], infos[1:]):
+        hashes = [{k: (i.get("tokenizers") or {}).get(k, {}).get("sha256") for k in ("image", "text")}
+                  for i in (infos[0], info)]
+        if info["layout"] != layout or hashes[0] != hashes[1]:
+            raise ClipforgeError(f"{other} and {datasets[0]} differ in layout or tokenizers: a mixture needs "
+                                 f"datasets of one token space")
+    dataset_dir = datasets[0]
+    paths = tokenizer_paths(dataset_dir, infos[0], config.image_tokenizer, config.text_tokenizer)
     text, image = TextTokenizer(paths["text"]), ImageTokenizer.load(paths["image"])
     if (image.tokens_hw[0], image.tokens_hw[1]) != (layout["tokens_h"], layout["tokens_w"]):
         raise ClipforgeError(f"image tokenizer gives {image.tokens_hw} codes, the dataset layout "

@@ -41,11 +41,12 @@ import torch.distributed as dist
 
 from clipforge.model.distributed import (all_reduce_mean, dist_context, rng_state, uses_bf16_autocast,
                                          set_rng_state, weights_digest)
-from clipforge.model.data import SequenceBuilder, ShardStream, make_loader, shard_urls
+from clipforge.model.data import MixtureStream, SequenceBuilder, ShardStream, make_loader, shard_urls
 from clipforge.model.checkpoint import (copy_tokenizers, default_spans, truncate_jsonl, write_json)
 from clipforge.model.config import TrainConfig
 from clipforge.model.optim import Schedule, adamw
 from clipforge.model.run_folder import RunFolder
+from clipforge.pipeline.errors import ClipforgeError
 from clipforge.pipeline.storage.dataset import absolute
 from clipforge.model.start import accumulation_steps, dataset_tokenizers, resumed_config, starting_model, what_trains
 
@@ -58,8 +59,8 @@ class TrainingRun:
     """One training run: everything the loop needs, made in `__init__` in the order a resume relies on
     (seed, model, data, optimizer), then `loop()`. `train()` below is the whole of its use."""
 
-    def __init__(self, dataset_dir, folder: RunFolder, config: TrainConfig, state: dict | None, log):
-        self.dataset_dir, self.folder, self.run = dataset_dir, folder, folder.local
+    def __init__(self, datasets: list, folder: RunFolder, config: TrainConfig, state: dict | None, log):
+        self.datasets, self.folder, self.run = datasets, folder, folder.local
         self.config, self.state = config, state
         run = self.run
         self.rank, self.world, self.device, self.joined = dist_context(config.device)
@@ -68,7 +69,7 @@ class TrainingRun:
         torch.manual_seed(config.seed + self.rank)  # dropout differs between ranks, as it would with more data
         run.mkdir(parents=True, exist_ok=True)
         self.accum = accumulation_steps(config, self.world)
-        layout, tok_paths, self.text, self.image = dataset_tokenizers(dataset_dir, config)
+        layout, tok_paths, self.text, self.image = dataset_tokenizers(datasets, config)
         self.model, done, init_phase = starting_model(config, state, layout, self.text, self.image, self.world,
                                                       run, self.log)
         self.mc = self.model.config
@@ -99,16 +100,22 @@ class TrainingRun:
     def open_data(self) -> None:
         """The training stream (at the resumed position) and a fixed set of evaluation batches: the val
         split, else source videos held out of the training split, else (tiny datasets) training batches."""
-        config, dataset_dir = self.config, self.dataset_dir
+        config = self.config
         self.builder = builder = SequenceBuilder(self.mc, self.text, config.phase)
-        train_urls, val_urls = shard_urls(dataset_dir, "train"), shard_urls(dataset_dir, "val")
-        if not train_urls:
-            raise FileNotFoundError(f"{dataset_dir}: no shards/train-*.tar")
+        per_dataset = [shard_urls(d, "train") for d in self.datasets]
+        val_urls = [url for d in self.datasets for url in shard_urls(d, "val")]
+        for dataset, urls in zip(self.datasets, per_dataset):
+            if not urls:
+                raise FileNotFoundError(f"{dataset}: no committed train shards")
+        train_urls = [url for urls in per_dataset for url in urls]
         modes = tuple(config.clip_modes) if config.clip_modes else None
         holdout = 0.0 if val_urls else config.holdout
-        self.train_stream = ShardStream(train_urls, builder, shuffle=True, repeat=True, seed=config.seed,
-                                        open_shards=config.open_shards, cond_drop=config.cond_drop, holdout=holdout,
-                                        holdout_side="exclude", modes=modes, rank=self.rank, world_size=self.world)
+        streams = [ShardStream(urls, builder, shuffle=True, repeat=True, seed=config.seed + 7919 * i,
+                               open_shards=config.open_shards, cond_drop=config.cond_drop, holdout=holdout,
+                               holdout_side="exclude", modes=modes, rank=self.rank, world_size=self.world)
+                   for i, urls in enumerate(per_dataset)]
+        self.train_stream = streams[0] if len(streams) == 1 else MixtureStream(
+            streams, config.weights or [1.0] * len(streams), seed=config.seed)
         # where each of this rank's readers stood after the last batch the run consumed
         self.positions: dict[int, str] = dict((self.state or {}).get("data", {}).get("positions", {}).get(
             str(self.rank), {}))
@@ -208,7 +215,7 @@ class TrainingRun:
         write_json(self.run / "latest.json", {
             "ckpt": name, "step": step, "phase": self.config.phase, "phases": self.phases, "train_loss": train_loss,
             **val, "eval_split": self.eval_split, "seconds": round(seconds, 1), "default_span": spans,
-            "dataset": absolute(self.dataset_dir),
+            "dataset": absolute(self.datasets[0]), "datasets": [absolute(d) for d in self.datasets],
             "model_config": self.mc.to_dict(), "train_config": asdict(self.config), "tokenizers": {
                 "image": {"id": self.image.tokenizer_id, "sha256": self.image.sha256, "path": "tokenizers/image"},
                 "text": {"id": self.text.tokenizer_id, "sha256": self.text.sha256, "path": "tokenizers/text.model"}}})
@@ -224,7 +231,7 @@ class TrainingRun:
                 "model_config": self.mc.to_dict(), "train_config": asdict(self.config), "step": step,
                 "phase": self.config.phase, "phases": self.phases, "train_loss": train_loss,
                 "val_loss": val.get("val_loss"), "spans": {k: float(v) for k, v in spans.items()},
-                "dataset": absolute(self.dataset_dir),
+                "dataset": absolute(self.datasets[0]), "datasets": [absolute(d) for d in self.datasets],
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state(),
                 "rng": [{k: v.cpu() if torch.is_tensor(v) else v for k, v in r.items()} for r in rngs],
                 # each rank's readers' positions: a resume starts there and reads nothing before them
@@ -379,7 +386,7 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TrainConfig | None = None,
+def train(dataset_dir: str | os.PathLike | list, out_dir: str | os.PathLike, config: TrainConfig | None = None,
           log: Callable[[str], None] | None = print, resume: bool = False, overwrite: bool = False) -> dict:
     """Train on DATASET's shards into RUN; returns {"train_loss", "val_loss", "steps", "seconds",
     "tokens_per_s", "params", "trainable_params", "phase", "ckpt", ...}.
@@ -396,7 +403,10 @@ def train(dataset_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Tr
     config, state = resumed_config(config or TrainConfig(), folder.local, resume)
     config.validate()
     cpu0 = cpu_seconds()
-    training = TrainingRun(dataset_dir, folder, config, state, log or (lambda msg: None))
+    datasets = [str(d) for d in dataset_dir] if isinstance(dataset_dir, (list, tuple)) else [str(dataset_dir)]
+    if config.weights and len(config.weights) != len(datasets):
+        raise ClipforgeError(f"{len(config.weights)} weights for {len(datasets)} dataset(s)")
+    training = TrainingRun(datasets, folder, config, state, log or (lambda msg: None))
     t0 = time.time() - training.seconds_before
     progress = training.loop()
     summary = training.summary(progress, time.time() - t0, cpu_seconds() - cpu0)

@@ -269,3 +269,55 @@ def test_eval_synth_scores_samples_against_the_manifest(run, corpus, tmp_path, c
     result = eval_synth(str(run[0]), str(other), out=str(tmp_path / "eval2"), train_manifest=str(corpus),
                         ceiling=False, log=None)
     assert result["scores"]["unseen"]["n"] == 2 and result["scores"]["unseen"]["color"] == 0.0
+
+
+def _split_dataset(model_dataset, tmp_path) -> list:
+    """Two datasets of one token space: each with one of the model dataset's two shards."""
+    import shutil
+
+    parts = []
+    for keep in ("train-000000.tar", "train-000001.tar"):
+        part = tmp_path / keep.split(".")[0]
+        shutil.copytree(model_dataset, part, ignore=lambda d, names: [n for n in names if n.startswith("train-")
+                                                                      and n != keep])
+        parts.append(part)
+    return parts
+
+
+def test_a_mixture_draws_datasets_by_weight_and_resumes_from_a_position(model_dataset, tmp_path):
+    from clipforge.model.data import MixtureStream
+
+    parts = _split_dataset(model_dataset, tmp_path)
+    info = read_dataset_info(model_dataset)
+    text = TextTokenizer(model_dataset / "text.model")
+    cfg = CogVideoConfig(text_vocab=text.vocab_size, image_vocab=64, n_layer=1, n_head=1, n_embd=8,
+                         text_slot=info["layout"]["text_slot"], frames=5, tokens_h=4, tokens_w=4, window=2, shift=1)
+
+    def mixture():
+        streams = [ShardStream(shard_urls(p, "train"), SequenceBuilder(cfg, text, "sequential"), seed=i)
+                   for i, p in enumerate(parts)]
+        return MixtureStream(streams, [0.75, 0.25], seed=1)
+
+    whole = [(key, pos) for _, _, key, pos in itertools.islice(mixture(), 400)]
+    first = sum(int(key[4:]) < 40 for key, _ in whole) / len(whole)   # clip0000-0039 are the first dataset's
+    assert 0.68 < first < 0.82, first
+    resumed = mixture()
+    resumed.resume_from({0: whole[149][1]})
+    assert [key for _, _, key, _ in itertools.islice(resumed, 100)] == [key for key, _ in whole[150:250]]
+
+
+def test_train_on_two_datasets_with_weights(model_dataset, tmp_path):
+    parts = _split_dataset(model_dataset, tmp_path)
+    config = TrainConfig(phase="sequential", steps=6, batch_size=8, n_layer=1, n_head=2, n_embd=32, weights=[1, 3],
+                         eval_interval=100, eval_batches=1, log_interval=1, record_keys=True)
+    summary = train([str(p) for p in parts], tmp_path / "run", config, log=None)
+    keys = [line.split()[1] for line in (tmp_path / "run" / "keys" / "rank0.txt").read_text().splitlines()]
+    assert len(keys) == 48 and 0 < sum(int(k[4:]) < 40 for k in keys) < 24   # a quarter from the first
+    assert load_checkpoint(tmp_path / "run")["datasets"] == [str(p) for p in parts]
+    assert summary["steps"] == 6
+    other = tmp_path / "other"
+    import shutil
+    shutil.copytree(parts[1], other)
+    (other / "dataset.json").write_text((other / "dataset.json").read_text().replace('"text_slot": 12', '"text_slot": 16'))
+    with pytest.raises(ValueError, match="one token space"):
+        train([str(parts[0]), str(other)], tmp_path / "run2", config, log=None)

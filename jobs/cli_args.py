@@ -306,8 +306,8 @@ def add_sampling_flags(s) -> None:
         "sample N videos per caption and keep the one the model says the caption explains best: "
         "log p(video | caption) - log p(video | empty caption)", SamplingConfig, "candidates"))
     s.add_argument("--image-run", metavar="RUN",
-                   help="draw frame 0 with this run's image phase (the image-phase run RUN started from), "
-                        "for a sequential run whose base channel drifted (docs/model.md)")
+                   help="draw frame 0 with this run's image phase (default: the image-phase run RUN started "
+                        "from with --init-from, if any; 'none': RUN's own base channel; docs/model.md)")
 
 
 def add_sample(sub) -> None:

@@ -47,7 +47,7 @@ def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: 
     import torch
 
     from clipforge.model.run_folder import local_run
-    from clipforge.model.sample import load_companion, load_run
+    from clipforge.model.sample import frame0_run, load_companion, load_run
     from clipforge.model.distributed import default_device
     from clipforge.pipeline.video.pictures import contact_sheet, write_png
 
@@ -76,6 +76,7 @@ def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: 
 
     device = torch.device(device or default_device())
     ckpt, model, text, image = load_run(run, device)
+    image_run = frame0_run(ckpt, image_run)
     frame0_model = load_companion(image_run, model, run, device)[0] if image_run else None
     cfg = model.config
     span = (ckpt.get("spans") or {}).get("sequential", (ckpt.get("spans") or {}).get("all"))

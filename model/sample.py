@@ -70,6 +70,23 @@ def load_companion(other_run, model, run, device):
     return other, ckpt.get("phases", [ckpt["phase"]])
 
 
+def frame0_run(ckpt: dict, image_run) -> str | None:
+    """The run whose image phase draws frame 0: `image_run` when given ("none" or False: the run's own
+    base channel); by default the image-phase run a later phase started from (`init_from`), which drew
+    frame 0 better than a base channel that kept training on frames 1.. (docs/model.md, the recipe)."""
+    if image_run is False or (isinstance(image_run, str) and image_run.lower() == "none"):
+        return None
+    if image_run is not None:
+        return str(image_run)
+    init = (ckpt.get("train_config") or {}).get("init_from")
+    if not init or ckpt.get("phase") == "image":
+        return None
+    try:
+        return str(init) if load_checkpoint(init).get("phase") == "image" else None
+    except (OSError, ValueError):   # the run it started from is gone: the run's own base channel
+        return None
+
+
 def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike, seed: int = SAMPLING.seed,
            guidance: float = SAMPLING.guidance, temperature: float = SAMPLING.temperature,
            top_k: int | None = SAMPLING.top_k, frames_out: int | None = None, fps: float | None = None,
@@ -81,8 +98,9 @@ def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike,
     span: the time-span prefix in seconds (default: the most common span of the run's sequential
     training clips). frames_out: 5 (default), 9, 17 or 33 with an interpolation-trained model. fps: default
     real time, (frames - 1) / span. candidates: draw that many and keep the one the caption explains
-    best (CogVideo.caption_scores). image_run: draw frame 0 with that run's image phase (the image-phase
-    run this one started from). Returns {"out", "frames", "seconds", "tokens", "span", "fps", "rounds"}.
+    best (CogVideo.caption_scores). image_run: draw frame 0 with that run's image phase (default: the
+    image-phase run this one started from, if any; "none": this run's own). Returns {"out", "frames",
+    "seconds", "tokens", "span", "fps", "rounds", ...}.
     """
     t0 = time.time()
     run = local_run(run_dir)   # a run on object storage: its latest checkpoint and tokenizers, pulled
@@ -114,6 +132,7 @@ def sample(run_dir: str | os.PathLike, prompt: str, out_path: str | os.PathLike,
     kw = dict(guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
     cond, null, prompt_cut = slots(span)   # prompt_cut: the words past the slot are not seen
     use_null = null if guidance != 1.0 else None
+    image_run = frame0_run(ckpt, image_run)
     frame0_model = load_companion(image_run, model, run, device)[0] if image_run is not None else None
     codes = model.generate(cond, use_null, candidates=candidates, frame0_model=frame0_model, **kw)  # (frames, h, w)
     for r in range(rounds):

@@ -140,6 +140,12 @@ def test_interpolation_stage_from_image_stage_run(run, model_dataset, tmp_path):
     # frame 0 from the image-phase run, frames 1.. from the sequential run
     mixed = sample(run[0], "a red circle moves right", tmp_path / "mixed.mp4", image_run=image_run, candidates=2)
     assert mixed["frames"] == 5 and mixed["image_run"] == str(image_run)
+    # a sequential run started from the image-phase run draws frame 0 with it unless told otherwise
+    seq_run = tmp_path / "seq"
+    train(model_dataset, seq_run, TrainConfig(phase="sequential", steps=2, init_from=str(image_run), **small), log=None)
+    assert sample(seq_run, "a red circle", tmp_path / "a.mp4", candidates=1)["image_run"] == str(image_run)
+    assert sample(seq_run, "a red circle", tmp_path / "b.mp4", candidates=1, image_run="none")["image_run"] is None
+    assert sample(run[0], "a red circle", tmp_path / "c.mp4", candidates=1)["image_run"] is None   # a fresh run
 
 
 def test_dropout_given_with_init_from_replaces_the_image_runs(model_dataset, tmp_path):

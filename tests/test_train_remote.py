@@ -37,19 +37,22 @@ def _keys(run: str) -> list[tuple[int, str]]:
 def test_train_on_s3_killed_and_resumed_from_s3(s3_server, corpus, image_tokenizer, text_tokenizer, tmp_path,
                                                 monkeypatch):
     monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path / "cache"))
+    # the S3 server's buckets live as long as the test process: a prefix of this test's own
+    top = f"s3://datasets/{tmp_path.name}"
+    key = tmp_path.name
     config = clipforge.BuildConfig(clips=clipforge.ClipConfig(size=64), inputs_per_shard=2, text_slot=24,
                                    runner="local")
-    info = clipforge.build(str(corpus), "s3://datasets/ds", str(image_tokenizer), str(text_tokenizer), config,
+    info = clipforge.build(str(corpus), f"{top}/ds", str(image_tokenizer), str(text_tokenizer), config,
                            progress=False, log=lambda *_: None)
     assert info["funnel"]["samples"] > 4
     for name in ("config.json", "weights.pt"):
-        _upload(s3_server, image_tokenizer / name, f"tok/image/{name}")
-    _upload(s3_server, text_tokenizer, "tok/text.model")
+        _upload(s3_server, image_tokenizer / name, f"{key}/tok/image/{name}")
+    _upload(s3_server, text_tokenizer, f"{key}/tok/text.model")
     cfg = dict(phase="sequential", steps=8, batch_size=4, lr=3e-3, n_layer=1, n_head=2, n_embd=32, dropout=0.1,
                cond_drop=0.3, open_shards=2, eval_interval=100, eval_batches=1, ckpt_interval=3, log_interval=1,
                warmup_steps=2, keep_checkpoints=2, holdout=0.0, seed=3, record_keys=True,
-               image_tokenizer="s3://datasets/tok/image", text_tokenizer="s3://datasets/tok/text.model")
-    full = train("s3://datasets/ds", "s3://datasets/runs/full", TrainConfig(**cfg), log=None)
+               image_tokenizer=f"{top}/tok/image", text_tokenizer=f"{top}/tok/text.model")
+    full = train(f"{top}/ds", f"{top}/runs/full", TrainConfig(**cfg), log=None)
     assert full["samples_decoded"] == 8 * 4
 
     def crash_after_step_5(msg):
@@ -57,22 +60,22 @@ def test_train_on_s3_killed_and_resumed_from_s3(s3_server, corpus, image_tokeniz
             raise Crash
 
     with pytest.raises(Crash):
-        train("s3://datasets/ds", "s3://datasets/runs/cut", TrainConfig(**cfg), log=crash_after_step_5)
-    cut = Location("s3://datasets/runs/cut")
+        train(f"{top}/ds", f"{top}/runs/cut", TrainConfig(**cfg), log=crash_after_step_5)
+    cut = Location(f"{top}/runs/cut")
     assert cut.read_text("latest.json").count('"step": 3') == 1
     assert sorted(cut.list(suffix=".pt")) == ["ckpt_000003.pt"]
     shutil.rmtree(tmp_path / "cache")   # a new machine: nothing of the killed run is left locally
 
-    resumed = train("s3://datasets/ds", "s3://datasets/runs/cut", TrainConfig(), log=None, resume=True)
+    resumed = train(f"{top}/ds", f"{top}/runs/cut", TrainConfig(), log=None, resume=True)
     assert resumed["resumed_from"] == 3 and resumed["steps"] == 8
     assert resumed["samples_decoded"] == (8 - 3) * 4   # nothing before the checkpoint's position was read
-    a, b = load_checkpoint("s3://datasets/runs/full"), load_checkpoint("s3://datasets/runs/cut")
+    a, b = load_checkpoint(f"{top}/runs/full"), load_checkpoint(f"{top}/runs/cut")
     assert a["step"] == b["step"] == 8
     for name, value in a["model"].items():
         assert torch.equal(value, b["model"][name]), name
-    assert _keys("s3://datasets/runs/cut") == _keys("s3://datasets/runs/full")
+    assert _keys(f"{top}/runs/cut") == _keys(f"{top}/runs/full")
     assert sorted(cut.list(suffix=".pt")) == ["ckpt_000006.pt", "ckpt_000008.pt"]   # --keep-last 2
-    video = clipforge.sample("s3://datasets/runs/cut", "a red circle moves to the right", tmp_path / "v.gif",
+    video = clipforge.sample(f"{top}/runs/cut", "a red circle moves to the right", tmp_path / "v.gif",
                              clipforge.SamplingConfig(candidates=1))
     assert video["frames"] == 5 and (tmp_path / "v.gif").stat().st_size > 0
 
@@ -82,14 +85,15 @@ def test_a_remote_run_is_never_mixed_with_another(s3_server, tmp_path, monkeypat
     from clipforge.model.run_folder import RunFolder
 
     monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path / "cache"))
+    key = tmp_path.name
     theirs = tmp_path / "notes.txt"
     theirs.write_text("mine")
-    _upload(s3_server, theirs, "theirs/notes.txt")
+    _upload(s3_server, theirs, f"{key}/theirs/notes.txt")
     with pytest.raises(FileExistsError, match="not a training run"):
-        RunFolder("s3://datasets/theirs").claim(overwrite=True)
-    assert Location("s3://datasets/theirs").read_text("notes.txt") == "mine"
-    _upload(s3_server, theirs, "ours/latest.json")
+        RunFolder(f"s3://datasets/{key}/theirs").claim(overwrite=True)
+    assert Location(f"s3://datasets/{key}/theirs").read_text("notes.txt") == "mine"
+    _upload(s3_server, theirs, f"{key}/ours/latest.json")
     with pytest.raises(FileExistsError, match="--resume"):
-        RunFolder("s3://datasets/ours").claim(overwrite=False)
-    RunFolder("s3://datasets/ours").claim(overwrite=True)
-    assert Location("s3://datasets/ours").walk() == []
+        RunFolder(f"s3://datasets/{key}/ours").claim(overwrite=False)
+    RunFolder(f"s3://datasets/{key}/ours").claim(overwrite=True)
+    assert Location(f"s3://datasets/{key}/ours").walk() == []

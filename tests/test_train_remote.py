@@ -75,6 +75,8 @@ def test_train_on_s3_killed_and_resumed_from_s3(s3_server, corpus, image_tokeniz
         assert torch.equal(value, b["model"][name]), name
     assert _keys(f"{top}/runs/cut") == _keys(f"{top}/runs/full")
     assert sorted(cut.list(suffix=".pt")) == ["ckpt_000006.pt", "ckpt_000008.pt"]   # --keep-last 2
+    report = clipforge.audit(f"{top}/ds", str(tmp_path / "audit"))   # the dataset's captions, read on s3://
+    assert report["rows"] == info["funnel"]["samples"], report
     video = clipforge.sample(f"{top}/runs/cut", "a red circle moves to the right", tmp_path / "v.gif",
                              clipforge.SamplingConfig(candidates=1))
     assert video["frames"] == 5 and (tmp_path / "v.gif").stat().st_size > 0

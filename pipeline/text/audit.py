@@ -120,7 +120,8 @@ def audit(in_path, out_dir, text_tokenizer_path=None, slot: int = 64, chunk_rows
     from clipforge.pipeline.text.report import render_report
 
     started = time.time()
-    in_path, out_dir = Path(in_path), Path(out_dir)
+    in_path = str(in_path) if "://" in str(in_path) else Path(in_path)   # a dataset or manifest on s3:// stays a URL
+    out_dir = Path(out_dir)
     kind = "dataset" if table_format(in_path) == "dataset" else "manifest"
     out_dir.mkdir(parents=True, exist_ok=True)
     tok_path = str(Path(text_tokenizer_path).resolve()) if text_tokenizer_path else None
@@ -185,7 +186,7 @@ class _AuditTotals:
         self.cut_examples.extend(res["cut_after_prefix_examples"][:EXAMPLES - len(self.cut_examples)])
 
 
-def _slice_tasks(in_path: Path, chunk_rows: int, caption_col, meta: dict, settings: dict) -> Iterator[dict]:
+def _slice_tasks(in_path, chunk_rows: int, caption_col, meta: dict, settings: dict) -> Iterator[dict]:
     """Pass 1's units of work in row order: the raw captions (and ids) of SLICE_ROWS rows each, plus
     `settings`. `meta` gets the caption and id columns found."""
     wanted = set(CAPTION_COLUMNS) | set(ID_COLUMNS) | ({caption_col} if caption_col else set())

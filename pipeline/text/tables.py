@@ -54,6 +54,11 @@ def table_format(path, must_exist: bool = True) -> str:
     path = str(path) if url else Path(path)
     if not url and path.is_dir():
         return "dataset"
+    if url and Path(str(path)).suffix.lower() not in _FORMATS:
+        from clipforge.pipeline.storage.fs import Location
+
+        if Location(str(path)).exists("dataset.json"):   # a built dataset on object storage
+            return "dataset"
     if must_exist and not url and not path.exists():   # say what is wrong, not what the name's extension looks like
         raise ClipforgeError(f"{path}: no such file or directory")
     suffix = Path(path).suffix
@@ -80,14 +85,19 @@ def _sniff_sep(path: Path) -> str:
     return best if counts[best] else ","
 
 
-def _dataset_files(path: Path) -> list[Path]:
+def _dataset_files(path) -> list:
     """A built dataset's index parts named by its shards' commit records (never a stale attempt's), or
     a plain folder of Parquet files."""
     from clipforge.pipeline.storage.shards import read_records
 
     records = read_records(path, None)
-    files = [path / r["files"]["index"]["name"] for r in records] or sorted((path / "index").glob("*.parquet")) \
-        or sorted(path.glob("*.parquet"))   # a dataset without records, or a plain folder of Parquet files
+    if _is_url(path):
+        from clipforge.pipeline.storage.fs import Location
+
+        files = [Location(str(path)).child_url(r["files"]["index"]["name"]) for r in records]
+    else:
+        files = [path / r["files"]["index"]["name"] for r in records] or sorted((path / "index").glob("*.parquet")) \
+            or sorted(path.glob("*.parquet"))   # a dataset without records, or a plain folder of Parquet files
     if not files:
         raise ClipforgeError(f"{path}: a directory without index/*.parquet (not a built dataset)")
     return files

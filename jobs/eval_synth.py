@@ -37,13 +37,26 @@ def train_manifest_of(run: Path) -> str | None:
     return DatasetInfo.read(dataset, validate=False).manifest
 
 
+def good_rows(manifest: str, limit: int | None = None):
+    """The rows of a synthetic corpus's manifest that have a video (not `broken`), with their ground truth."""
+    import pandas as pd
+
+    rows = pd.read_parquet(manifest)
+    missing = [c for c in ("caption", *ATTRIBUTES) if c not in rows.columns]
+    if missing:
+        raise ClipforgeError(f"{manifest}: no ground truth columns {missing} (write it with `clipforge synth`)")
+    if "broken" in rows.columns:
+        rows = rows[~rows["broken"].astype(bool)]
+    rows = rows.reset_index(drop=True)
+    return rows.iloc[:limit] if limit else rows
+
+
 def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: int | None = None,
                seed: int = SAMPLING.seed, guidance: float = SAMPLING.guidance,
                temperature: float = SAMPLING.temperature, top_k: int | None = SAMPLING.top_k,
                train_manifest: str | None = None, device: str | None = None, batch: int = 16,
                ceiling: bool = True, top_p: float | None = SAMPLING.top_p, candidates: int = SAMPLING.candidates,
                image_run: str | None = None, log=print) -> dict:
-    import pandas as pd
     import torch
 
     from clipforge.model.run_folder import local_run
@@ -56,21 +69,11 @@ def eval_synth(run_dir: str, held_manifest: str, out: str | None = None, limit: 
     run = local_run(run_dir)
     out_dir = Path(out) if out else run / "eval-synth"
     out_dir.mkdir(parents=True, exist_ok=True)
-    held = pd.read_parquet(held_manifest)
-    missing = [c for c in ("caption", *ATTRIBUTES) if c not in held.columns]
-    if missing:
-        raise ClipforgeError(f"{held_manifest}: no ground truth columns {missing} (write it with `clipforge synth`)")
-    if "broken" in held.columns:
-        held = held[~held["broken"].astype(bool)]
-    held = held.reset_index(drop=True)
-    if limit:
-        held = held.iloc[:limit]
+    held = good_rows(held_manifest, limit)
     train_manifest = train_manifest or train_manifest_of(run)
     if not train_manifest:
         raise ClipforgeError(f"{run}: cannot tell which manifest it trained on; pass --train-manifest")
-    trained = pd.read_parquet(train_manifest)
-    if "broken" in trained.columns:
-        trained = trained[~trained["broken"].astype(bool)]
+    trained = good_rows(train_manifest)
     seen = set(zip(*(trained[a] for a in ATTRIBUTES)))
     leaked = set(held["caption"]) & set(trained["caption"])
 

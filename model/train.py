@@ -1,5 +1,8 @@
 """Train the CogVideo-style model on a built dataset: one explicit loop, like nanoGPT's train.py.
 
+(One file over 400 lines on purpose: the whole training run, read top to bottom as nanoGPT's train.py is;
+where a run starts is model/start.py, the optimizer model/optim.py, the data model/data.py.)
+
     train(DATASET, RUN, TrainConfig(phase="sequential", steps=2000, max_minutes=3))
     train(DATASET, RUN, resume=True)          # continue a killed run from its latest checkpoint
     torchrun --nproc_per_node=N -m clipforge.jobs.cli train DATASET --out RUN ...   # data parallel

@@ -34,6 +34,7 @@ bench: venv
 	$(PY) bench/shards.py
 	$(PY) bench/build.py
 	$(PY) bench/scale.py
+	$(PY) bench/task_memory.py
 	$(PY) bench/tokenize.py
 
 clean:

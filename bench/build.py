@@ -79,11 +79,23 @@ def stages_alone(manifest: Path, image: Path, text: Path, config) -> dict:
             "tokenize_alone_s": round(tokenize_s, 3), "tokenize_alone_videos_per_s": round(len(rows) / tokenize_s, 2)}
 
 
+BENCH_MARKER = ".clipforge-bench-build"   # in --dir: the folder is this benchmark's, its datasets may be replaced
+
+
+def bench_folder(work: Path) -> Path:
+    """--dir, new or empty or one this benchmark made before (its marker); never a user's folder."""
+    if work.exists() and any(work.iterdir()) and not (work / BENCH_MARKER).exists():
+        raise SystemExit(f"{work} is not empty and not a folder bench/build.py made: pick another --dir")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / BENCH_MARKER).write_text("made by bench/build.py: a rerun replaces its datasets here\n")
+    return work
+
+
 def run_build(manifest: Path, image: Path, text: Path, config, out: Path) -> dict:
     from clipforge.jobs.build import build
 
-    if out.exists():   # only a dataset this benchmark built (under --dir) is replaced, never other files
-        if not (out / "dataset.json").exists():
+    if out.exists():   # only a dataset this benchmark built (in its own --dir) is replaced, never other files
+        if not (out / "dataset.json").exists() or not (out.parent / BENCH_MARKER).exists():
             raise SystemExit(f"{out} exists and is not a dataset this benchmark built: pick another --dir")
         shutil.rmtree(out)
     t = time.perf_counter()
@@ -103,8 +115,7 @@ def main() -> None:
     a = parser.parse_args()
     from clipforge.jobs.build import BuildConfig, with_overrides
 
-    work = Path(a.dir)
-    work.mkdir(parents=True, exist_ok=True)
+    work = bench_folder(Path(a.dir))
     manifest, image, text = prepare(work, a.videos)
     config = with_overrides(BuildConfig(), size=64, text_slot=24, inputs_per_shard=16)
     alone = stages_alone(manifest, image, text, config)

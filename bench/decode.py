@@ -24,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clipforge.pipeline.video.clips import ClipConfig  # noqa: E402
-from clipforge.pipeline.video.decode import (ClockMismatch, DecodeFailure, PyAVReader, decode_video,  # noqa: E402
+from clipforge.pipeline.video.admit import DecodeFailure  # noqa: E402
+from clipforge.pipeline.video.decode import (ClockMismatch, PyAVReader, decode_video,  # noqa: E402
                                              demux_timeline, probe)
 
 VIDEO_EXT = {".mp4", ".mkv", ".mov", ".webm", ".avi", ".ogg", ".mpg", ".mpeg", ".flv"}

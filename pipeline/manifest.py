@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from clipforge.pipeline.schema import OK, make_key, mark_error, video_id_for
-from clipforge.pipeline.storage.fetch import redact_url
+from clipforge.pipeline.storage.redact import redact_url
 from clipforge.pipeline.storage.fs import is_url, open_url
 from clipforge.pipeline.text.tables import iter_table, read_table, table_format
 from clipforge.pipeline.errors import ClipforgeError

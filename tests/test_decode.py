@@ -13,7 +13,7 @@ import pytest
 
 from clipforge.pipeline.video.clips import ClipConfig, orient_and_crop, resize_for_short_side
 from clipforge.pipeline.schema import TRANSIENT
-from clipforge.pipeline.video.decode import DecodeFailure
+from clipforge.pipeline.video.admit import DecodeFailure
 from clipforge.pipeline.video.decode_stage import DecodeVideo
 from clipforge.pipeline.video.isolate import IsolatedCall
 from clipforge.pipeline.manifest import manifest_rows, read_manifest

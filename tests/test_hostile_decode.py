@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from clipforge.pipeline.video.clips import ClipConfig
-from clipforge.pipeline.video.decode import (CONTAINER_ALLOWLIST, DecodeFailure, container_allowed, decode_video, isolated_decoder, open_container)
+from clipforge.pipeline.video.admit import CONTAINER_ALLOWLIST, DecodeFailure, container_allowed, open_container
+from clipforge.pipeline.video.decode import decode_video, isolated_decoder
 from clipforge.pipeline.video.decode_stage import DecodeVideo
 from clipforge.pipeline.video.isolate import IsolatedCall
 

@@ -10,7 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from clipforge.pipeline.schema import REASONS, TRANSIENT
-from clipforge.pipeline.storage.fetch import FetchError, fetch, redact_url
+from clipforge.pipeline.storage.fetch import FetchError, fetch
+from clipforge.pipeline.storage.redact import redact_url
 
 BODY = bytes(range(256)) * 40   # 10 KiB
 

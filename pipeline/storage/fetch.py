@@ -1,4 +1,4 @@
-"""Fetching one remote file (s3://, gs://, http(s)://) to a local path, and redacting URLs.
+"""Fetching one remote file (s3://, gs://, http(s)://) to a local path.
 
 (One file over 400 lines on purpose: every defence against a hostile server is here, so it can be
 audited in one reading.)
@@ -7,7 +7,7 @@ audited in one reading.)
 worst of it: a server may drip bytes forever, lie about (or exceed) its size, end a body early, or
 redirect to the cloud's metadata endpoint or another internal address. Each of these ends in a
 `FetchError` whose reason goes to the ledger, and no message ever shows a URL's credentials
-(`redact_url`, also used wherever a URL is stored).
+(`clipforge.pipeline.storage.redact`).
 """
 from __future__ import annotations
 
@@ -17,27 +17,20 @@ import http.client as http_client
 import ipaddress
 import logging
 import os
-import re
 import socket
 import string
 import threading
 import time
 import urllib.error
 import urllib.request
-from urllib.parse import quote, unquote, unquote_plus, urljoin, urlparse, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urljoin, urlparse, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
 from clipforge.pipeline.errors import InputFailure
 from clipforge.pipeline.storage.fs import READ_ONLY_SCHEMES, filesystem
+from clipforge.pipeline.storage.redact import redact_url, scrub
 
-# Query parameters whose values are credentials (compared case-insensitively): presigned S3 and GCS URLs,
-# Azure SAS (`sig`) and the usual API-key and token names.
-SECRET_QUERY_PARAMS = frozenset(name.lower() for name in (
-    "X-Amz-Signature", "X-Amz-Credential", "X-Amz-Security-Token", "Signature", "sig", "token",
-    "access_token", "key", "apikey", "api_key", "password", "GoogleAccessId", "X-Goog-Signature",
-    "X-Goog-Credential", "X-Goog-Security-Token", "client_secret", "refresh_token", "id_token"))
-REDACTED = "REDACTED"
 MAX_REDIRECTS = 5
 ALLOW_PRIVATE_REDIRECTS_ENV = "CLIPFORGE_ALLOW_PRIVATE_REDIRECTS"
 _HTTP_CHUNK = 64 << 10    # at most this much per socket read, each under the remaining deadline
@@ -47,62 +40,6 @@ _RETRYABLE_HTTP = (408, 425, 429)   # besides 5xx
 _SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")   # carrier NAT; some clouds' metadata live here
 
 log = logging.getLogger(__name__)
-
-
-def _redact_params(text: str) -> str:
-    if not text or "=" not in text:
-        return text
-    pieces = []
-    for piece in text.split("&"):
-        name, sep, _value = piece.partition("=")
-        if sep and unquote_plus(name).strip().lower() in SECRET_QUERY_PARAMS:
-            piece = f"{name}={REDACTED}"
-        pieces.append(piece)
-    return "&".join(pieces)
-
-
-def redact_url(url: str) -> str:
-    """`url` fit to print: userinfo (`user:password@`) removed and the values of query (and fragment)
-    parameters that carry credentials (`SECRET_QUERY_PARAMS`) replaced by "REDACTED". A plain path comes
-    back unchanged; a URL too malformed to parse is still cleaned, by pattern."""
-    text = str(url)
-    if "://" not in text:
-        return text
-    try:
-        parts = urlsplit(text)
-        netloc = parts.netloc.rpartition("@")[2]
-        return urlunsplit((parts.scheme, netloc, parts.path, _redact_params(parts.query),
-                           _redact_params(parts.fragment)))
-    except ValueError:   # e.g. an unbalanced "[" in the host: fall back to patterns
-        text = re.sub(r"(://)[^/?#]*@", r"\1", text)
-        return re.sub(r"([?&#;])([^=&#;]+)=([^&#;]*)",
-                      lambda m: f"{m[1]}{m[2]}={REDACTED}" if unquote_plus(m[2]).strip().lower()
-                      in SECRET_QUERY_PARAMS else m[0], text)
-
-
-def _secrets_of(url: str) -> list[str]:
-    """The raw URL and the secret strings inside it, longest first (for scrubbing exception texts)."""
-    found = {url}
-    try:
-        parts = urlsplit(url)
-        if parts.password:
-            found.update({parts.password, unquote(parts.password)})
-        for text in (parts.query, parts.fragment):
-            for piece in text.split("&"):
-                name, sep, value = piece.partition("=")
-                if sep and value and unquote_plus(name).strip().lower() in SECRET_QUERY_PARAMS:
-                    found.update({value, unquote_plus(value)})
-    except ValueError:
-        pass
-    return sorted((s for s in found if len(s) >= 4), key=len, reverse=True)
-
-
-def _scrub(text: str, url: str) -> str:
-    """An exception's text with the URL and its secrets taken out (http.client quotes a bad selector,
-    pyarrow quotes paths...)."""
-    for secret in _secrets_of(url):
-        text = text.replace(secret, redact_url(url) if secret == url else REDACTED)
-    return text
 
 
 class FetchError(InputFailure):
@@ -347,7 +284,7 @@ def _open_http(url: str, deadline: _Deadline, allow_private: bool, max_redirects
         except (ValueError, http_client.InvalidURL) as err:   # a space, a bad port: the URL is unusable
             if hops == 0:
                 raise FetchError("bad_manifest_row", f"{redact_url(url)}: not a usable URL "
-                                                     f"({_scrub(str(err), url)})") from None
+                                                     f"({scrub(str(err), url)})") from None
             raise _Refused("a redirect to an unusable URL") from None
 
 
@@ -480,15 +417,15 @@ def fetch(url: str, dest: str, max_bytes: int = 4 << 30, timeout_s: float = 120.
                 done = True
                 return size
             except _Refused as err:
-                raise FetchError("fetch_refused", f"{shown}: refused {_scrub(str(err), url)}") from None
+                raise FetchError("fetch_refused", f"{shown}: refused {scrub(str(err), url)}") from None
             except (ValueError, http_client.InvalidURL) as err:
                 if not over_http:
                     raise
-                raise FetchError("bad_manifest_row", f"{shown}: not a usable URL ({_scrub(str(err), url)})") from None
+                raise FetchError("bad_manifest_row", f"{shown}: not a usable URL ({scrub(str(err), url)})") from None
             except (OSError, http_client.HTTPException, _Transient) as err:
                 if deadline.expired():
                     raise FetchError("fetch_error", f"{shown}: took longer than {timeout_s:g} s") from None
-                last = _scrub(str(err) if isinstance(err, _Transient) else f"{type(err).__name__}: {err}", url)
+                last = scrub(str(err) if isinstance(err, _Transient) else f"{type(err).__name__}: {err}", url)
                 log.debug("fetch %s: attempt %d of %d failed: %s", shown, attempt + 1, attempts, last)
             finally:
                 deadline.release()

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from clipforge.pipeline.storage.fetch import redact_url
+from clipforge.pipeline.storage.redact import redact_url
 
 REQUIRED_MEMBERS = ("json", "txt", "vtok.npy", "ttok.npy")
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from clipforge.pipeline.schema import TRANSIENT, is_ok
 from clipforge.pipeline.storage.commits import CommitLog, parallel_map, shard_name, write_attempt
 from clipforge.pipeline.storage.dataset import DatasetInfo
-from clipforge.pipeline.storage.fetch import redact_url
+from clipforge.pipeline.storage.redact import redact_url
 from clipforge.pipeline.storage.fs import Location, as_location
 from clipforge.pipeline.storage.samples import encode_sample, sample_metadata
 from clipforge.pipeline.storage.tarwriter import FastTarWriter
@@ -158,7 +158,7 @@ def shard_urls(dataset, split: str | None = "train") -> list[str]:
 
 
 def _redacted(source):
-    """A stored URL never carries credentials or signatures (`fetch.redact_url`)."""
+    """A stored URL never carries credentials or signatures (`redact.redact_url`)."""
     return redact_url(source) if isinstance(source, str) else source
 
 

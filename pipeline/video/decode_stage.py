@@ -16,8 +16,8 @@ from clipforge.pipeline.stages import Stage
 from clipforge.pipeline.storage.fetch import FetchError, fetch
 from clipforge.pipeline.storage.fs import is_remote as is_remote_video
 from clipforge.pipeline.video.clips import ClipConfig
-from clipforge.pipeline.video.decode import (STAGE, VIDEO_EXTENSIONS, DecodeFailure, decode_video,
-                                             isolated_decoder)
+from clipforge.pipeline.video.admit import VIDEO_EXTENSIONS, DecodeFailure
+from clipforge.pipeline.video.decode import STAGE, decode_video, isolated_decoder
 
 FETCH_PREFIX = "clipforge-fetch-"   # + the fetching process's pid: a folder whose process is gone is stale
 

@@ -17,16 +17,21 @@ from clipforge.jobs.config_file import find_config_path, leaf_parser, load_confi
 USER_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG}
 
 
-def given(a, **names) -> dict:
-    """{field: value} of the flags the user gave (not None); `names` maps a field to its flag's dest."""
-    return {field: getattr(a, dest) for field, dest in names.items() if getattr(a, dest) is not None}
+def given(a, *same, **names) -> dict:
+    """{field: value} of the flags the user gave (not None): `same` are fields named as their flag's dest,
+    `names` maps a field to its flag's dest."""
+    pairs = {**{field: field for field in same}, **names}
+    return {field: getattr(a, dest) for field, dest in pairs.items() if getattr(a, dest) is not None}
+
+
+CLIP_FLAGS = ("size", "frames", "mode", "trim")                       # ClipConfig fields, same-named flags
+SAMPLING_FLAGS = ("seed", "guidance", "temperature", "top_k", "top_p", "candidates")   # SamplingConfig's
 
 
 def _cmd_synth(a):
     from clipforge.pipeline.video.synth import SynthConfig, parse_combinations, parse_sizes, write_synthetic_corpus
 
-    config = SynthConfig(**given(a, videos="videos", seed="seed", max_seconds="max_seconds", dirty_captions="dirty",
-                                 broken="broken", cross_band="cross_band"),
+    config = SynthConfig(**given(a, "videos", "seed", "max_seconds", "broken", "cross_band", dirty_captions="dirty"),
                          **({"sizes": parse_sizes(a.sizes)} if a.sizes else {}),
                          leave_out=parse_combinations(a.leave_out or ""), only=parse_combinations(a.only or ""))
     path = write_synthetic_corpus(a.out, config)
@@ -36,7 +41,7 @@ def _cmd_synth(a):
 def _cmd_clips(a):
     from clipforge.jobs.clips import plan_video
 
-    result = plan_video(a.video, out=a.out, **given(a, size="size", frames="frames", mode="mode", trim="trim"))
+    result = plan_video(a.video, out=a.out, **given(a, *CLIP_FLAGS))
     print(json.dumps(result, indent=2))
     if result["failure"]:
         sys.exit(1)
@@ -84,8 +89,7 @@ def _cmd_build(a):
     from clipforge.jobs.cli_args import BUILD_FLAGS
 
     config = with_overrides(BuildConfig(), rates=_floats(a.rates), endpoint=a.endpoint,
-                            **given(a, size="size", frames="frames", mode="mode", trim="trim", max_span="max_span",
-                                    seed="seed"),
+                            **given(a, *CLIP_FLAGS, "max_span", "seed"),
                             **given(a, **{name: flag[2:].replace("-", "_") for flag, name, _, _ in BUILD_FLAGS}))
     info = build(a.manifest, a.out, a.image_tokenizer, a.text_tokenizer, config, address=a.address,
                  resume=a.resume, retry_failed=a.retry_failed, take_over=a.take_over, progress=not a.quiet)
@@ -98,8 +102,7 @@ def _cmd_reshard(a):
     from clipforge.jobs.reshard import ReshardConfig, reshard
 
     config = ReshardConfig(bytes_per_shard=a.bytes_per_shard, shuffle_seed=a.shuffle_seed, filter=a.filter,
-                           **given(a, samples_per_shard="samples_per_shard", val_fraction="val_fraction",
-                                   val_seed="val_seed"))
+                           **given(a, "samples_per_shard", "val_fraction", "val_seed"))
     print(json.dumps(reshard(a.inputs, a.output, config, progress=not a.quiet, address=a.address,
                              endpoint=a.endpoint, resume=a.resume, take_over=a.take_over), indent=2))
 
@@ -121,7 +124,7 @@ def _cmd_estimate(a):
     from clipforge.jobs.estimate import estimate
     from clipforge.pipeline.video.clips import ClipConfig
 
-    clips = ClipConfig(**given(a, size="size", frames="frames", mode="mode", trim="trim"))
+    clips = ClipConfig(**given(a, *CLIP_FLAGS))
     print(json.dumps(estimate(a.manifest, sample=a.sample, seed=a.seed, clips=clips,
                               image_tokenizer=a.image_tokenizer, text_tokenizer=a.text_tokenizer,
                               workers=a.workers, gpus=a.gpus, cost_per_core_hour=a.cost_per_core_hour,
@@ -146,21 +149,15 @@ def _cmd_train(a):
     from clipforge.model.config import TrainConfig
     from clipforge.model.train import train
 
-    names = {flag[2:].replace("-", "_"): flag[2:].replace("-", "_") for flag, _, _ in TRAIN_FLAGS}
-    config = TrainConfig(**given(a, phase="phase", init_from="init_from", grid_rope="grid_rope",
-                                 joint_image="joint_image", keep_checkpoints="keep_checkpoints", **names),
+    config = TrainConfig(**given(a, "phase", "init_from", "grid_rope", "joint_image", "keep_checkpoints",
+                                 *(flag[2:].replace("-", "_") for flag, _, _ in TRAIN_FLAGS)),
                          **({"weights": list(_floats(a.weights))} if a.weights else {}),
                          **({"freeze_base": False} if a.train_base else {}),
                          **({"clip_modes": a.clip_modes.split(",")} if a.clip_modes else {}),
                          amp=not a.fp32, record_keys=a.record_keys)
-    summary = train(a.dataset if len(a.dataset) > 1 else a.dataset[0], a.out, config, resume=a.resume,
-                    overwrite=a.overwrite)
+    summary = train(a.dataset, a.out, config, resume=a.resume, overwrite=a.overwrite)
     if summary.get("world_size", 1) == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, default=str))
-
-
-SAMPLING_FLAGS = {"seed": "seed", "guidance": "guidance", "temperature": "temperature", "top_k": "top_k",
-                  "top_p": "top_p", "candidates": "candidates"}
 
 
 def _cmd_eval_synth(a):
@@ -168,7 +165,7 @@ def _cmd_eval_synth(a):
 
     result = eval_synth(a.run, a.held_manifest, out=a.out, limit=a.limit, image_run=a.image_run,
                         train_manifest=a.train_manifest, device=a.device, log=lambda msg: print(msg, file=sys.stderr),
-                        **given(a, **SAMPLING_FLAGS))
+                        **given(a, *SAMPLING_FLAGS))
     print(json.dumps(result["scores"], indent=2))
 
 
@@ -176,7 +173,7 @@ def _cmd_sample(a):
     from clipforge.model.sample import sample
 
     print(json.dumps(sample(a.run, a.prompt, a.out, frames_out=a.frames_out, fps=a.fps, interp_run=a.interp_run,
-                            image_run=a.image_run, **given(a, **SAMPLING_FLAGS)),
+                            image_run=a.image_run, **given(a, *SAMPLING_FLAGS)),
                      default=str))
 
 

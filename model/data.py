@@ -159,6 +159,11 @@ def unit_float(*parts) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
+def parsed_positions(positions: dict) -> dict[int, dict]:
+    """{reader: position} from a checkpoint's {reader: JSON string} (or already parsed positions)."""
+    return {int(r): json.loads(p) if isinstance(p, str) else dict(p) for r, p in positions.items()}
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """Iterates (tokens, targets, key, position) over shards; `repeat` loops over epochs.
 
@@ -199,7 +204,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def resume_from(self, positions: dict) -> None:
         """Continue each reader from its position ({reader: position}, as the stream gave them); readers
         without one start at the beginning. Call before the DataLoader starts its workers."""
-        self.start = {int(r): json.loads(p) if isinstance(p, str) else dict(p) for r, p in positions.items()}
+        self.start = parsed_positions(positions)
 
     def _reader(self) -> tuple[int, int]:
         """(reader, readers) of this rank and DataLoader worker."""
@@ -352,7 +357,7 @@ class MixtureStream(torch.utils.data.IterableDataset):
         return [k for s in self.streams for k in s.decoded_keys]
 
     def resume_from(self, positions: dict) -> None:
-        self.start = {int(r): json.loads(p) if isinstance(p, str) else dict(p) for r, p in positions.items()}
+        self.start = parsed_positions(positions)
         for i, stream in enumerate(self.streams):
             stream.resume_from({r: p["parts"][str(i)] for r, p in self.start.items() if str(i) in p["parts"]})
 

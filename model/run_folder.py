@@ -45,14 +45,7 @@ class RunFolder:
         if not self.remote:
             claim_local(self.local, overwrite)
             return
-        names = {n.split("/", 1)[0] for n in self.store.walk()}
-        others = sorted(n for n in names if not is_run_file(n))
-        if others:
-            raise FileExistsError(f"{self.url} holds files that are not a training run's ({', '.join(others[:3])}): "
-                                  f"pick a new --out")
-        if names and not overwrite:
-            raise FileExistsError(f"{self.url} already holds a training run: pass --resume to continue it, or "
-                                  f"--overwrite to replace it")
+        check_claim(self.url, {n.split("/", 1)[0] for n in self.store.walk()}, overwrite)
         self.store.delete("latest.json")   # first: no reader may find a record whose checkpoint is gone
         for name in self.store.walk():
             self.store.delete(name)
@@ -104,18 +97,23 @@ class RunFolder:
             self.store.write_bytes(name, (self.local / name).read_bytes())
 
 
-def claim_local(run: Path, overwrite: bool) -> None:
-    if not run.exists() or not any(run.iterdir()):
-        return
-    ours = [p for p in run.iterdir() if is_run_file(p.name)]
-    others = sorted(p.name for p in run.iterdir() if p not in ours)
+def check_claim(where: str, names: set[str], overwrite: bool) -> None:
+    """Refuse a folder (its top-level `names`) that holds anything but a run's files, or a run unless
+    `overwrite`."""
+    others = sorted(n for n in names if not is_run_file(n))
     if others:
-        raise FileExistsError(f"{run} holds files that are not a training run's ({', '.join(others[:3])}): "
+        raise FileExistsError(f"{where} holds files that are not a training run's ({', '.join(others[:3])}): "
                               f"pick a new --out")
-    if not overwrite:
-        raise FileExistsError(f"{run} already holds a training run: pass --resume to continue it, or "
+    if names and not overwrite:
+        raise FileExistsError(f"{where} already holds a training run: pass --resume to continue it, or "
                               f"--overwrite to replace it")
-    for p in ours:
+
+
+def claim_local(run: Path, overwrite: bool) -> None:
+    if not run.exists():
+        return
+    check_claim(str(run), {p.name for p in run.iterdir()}, overwrite)
+    for p in run.iterdir():   # only a run's own files are left here
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 

@@ -64,7 +64,8 @@ class TrainingRun:
 
     def __init__(self, datasets: list, folder: RunFolder, config: TrainConfig, state: dict | None, log):
         self.datasets, self.folder, self.run = datasets, folder, folder.local
-        self.config, self.state = config, state
+        # the checkpoint itself is not kept: its weights and optimizer state are copied in, then freed
+        self.config, self.resumed = config, state is not None
         run = self.run
         self.rank, self.world, self.device, self.joined = dist_context(config.device)
         self.master = self.rank == 0
@@ -81,6 +82,9 @@ class TrainingRun:
         self.prepare_model()
         self.tokenizers = copy_tokenizers(tok_paths, run) if self.master else None
         self.start_step = state["step"] if state is not None else 0
+        # where each of this rank's readers stood after the last batch the run consumed
+        self.positions: dict[int, str] = dict((state or {}).get("data", {}).get("positions", {}).get(
+            str(self.rank), {}))
         self.open_data()
         self.schedule = Schedule(config)
         self.optimizer, self.params = adamw(self.model, config, self.schedule.base_lr, self.device)
@@ -96,7 +100,7 @@ class TrainingRun:
         self.model.freeze_base(self.freeze)
         self.model.gradient_checkpointing = self.config.grad_checkpoint
         self.model.to(self.device)
-        if self.world > 1 and self.state is None:  # every rank starts from rank 0's weights
+        if self.world > 1 and not self.resumed:  # every rank starts from rank 0's weights
             for p in self.model.state_dict().values():
                 dist.broadcast(p, 0)
 
@@ -119,9 +123,6 @@ class TrainingRun:
                    for i, urls in enumerate(per_dataset)]
         self.train_stream = streams[0] if len(streams) == 1 else MixtureStream(
             streams, config.weights or [1.0] * len(streams), seed=config.seed)
-        # where each of this rank's readers stood after the last batch the run consumed
-        self.positions: dict[int, str] = dict((self.state or {}).get("data", {}).get("positions", {}).get(
-            str(self.rank), {}))
         self.train_stream.resume_from(self.positions)
         val_stream = ShardStream(val_urls or train_urls, builder, shuffle=False, repeat=False, holdout=holdout,
                                  holdout_side="only" if holdout else "exclude", modes=modes)
@@ -281,9 +282,9 @@ class TrainingRun:
             return None
         (self.run / "keys").mkdir(exist_ok=True)
         path = self.run / "keys" / f"rank{self.rank}.txt"
-        if self.state is not None:
+        if self.resumed:
             truncate_jsonl(path, self.start_step, key=lambda line: int(line.split()[0]))
-        return open(path, "a" if self.state is not None else "w", encoding="utf-8")
+        return open(path, "a" if self.resumed else "w", encoding="utf-8")
 
     def agreed_stop(self, elapsed: float) -> bool:
         """Whether max_minutes has run out; with several ranks, rank 0's schedule and verdict for all."""
@@ -367,7 +368,7 @@ class TrainingRun:
                 "seconds": round(seconds, 1),
                 # CPU time of this process (all its threads): on a shared machine, what the run really cost
                 "cpu_seconds": round(cpu_seconds, 1), "lr": self.schedule.base_lr,
-                "resumed_from": self.start_step if self.state is not None else None,
+                "resumed_from": self.start_step if self.resumed else None,
                 "first_loss": progress["first_loss"], "train_loss": sum(recent) / len(recent) if recent else None,
                 **progress["val"], "eval_split": self.eval_split,
                 "tokens_per_s": round(progress["tokens_seen"] / max(seconds - self.seconds_before, 1e-9)),

@@ -215,8 +215,7 @@ def local_copy(url: str, names: tuple[str, ...] = (), endpoint: str | None = Non
     if not is_remote(str(url)):
         return Path(url)
     source = Location(url, endpoint) if names else Location(str(url).rsplit("/", 1)[0], endpoint)
-    digest = hashlib.sha256(source.child_url("").encode("utf-8") + b"|" + str(url).encode("utf-8")).hexdigest()[:16]
-    target = cache_root() / "files" / digest
+    target = cache_root() / "files" / hashlib.sha256(str(url).encode("utf-8")).hexdigest()[:16]
     target.mkdir(parents=True, exist_ok=True)
     for name in names or (str(url).rsplit("/", 1)[1],):
         if not source.exists(name):

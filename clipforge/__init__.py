@@ -17,6 +17,7 @@ one-line message. docs/api.md walks through all of it.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from typing import Iterable
@@ -138,8 +139,4 @@ def sample(run: str, prompt: str, out: str, config: SamplingConfig | None = None
     from clipforge.model.sample import sample as sample_job
 
     config = config or SamplingConfig()
-    return sample_job(str(run), prompt, str(out), **{**_fields(config), **options})
-
-
-def _fields(config) -> dict:
-    return {name: getattr(config, name) for name in config.__dataclass_fields__}
+    return sample_job(str(run), prompt, str(out), **{**dataclasses.asdict(config), **options})

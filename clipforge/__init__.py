@@ -108,20 +108,9 @@ def open_dataset(dataset: str, split: str | None = "train", endpoint: str | None
     """A webdataset pipeline over a dataset's committed shards (local, file://, s3://, gs://), in commit
     order, yielding decoded samples: {"key", "meta", "caption", "vtok" (uint16 [T, h, w] codes), "ttok"
     (int32 text ids)}. `shuffle` > 0 shuffles within a buffer of that many samples."""
-    import webdataset as wds
+    from clipforge.pipeline.storage.shards import dataset_samples
 
-    from clipforge.pipeline.storage.fs import Location, register_webdataset_schemes
-    from clipforge.pipeline.storage.samples import decode_sample
-    from clipforge.pipeline.storage.shards import shard_urls
-
-    register_webdataset_schemes(endpoint)
-    urls = shard_urls(Location(str(dataset), endpoint), split)
-    if not urls:
-        raise ClipforgeError(f"{dataset}: no committed {split or ''} shards".replace("  ", " "))
-    pipeline = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-    if shuffle:
-        pipeline = pipeline.shuffle(shuffle)
-    return pipeline.map(decode_sample)
+    return dataset_samples(dataset, split, endpoint, shuffle)
 
 
 def train(dataset: str, run: str, config: TrainConfig | None = None, **options) -> dict:

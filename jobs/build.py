@@ -21,12 +21,13 @@ from clipforge.pipeline.manifest import count_rows, iter_shard_slices, manifest_
 from clipforge.pipeline.chain import RUN_ONLY_FIELDS, BuildConfig
 from clipforge.pipeline.storage.commits import (CommitLog, RunLease, collect_garbage, fingerprint_sha256,
                                                 shard_number)
-from clipforge.pipeline.storage.dataset import (DatasetError, DatasetInfo, absolute, build_fingerprint,
+from clipforge.pipeline.storage.dataset import (DatasetError, DatasetInfo, build_fingerprint,
                                                 check_output_folder, write_wids_index)
 from clipforge.pipeline.storage.fs import Location
 from clipforge.pipeline.storage.progress import ProgressTracker
 from clipforge.pipeline.video.clips import ClipConfig
 from clipforge.pipeline.errors import ClipforgeError
+from clipforge.tokenizer.sources import absolute_spec
 
 __all__ = ["BuildConfig", "build", "with_overrides"]
 
@@ -89,7 +90,7 @@ def build(manifest: str, out: str, image_tokenizer: str, text_tokenizer: str,
             commit_log.flush(lease)
         tracker.close()
         collect_garbage(dest, config.gc_grace_s, accepted=commit_log.effective)
-        paths = {"image": absolute(image_tokenizer), "text": absolute(text_tokenizer)}
+        paths = {"image": absolute_spec(image_tokenizer), "text": absolute_spec(text_tokenizer)}
         return _complete(dest, commit_log, config, tracker, paths)
     finally:
         lease.release()
@@ -118,15 +119,12 @@ class _Committer:
 
 
 def _layout(config: BuildConfig, image_tokenizer: str, text_tokenizer: str) -> tuple[dict, dict]:
-    from clipforge.tokenizer.image import ImageTokenizer
-    from clipforge.tokenizer.text import TextTokenizer
+    from clipforge.tokenizer.sources import open_image_tokenizer, open_text_tokenizer
 
-    tok = ImageTokenizer.load(image_tokenizer)
+    tok = open_image_tokenizer(image_tokenizer, device="cpu")
+    tok.fit_size(config.clips.size)
     h, w = tok.tokens_hw
-    if tok.image_size != config.clips.size:
-        raise ClipforgeError(f"the image tokenizer takes {tok.image_size}px frames but clips are {config.clips.size}px: "
-                         f"set --size {tok.image_size}")
-    text = TextTokenizer(text_tokenizer)
+    text = open_text_tokenizer(text_tokenizer)
     layout = {"frames": config.clips.frames, "frame_size": config.clips.size, "tokens_h": h, "tokens_w": w,
               "text_slot": config.text_slot, "image_vocab": tok.codebook_size}
     ids = {"image": {"id": tok.tokenizer_id, "sha256": tok.sha256, "dtype": config.tokenize_dtype},

@@ -134,12 +134,27 @@ def _cmd_estimate(a):
 def _cmd_verify(a):
     from clipforge.jobs.verify import verify_dataset
 
+    if a.export:
+        from clipforge.jobs.export import verify_export
+
+        report = verify_export(a.dataset, a.export, endpoint=a.endpoint)
+        print(json.dumps(report, indent=2, default=str))
+        if report["problems"]:
+            sys.exit(1)
+        return
     report = verify_dataset(a.dataset, address=a.address, endpoint=a.endpoint)
     if not report.get("shards") and report["problems"] and "dataset.json" in report["problems"][0]:
         sys.exit(f"clipforge: error: {report['problems'][0]}")   # not a dataset at all: one line
     print(json.dumps(report, indent=2, default=str))
     if report["problems"]:
         sys.exit(1)
+
+
+def _cmd_export_cogvideo(a):
+    from clipforge.jobs.export import export_cogvideo
+
+    print(json.dumps(export_cogvideo(a.dataset, a.out, text_len=a.text_len, overwrite=a.overwrite,
+                                     endpoint=a.endpoint), indent=2))
 
 
 def _cmd_train(a):
@@ -191,7 +206,7 @@ HANDLERS = {"synth": _cmd_synth, "clips": _cmd_clips, "captions clean": _cmd_cap
             "tokenizer train-text": _cmd_train_text, "tokenizer train-image": _cmd_train_image,
             "tokenizer eval-image": _cmd_eval_image, "build": _cmd_build, "reshard": _cmd_reshard, "gc": _cmd_gc,
             "estimate": _cmd_estimate, "verify": _cmd_verify, "train": _cmd_train, "eval-synth": _cmd_eval_synth,
-            "sample": _cmd_sample, "demo": _cmd_demo}
+            "sample": _cmd_sample, "demo": _cmd_demo, "export cogvideo": _cmd_export_cogvideo}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -97,7 +97,7 @@ def add_audit(sub) -> None:
     s = command(sub, "audit", "caption-quality report of a manifest or a built dataset")
     s.add_argument("input", metavar="IN", help="a manifest file or a dataset directory")
     s.add_argument("--out", required=True, metavar="DIR")
-    s.add_argument("--text-tokenizer", help="sentencepiece .model for token lengths")
+    s.add_argument("--text-tokenizer", help="sentencepiece .model (or icetk:PATH) for token lengths")
     s.add_argument("--text-slot", type=int, default=64, help="text tokens per sample (default: 64)")
 
 
@@ -146,8 +146,11 @@ def add_build(sub) -> None:
     s = command(sub, "build", "the main job: shard tasks from a manifest to committed token shards")
     s.add_argument("manifest", metavar="MANIFEST")
     s.add_argument("--out", required=True, metavar="DATASET")
-    s.add_argument("--image-tokenizer", required=True, metavar="DIR")
-    s.add_argument("--text-tokenizer", required=True, metavar="FILE")
+    s.add_argument("--image-tokenizer", required=True, metavar="DIR",
+                   help="a clipforge image tokenizer folder, or icetk:PATH (icetk's ice_image.pt; icetk:PATH#16 "
+                        "for compression 16)")
+    s.add_argument("--text-tokenizer", required=True, metavar="FILE",
+                   help="a clipforge sentencepiece .model, or icetk:PATH (icetk's ice_text.model)")
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     s.add_argument("--resume", action="store_true", help="keep committed shards, redo the rest")
     s.add_argument("--retry-failed", action="store_true", help="redo shards whose ledger has transient failures")
@@ -226,6 +229,8 @@ def add_estimate(sub) -> None:
 def add_verify(sub) -> None:
     s = command(sub, "verify", "check a dataset end to end")
     s.add_argument("dataset", metavar="DATASET")
+    s.add_argument("--export", metavar="OUT.bin", help="check a CogVideo export of DATASET instead: every row rebuilt "
+                                                      "from the dataset and compared")
     s.add_argument("--address", help="Ray cluster address: check the shards as Ray tasks there")
     s.add_argument("--endpoint", help=ENDPOINT_HELP)
 
@@ -342,8 +347,20 @@ def add_demo(sub) -> None:
     s.add_argument("--candidates", type=int, default=4, help="videos drawn for the prompt, the best kept (default: 4)")
 
 
+def add_export(sub) -> None:
+    exp = sub.add_parser("export", help="write a dataset in another trainer's format", description="exports")
+    formats = exp.add_subparsers(dest="export_format", metavar="FORMAT", required=True)
+    s = command(formats, "cogvideo", "CogVideo's training rows (cogdata's int32 .bin) from a dataset built with "
+                "icetk tokenizers", "export cogvideo")
+    s.add_argument("dataset", metavar="DATASET", help="a built dataset (local or object storage)")
+    s.add_argument("out", metavar="OUT.bin", help="local file; OUT.bin.json beside it describes the rows")
+    s.add_argument("--text-len", type=int, default=64, help="text tokens per row (default: 64, cogdata's)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing OUT.bin")
+    s.add_argument("--endpoint", help=ENDPOINT_HELP)
+
+
 COMMANDS = (add_synth, add_clips, add_captions, add_audit, add_tokenizer, add_build, add_reshard, add_gc,
-            add_estimate, add_verify, add_train, add_sample, add_eval_synth, add_demo)
+            add_estimate, add_verify, add_export, add_train, add_sample, add_eval_synth, add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,11 +43,10 @@ class ImageTokenizerWorker:
         import ray
         import torch
 
-        from clipforge.tokenizer.image import ImageTokenizer
+        from clipforge.tokenizer.sources import open_image_tokenizer
 
         device = "cuda" if torch.cuda.is_available() else "cpu"   # declared GPUs without CUDA: run on CPU
-        options = {"dtype": dtype} if dtype != "float32" else {}
-        self.tokenizer = ImageTokenizer.load(image_tokenizer, device=device, **options)
+        self.tokenizer = open_image_tokenizer(image_tokenizer, device=device, dtype=dtype)
         gpus = ",".join(str(g) for g in ray.get_gpu_ids()) or "none"
         self.name = f"{socket.gethostname()}:{os.getpid()}:gpu{gpus}"
         self.batch_frames = batch_frames

@@ -103,9 +103,9 @@ def train_image(manifest: str, out: str, preset: str = "tiny", steps: int | None
 def eval_image(checkpoint: str, manifest: str, out: str, max_frames: int = 512, device: str | None = None,
                dtype: str = "float32", seed: int = 0, progress: bool = True) -> dict:
     """PSNR / SSIM / codebook usage of a trained tokenizer on frames of a manifest (use one it never saw)."""
-    from clipforge.tokenizer.image import ImageTokenizer
     from clipforge.tokenizer.image_train import evaluate_image_tokenizer
+    from clipforge.tokenizer.sources import open_image_tokenizer
 
-    tok = ImageTokenizer.load(checkpoint, device=device, dtype=dtype)
+    tok = open_image_tokenizer(checkpoint, device=device, dtype=dtype)
     frames = sample_frames(manifest, tok.image_size, max_frames, seed=seed, progress=progress)
     return {"manifest": str(manifest), **evaluate_image_tokenizer(tok, frames, out)}

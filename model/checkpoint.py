@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections import Counter
 from dataclasses import fields
 from pathlib import Path
@@ -14,7 +13,6 @@ import torch
 from clipforge.model.config import CogVideoConfig
 from clipforge.model.gpt import CogVideo
 from clipforge.pipeline.storage.atomic import atomic_write
-from clipforge.tokenizer.image import CONFIG_FILE, WEIGHTS_FILE
 
 
 def load_checkpoint(run: str | os.PathLike, device="cpu") -> dict:
@@ -53,15 +51,12 @@ def write_json(path: Path, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2, default=str).encode("utf-8"))
 
 
-def copy_tokenizers(paths: dict, run: Path) -> dict:
-    """RUN/tokenizers/: the run's own copies, so that sampling needs RUN alone."""
-    dst = run / "tokenizers"
-    (dst / "image").mkdir(parents=True, exist_ok=True)
-    pairs = [(paths["image"] / name, dst / "image" / name) for name in (CONFIG_FILE, WEIGHTS_FILE)]
-    for src, to in pairs + [(paths["text"], dst / "text.model")]:
-        if Path(src).resolve() != to.resolve():   # a resumed run reads its own copies
-            shutil.copy2(src, to)
-    return {"image": str(dst / "image"), "text": str(dst / "text.model")}
+def copy_tokenizers(specs: dict, run: Path) -> dict:
+    """RUN/tokenizers/: the run's own copies, so that sampling needs RUN alone. Returns their specs
+    relative to RUN (what latest.json records)."""
+    from clipforge.tokenizer.sources import copy_into
+
+    return {kind: copy_into(specs[kind], kind, run / "tokenizers") for kind in ("image", "text")}
 
 
 def default_spans(spans: Counter) -> dict:

@@ -55,34 +55,31 @@ def read_dataset_info(dataset_dir: str | Path) -> dict:
     return {**info.data, "layout": layout, "tokenizers": info.tokenizers}
 
 
-def tokenizer_paths(dataset_dir: str | Path, info: dict, image: str | None = None, text: str | None = None
-                    ) -> dict[str, Path]:
-    """{"image": image tokenizer directory, "text": spm model file}: `image`/`text` when given, else the
-    paths dataset.json names (relative ones are taken relative to the dataset directory). Checks the
-    files against the sha256 recorded in dataset.json, so a dataset is never read with other tokenizers."""
-    from clipforge.pipeline.storage.fs import is_remote, local_copy
-    from clipforge.tokenizer.image import CONFIG_FILE, WEIGHTS_FILE
+def tokenizer_specs(dataset_dir: str | Path, info: dict, image: str | None = None, text: str | None = None
+                    ) -> dict[str, str]:
+    """{"image": spec, "text": spec} (`clipforge.tokenizer.sources`): `image`/`text` when given, else what
+    dataset.json names (relative paths are taken relative to the dataset directory). Checks the files
+    against the sha256 recorded in dataset.json, so a dataset is never read with other tokenizers; a
+    remote tokenizer is copied to the cache first and the spec names the copy."""
+    from clipforge.tokenizer.sources import identity_file, is_icetk, relative_to, with_location
 
     out = {}
     for kind, given in (("image", image), ("text", text)):
         entry = (info.get("tokenizers") or {}).get(kind) or {}
         if given is None and "path" not in entry:
             raise ClipforgeError(f"dataset.json names no {kind} tokenizer path; pass the {kind} tokenizer the "
-                             f"dataset was built with (--{kind}-tokenizer)")
-        where = str(given if given is not None else entry["path"])
-        if given is None and not is_remote(where) and not Path(where).is_absolute():
-            where = f"{str(dataset_dir).rstrip('/')}/{where}"   # relative to the dataset, local or remote
-        # a tokenizer on object storage is copied to the cache, then checked like a local one
-        path = local_copy(where, (CONFIG_FILE, WEIGHTS_FILE) if kind == "image" else ())
-        blob_path = path / WEIGHTS_FILE if kind == "image" else path
+                                 f"dataset was built with (--{kind}-tokenizer)")
+        spec = str(given) if given is not None else relative_to(entry["path"], str(dataset_dir))
+        blob_path = identity_file(spec, kind)
         if not blob_path.exists():
-            raise FileNotFoundError(f"{kind} tokenizer not found at {where}")
+            raise FileNotFoundError(f"{kind} tokenizer not found at {spec}")
         if entry.get("sha256"):
             digest = hashlib.sha256(blob_path.read_bytes()).hexdigest()
             if digest != entry["sha256"]:
-                raise ClipforgeError(f"{kind} tokenizer at {where} does not match the dataset "
-                                 f"(sha256 {digest[:12]} != {entry['sha256'][:12]})")
-        out[kind] = path
+                raise ClipforgeError(f"{kind} tokenizer at {spec} does not match the dataset "
+                                     f"(sha256 {digest[:12]} != {entry['sha256'][:12]})")
+        local = blob_path if is_icetk(spec) else (blob_path.parent if kind == "image" else blob_path)
+        out[kind] = with_location(spec, str(local))
     return out
 
 

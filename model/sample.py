@@ -47,14 +47,15 @@ def rounds_for(frames: int, frames_out: int) -> int:
 def load_run(run: Path, device: torch.device):
     """(checkpoint, model in eval mode, text tokenizer, image tokenizer) of a run, rebuilt from the run
     folder alone; the tokenizers must match the model's vocabularies."""
-    from clipforge.tokenizer.image import ImageTokenizer
-    from clipforge.tokenizer.text import TextTokenizer
+    from clipforge.model.start import run_tokenizer_specs
+    from clipforge.tokenizer.sources import open_image_tokenizer, open_text_tokenizer
 
     ckpt = load_checkpoint(run, device="cpu")
     model = model_from_checkpoint(ckpt, device).eval()
     cfg = model.config
-    text = TextTokenizer(run / "tokenizers" / "text.model")
-    image = ImageTokenizer.load(run / "tokenizers" / "image", device=device)
+    specs = run_tokenizer_specs(run)
+    text, image = open_text_tokenizer(specs["text"]), open_image_tokenizer(specs["image"], device=device)
+    image.fit_size(cfg.tokens_h * image.downsample)
     if text.vocab_size != cfg.text_vocab or image.codebook_size != cfg.image_vocab:
         raise ClipforgeError(f"{run}: tokenizers do not match the model's vocabularies")
     return ckpt, model, text, image

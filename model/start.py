@@ -8,7 +8,7 @@ from pathlib import Path
 
 from clipforge.model.checkpoint import load_checkpoint, model_from_checkpoint
 from clipforge.model.config import CogVideoConfig, TrainConfig, default_window
-from clipforge.model.data import read_dataset_info, tokenizer_paths
+from clipforge.model.data import read_dataset_info, tokenizer_specs
 from clipforge.model.gpt import CogVideo
 from clipforge.pipeline.errors import ClipforgeError
 
@@ -26,8 +26,23 @@ def resumed_config(config: TrainConfig, run: Path, resume: bool) -> tuple[TrainC
     state = load_checkpoint(run)
     saved = TrainConfig(**{**asdict(config_from_checkpoint(state)), "device": config.device,
                            "num_workers": config.num_workers})
-    return replace(saved, image_tokenizer=saved.image_tokenizer or str(run / "tokenizers" / "image"),
-                   text_tokenizer=saved.text_tokenizer or str(run / "tokenizers" / "text.model")), state
+    specs = run_tokenizer_specs(run)
+    return replace(saved, image_tokenizer=saved.image_tokenizer or specs["image"],
+                   text_tokenizer=saved.text_tokenizer or specs["text"]), state
+
+
+def run_tokenizer_specs(run: Path) -> dict:
+    """{"image": spec, "text": spec} of a run's own copies of its tokenizers (latest.json names them;
+    runs before icetk support keep them at tokenizers/image and tokenizers/text.model)."""
+    import json
+
+    from clipforge.tokenizer.sources import relative_to
+
+    recorded = {}
+    if (run / "latest.json").exists():
+        recorded = json.loads((run / "latest.json").read_text(encoding="utf-8")).get("tokenizers") or {}
+    defaults = {"image": "tokenizers/image", "text": "tokenizers/text.model"}
+    return {kind: relative_to((recorded.get(kind) or {}).get("path") or defaults[kind], str(run)) for kind in defaults}
 
 
 def accumulation_steps(config: TrainConfig, world: int) -> int:
@@ -43,8 +58,7 @@ def accumulation_steps(config: TrainConfig, world: int) -> int:
 def dataset_tokenizers(datasets: list, config: TrainConfig):
     """(layout, tokenizer paths, text tokenizer, image tokenizer) of the datasets, checked against their
     layout: several datasets (a mixture) must share one layout and one pair of tokenizers."""
-    from clipforge.tokenizer.image import ImageTokenizer
-    from clipforge.tokenizer.text import TextTokenizer
+    from clipforge.tokenizer.sources import open_image_tokenizer, open_text_tokenizer
 
     infos = [read_dataset_info(d) for d in datasets]
     layout = infos[0]["layout"]
@@ -55,8 +69,10 @@ def dataset_tokenizers(datasets: list, config: TrainConfig):
             raise ClipforgeError(f"{other} and {datasets[0]} differ in layout or tokenizers: a mixture needs "
                                  f"datasets of one token space")
     dataset_dir = datasets[0]
-    paths = tokenizer_paths(dataset_dir, infos[0], config.image_tokenizer, config.text_tokenizer)
-    text, image = TextTokenizer(paths["text"]), ImageTokenizer.load(paths["image"])
+    paths = tokenizer_specs(dataset_dir, infos[0], config.image_tokenizer, config.text_tokenizer)
+    text, image = open_text_tokenizer(paths["text"]), open_image_tokenizer(paths["image"], device="cpu")
+    if layout.get("frame_size"):
+        image.fit_size(layout["frame_size"])
     if (image.tokens_hw[0], image.tokens_hw[1]) != (layout["tokens_h"], layout["tokens_w"]):
         raise ClipforgeError(f"image tokenizer gives {image.tokens_hw} codes, the dataset layout "
                              f"{layout['tokens_h']}x{layout['tokens_w']}")

@@ -52,6 +52,7 @@ from clipforge.model.run_folder import RunFolder
 from clipforge.pipeline.errors import ClipforgeError
 from clipforge.pipeline.storage.dataset import absolute
 from clipforge.model.start import accumulation_steps, dataset_tokenizers, resumed_config, starting_model, what_trains
+from clipforge.tokenizer.sources import relative_to
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -80,7 +81,7 @@ class TrainingRun:
         self.freeze, self.joint = what_trains(config, state, init_phase)
         self.phases = done + ([config.phase] if not done or done[-1] != config.phase else [])
         self.prepare_model()
-        self.tokenizers = copy_tokenizers(tok_paths, run) if self.master else None
+        self.tokenizer_specs = copy_tokenizers(tok_paths, run) if self.master else None
         self.start_step = state["step"] if state is not None else 0
         # where each of this rank's readers stood after the last batch the run consumed
         self.positions: dict[int, str] = dict((state or {}).get("data", {}).get("positions", {}).get(
@@ -221,8 +222,8 @@ class TrainingRun:
             **val, "eval_split": self.eval_split, "seconds": round(seconds, 1), "default_span": spans,
             "dataset": absolute(self.datasets[0]), "datasets": [absolute(d) for d in self.datasets],
             "model_config": self.mc.to_dict(), "train_config": asdict(self.config), "tokenizers": {
-                "image": {"id": self.image.tokenizer_id, "sha256": self.image.sha256, "path": "tokenizers/image"},
-                "text": {"id": self.text.tokenizer_id, "sha256": self.text.sha256, "path": "tokenizers/text.model"}}})
+                kind: {"id": tok.tokenizer_id, "sha256": tok.sha256, "path": self.tokenizer_specs[kind]}
+                for kind, tok in (("image", self.image), ("text", self.text))}})
         if self.run / name not in self.ckpts:
             self.ckpts.append(self.run / name)
         while self.config.keep_checkpoints and len(self.ckpts) > self.config.keep_checkpoints:
@@ -382,7 +383,8 @@ class TrainingRun:
                 # decodes none that came before its position
                 "samples_decoded": len(self.train_stream.decoded_keys) if not self.config.num_workers else None,
                 "eval_captions_cut": round(self.cut_share, 4),
-                "ckpt": str(self.run / progress["ckpt"]) if progress["ckpt"] else None, "tokenizers": self.tokenizers}
+                "ckpt": str(self.run / progress["ckpt"]) if progress["ckpt"] else None, "tokenizers": {
+                    kind: relative_to(spec, str(self.run)) for kind, spec in self.tokenizer_specs.items()}}
 
 
 def cpu_seconds() -> float:

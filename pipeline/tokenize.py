@@ -56,8 +56,7 @@ class TokenizeClips(Stage):
                  image_encoder=None, inflight_bytes: int = 256 << 20):
         """`image_encoder`, when given, replaces the local image tokenizer: an `ImageEncoder`
         (`clipforge.pipeline.stages`); one with `submit`/`result` is called asynchronously."""
-        from clipforge.tokenizer.image import ImageTokenizer
-        from clipforge.tokenizer.text import TextTokenizer
+        from clipforge.tokenizer.sources import open_image_tokenizer, open_text_tokenizer
 
         super().__init__()
         if image_encoder is not None:
@@ -66,10 +65,8 @@ class TokenizeClips(Stage):
             if device is None:
                 import torch
                 device = "cuda" if torch.cuda.is_available() else "cpu"
-            # float32 is the default everywhere; only ask for another dtype explicitly
-            options = {"dtype": dtype} if dtype != "float32" else {}
-            self.image = ImageTokenizer.load(image_tokenizer_dir, device=device, **options)
-        self.text = TextTokenizer(text_tokenizer_path)
+            self.image = open_image_tokenizer(image_tokenizer_dir, device=device, dtype=dtype)
+        self.text = open_text_tokenizer(text_tokenizer_path)
         self.text_slot, self.batch_size, self.inflight_bytes = text_slot, batch_size, inflight_bytes
         self.ids = {"image": {"id": self.image.tokenizer_id, "sha256": self.image.sha256},
                     "text": {"id": self.text.tokenizer_id, "sha256": self.text.sha256}}

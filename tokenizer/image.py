@@ -51,14 +51,14 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def check_frames(frames: np.ndarray, cfg: VQConfig) -> np.ndarray:
+def check_frames(frames: np.ndarray, downsample: int) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.ndim == 3:
         frames = frames[None]
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 [N, H, W, 3], got {frames.dtype} {frames.shape}")
-    if frames.shape[1] % cfg.downsample or frames.shape[2] % cfg.downsample:
-        raise ValueError(f"frame size {frames.shape[1:3]} is not a multiple of the downsampling {cfg.downsample}")
+    if frames.shape[1] % downsample or frames.shape[2] % downsample:
+        raise ValueError(f"frame size {frames.shape[1:3]} is not a multiple of the downsampling {downsample}")
     return frames
 
 
@@ -123,6 +123,12 @@ class ImageTokenizer:
     @property
     def tokens_hw(self) -> tuple[int, int]:
         return self.config.tokens_hw
+
+    def fit_size(self, size: int) -> None:
+        """Refuse frames of another size than the one this tokenizer was trained at."""
+        if size != self.image_size:
+            raise ClipforgeError(f"the image tokenizer takes {self.image_size}px frames but clips are {size}px: "
+                                 f"set --size {self.image_size}")
 
     @property
     def sha256(self) -> str:
@@ -210,7 +216,7 @@ class ImageTokenizer:
         The host side only copies uint8 into a staging buffer (4x fewer bytes cross the bus than float32);
         on CUDA the copy of micro-batch i+1 runs on a side stream while micro-batch i computes, and codes
         stay on the device until the end, so the GPU never waits on the host in between."""
-        frames = check_frames(frames, self.config)
+        frames = check_frames(frames, self.downsample)
         self.model.eval()
         n, hh, ww = len(frames), frames.shape[1] // self.downsample, frames.shape[2] // self.downsample
         if n == 0:
@@ -266,15 +272,19 @@ class ImageTokenizer:
         out = []
         for i in range(0, n, self.batch_size):
             idx = torch.from_numpy(codes[i:i + self.batch_size].astype(np.int64)).to(self.device)
-            q = self.model.quantizer.lookup(idx).permute(0, 3, 1, 2)  # (n, D, h, w)
-            if self.channels_last:
-                q = q.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
-                y = self.model.decoder(q)
-            out.append(to_uint8(y))
+            out.append(self.frames_from_device_codes(idx))
         if not out:
             return np.zeros((0, h * self.downsample, w * self.downsample, 3), dtype=np.uint8)
         return np.concatenate(out)
+
+    def frames_from_device_codes(self, codes: torch.Tensor) -> np.ndarray:
+        """int64 codes (B, h, w) on the device -> uint8 frames (B, S, S, 3) on the host."""
+        q = self.model.quantizer.lookup(codes).permute(0, 3, 1, 2)  # (n, D, h, w)
+        if self.channels_last:
+            q = q.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            y = self.model.decoder(q)
+        return to_uint8(y)
 
     def reconstruct(self, frames: np.ndarray) -> np.ndarray:
         return self.decode(self.encode(frames))

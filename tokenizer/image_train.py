@@ -122,7 +122,7 @@ def _training_inputs(frames: np.ndarray, preset: str | VQConfig) -> tuple[VQConf
     augments = [a for a in cfg.train_augment.split(",") if a]
     if set(augments) - AUGMENTS:
         raise ClipforgeError(f"unknown train_augment {sorted(set(augments) - AUGMENTS)}; known: {sorted(AUGMENTS)}")
-    frames = check_frames(frames, cfg)
+    frames = check_frames(frames, cfg.downsample)
     if frames.shape[1] != cfg.image_size or frames.shape[2] != cfg.image_size:
         raise ClipforgeError(f"frames are {frames.shape[1]}x{frames.shape[2]}, the preset wants "
                              f"{cfg.image_size}x{cfg.image_size} (resize and center-crop first)")
@@ -294,7 +294,7 @@ def evaluate_image_tokenizer(tok: ImageTokenizer, frames: np.ndarray, out_dir: s
 
     Writes out_dir/metrics.json and out_dir/roundtrip.png; returns the metrics.
     """
-    frames = check_frames(frames, tok.config)
+    frames = check_frames(frames, tok.downsample)
     if len(frames) == 0:
         raise ClipforgeError("no frames to evaluate")
     t0 = time.time()

@@ -18,12 +18,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clipforge.pipeline.errors import ClipforgeError
 from clipforge.pipeline.schema import TRANSIENT, is_ok
 from clipforge.pipeline.storage.commits import CommitLog, parallel_map, shard_name, write_attempt
 from clipforge.pipeline.storage.dataset import DatasetInfo
 from clipforge.pipeline.storage.redact import redact_url
 from clipforge.pipeline.storage.fs import Location, as_location
-from clipforge.pipeline.storage.samples import encode_sample, sample_metadata
+from clipforge.pipeline.storage.samples import decode_sample, encode_sample, sample_metadata
 from clipforge.pipeline.storage.tarwriter import FastTarWriter
 
 INDEX_COLUMNS = {
@@ -184,3 +185,20 @@ def _ledger_row(row: dict, shard: str, attempts: int) -> dict:
             "source": _redacted(row.get("source")), "key": row.get("key"), "shard": shard, "stage": row.get("stage"),
             "reason": row.get("reason"), "message": _scrubbed(row.get("error"), row.get("source")), "attempts": attempts,
             "transient": row.get("reason") in TRANSIENT}
+
+
+def dataset_samples(dataset, split: str | None = "train", endpoint: str | None = None, shuffle: int = 0):
+    """Decoded samples of a dataset's committed shards (any filesystem), in commit order; `shuffle` > 0
+    shuffles within a buffer of that many samples."""
+    import webdataset as wds
+
+    from clipforge.pipeline.storage.fs import register_webdataset_schemes
+
+    register_webdataset_schemes(endpoint)
+    urls = shard_urls(as_location(str(dataset), endpoint), split)
+    if not urls:
+        raise ClipforgeError(f"{dataset}: no committed {split or ''} shards".replace("  ", " "))
+    pipeline = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    if shuffle:
+        pipeline = pipeline.shuffle(shuffle)
+    return pipeline.map(decode_sample)

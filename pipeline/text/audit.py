@@ -58,9 +58,9 @@ def _audit_slice(task: dict) -> dict:
     Runs in the calling process or in a forked worker (pure Python and numpy: Arrow stays in the parent)."""
     key = (task["dedup"], task["tokenizer"])
     if key not in _STATE:
-        from clipforge.tokenizer.text import TextTokenizer
+        from clipforge.tokenizer.sources import open_text_tokenizer
         _STATE.clear()
-        _STATE[key] = (MinHasher(task["dedup"]), TextTokenizer(task["tokenizer"]) if task["tokenizer"] else None)
+        _STATE[key] = (MinHasher(task["dedup"]), open_text_tokenizer(task["tokenizer"]) if task["tokenizer"] else None)
     hasher, tok = _STATE[key]
     raw, row0, room = task["raw"], task["row0"], task["room"]
     m = len(raw)
@@ -124,11 +124,10 @@ def audit(in_path, out_dir, text_tokenizer_path=None, slot: int = 64, chunk_rows
     out_dir = Path(out_dir)
     kind = "dataset" if table_format(in_path) == "dataset" else "manifest"
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok_path = str(Path(text_tokenizer_path).resolve()) if text_tokenizer_path else None
-    tok = None
-    if tok_path:
-        from clipforge.tokenizer.text import TextTokenizer
-        tok = TextTokenizer(tok_path)
+    from clipforge.tokenizer.sources import absolute_spec, open_text_tokenizer
+
+    tok_path = absolute_spec(text_tokenizer_path) if text_tokenizer_path else None
+    tok = open_text_tokenizer(tok_path) if tok_path else None
     room = slot - len(tok.span_prefix(SPAN_FOR_ROOM)) if tok else slot - PROXY_PREFIX
     workers = workers or min(os.cpu_count() or 1, 8)
     hasher = MinHasher(dedup)

@@ -14,7 +14,8 @@ from clipforge.pipeline.errors import ClipforgeError
 
 SEQUENTIAL = "sequential"
 INTERPOLATION = "interpolation"
-MODES = (SEQUENTIAL, INTERPOLATION, "both")
+COGVIDEO = "cogvideo"
+MODES = (SEQUENTIAL, INTERPOLATION, "both", COGVIDEO)
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class ClipConfig:
     max_span: float = 16.0                # seconds between first and last frame, at most
     trim: float = 0.0                     # seconds dropped at both ends before sampling
     interpolation_rates: tuple = (2.0, 4.0, 8.0)
-    clips_per_video: int = 4              # interpolation mode: non-overlapping clips per video, at most
+    clips_per_video: int = 4              # interpolation and cogvideo modes: clips per video, at most
     size: int = 160                       # output frames are size x size
     seed: int = 0
 
@@ -34,6 +35,8 @@ class ClipConfig:
             raise ClipforgeError(f"mode must be one of {MODES}, not {self.mode!r}")
         if self.frames < 1 or self.size < 8 or not self.rates:
             raise ClipforgeError("frames >= 1, size >= 8 and at least one rate are required")
+        if self.mode == COGVIDEO and self.frames < 2:
+            raise ClipforgeError("the cogvideo mode spreads a clip over its frames: it needs at least 2")
         object.__setattr__(self, "rates", tuple(sorted(float(r) for r in self.rates)))
         object.__setattr__(self, "interpolation_rates", tuple(sorted(float(r) for r in self.interpolation_rates)))
 
@@ -98,6 +101,47 @@ def plan_clips(pts: np.ndarray, frame_end: float, config: ClipConfig, key: str =
             plans.append(seq)
     if config.mode in (INTERPOLATION, "both"):
         plans.extend(_plan_interpolation(pts, t0, t1, config, key, source_fps))
+    if config.mode == COGVIDEO:
+        plans.extend(_plan_cogvideo(pts, t0, t1, config, source_fps))
+    return plans
+
+
+def cogvideo_frames(frame_count: int, fps: float, frames: int = 5, max_clips: int = 4,
+                    max_seconds: float = 16.0) -> tuple[int, int, list[list[int]]]:
+    """(clip seconds, interval, frame indices per clip) as cogdata's video task chooses them: the clip
+    covers `min(whole seconds - 1, 16)` seconds with `frames` frames `interval = int(fps * seconds /
+    (frames - 1))` apart; the video, strided by that interval, holds `strided // frames` clips (at most
+    `max_clips`), taken in a row from `(strided - clips * frames) // 2`. That start counts strided frames
+    but is used as a frame index, as cogdata does: a video's clips begin near its start, not centred in
+    it. No clips when the video is shorter than 2 seconds (cogdata's interval would be 0)."""
+    seconds = min(int(frame_count / fps) - 1, int(max_seconds))
+    interval = int(fps * (seconds / (frames - 1))) if seconds >= 1 else 0
+    if interval < 1:
+        return seconds, interval, []
+    strided = int((frame_count + interval - 1) / interval)
+    clips = min(strided // frames, max_clips)
+    start = (strided - clips * frames) // 2
+    indices = list(range(start, interval * clips * frames + start, interval))
+    return seconds, interval, [indices[k * frames:(k + 1) * frames] for k in range(clips)]
+
+
+def _plan_cogvideo(pts, t0, t1, config: ClipConfig, source_fps) -> list[ClipPlan]:
+    """cogdata's frames on the frame-exact timeline: its frame index i is the frame on screen at i / fps
+    after the window's start (on a constant-rate video, frame i itself; on a variable-rate one, what a
+    viewer sees at the time cogdata's formula means, not the i-th decoded picture). `span` is cogdata's
+    clip seconds, the duration its text names ("4.0秒")."""
+    inside = np.flatnonzero((pts >= t0 - 1e-6) & (pts < t1 - 1e-6))
+    if len(inside) < config.frames:
+        return []
+    fps = source_fps if source_fps and source_fps > 0 else len(inside) / max(t1 - t0, 1e-6)
+    seconds, interval, clips = cogvideo_frames(len(inside), fps, config.frames, config.clips_per_video,
+                                               config.max_span)
+    start = float(pts[inside[0]])
+    plans = []
+    for clip in clips:
+        idx = frames_at(pts, start + np.asarray(clip, dtype=np.float64) / fps)
+        plans.append(ClipPlan(COGVIDEO, round(fps / interval, 6), float(seconds), idx.tolist(),
+                              [round(float(pts[i]), 6) for i in idx]))
     return plans
 
 

@@ -7,7 +7,13 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 DEMO_OUT ?= demo-out
 
-.PHONY: venv demo test test-fast bench clean
+# icetk's own package (the reference our icetk tokenizers are checked against) cannot be installed beside
+# Ray: it pins protobuf < 3.19 and needs torchvision, whose wheels here load only against torch 2.14.1.
+# This second environment takes icetk and cogdata without their pins (--no-deps) and runs their tests.
+ICETK_VENV ?= .venv-icetk
+ICETK_PY   := $(ICETK_VENV)/bin/python
+
+.PHONY: venv demo test test-fast test-icetk icetk-venv bench clean
 
 venv: $(VENV)/.installed
 
@@ -26,6 +32,21 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q -x -n 2 --dist loadgroup --durations=15
 
+icetk-venv: $(ICETK_VENV)/.installed
+
+$(ICETK_VENV)/.installed: pyproject.toml
+	test -x $(ICETK_PY) || $(PYTHON) -m venv $(ICETK_VENV)
+	$(ICETK_PY) -m pip install -q --upgrade pip
+	$(ICETK_PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(ICETK_PY) -m pip install -q -e ".[dev]"
+	$(ICETK_PY) -m pip install -q --no-deps icetk==0.0.7 cogdata==0.0.7 unrar==0.4
+	$(ICETK_PY) -m pip install -q filelock requests
+	touch $@
+
+# icetk's generated protobuf code runs only on protobuf's pure-Python implementation beside protobuf >= 4
+test-icetk: $(ICETK_VENV)/.installed
+	PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python $(ICETK_PY) -m pytest -q tests/test_icetk.py
+
 test-fast: venv
 	$(PY) -m pytest -q -m "not ray and not slow"
 
@@ -38,4 +59,4 @@ bench: venv
 	$(PY) bench/tokenize.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(ICETK_VENV) $(DEMO_OUT) .pytest_cache

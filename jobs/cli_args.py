@@ -177,8 +177,9 @@ BUILD_FLAGS = (
     ("--tokenize-batch", "tokenize_batch", int, "clips per image-tokenizer call"),
     ("--tokenize-workers", "tokenize_workers", int, "GPU tokenizer workers (0: one per GPU share)"),
     ("--tokenize-gpus", "tokenize_gpus", float, "GPU share of one tokenizer worker, e.g. 0.5"),
-    ("--tokenize-dtype", "tokenize_dtype", ("float32", "bfloat16"),
-     "encoder precision (recorded in dataset.json: bf16 can flip nearest-code ties)"),
+    ("--tokenize-dtype", "tokenize_dtype", ("float32", "bfloat16", "float16"),
+     "encoder precision (recorded in dataset.json: bf16/fp16 can flip nearest-code ties; float16: icetk only, "
+     "as its fp16=True)"),
     ("--runner", "runner", ("ray", "local"), "where shard tasks run"),
 )
 

@@ -29,7 +29,7 @@ class BuildConfig:
     tokenize_workers: int = 0           # GPU tokenizer workers; 0: as many as whole GPUs hold shares
     tokenize_gpus: float = 1.0          # GPU share of one tokenizer worker (0.4: two per GPU, never split)
     tokenize_cpus: float = 0.5          # CPU share of one tokenizer worker
-    tokenize_dtype: str = "float32"     # float32 | bfloat16 (bf16 can flip nearest-code ties: recorded)
+    tokenize_dtype: str = "float32"     # float32 | bfloat16 | float16 (icetk only); can flip ties: recorded
     tokenize_timeout_s: float = 300.0   # a GPU worker that does not answer a call in this time is skipped
     tokenize_inflight_mb: int = 256     # frames a shard task has sent to GPU workers and not yet got back
     roundtrip_clips: int = 2            # clips per shard decoded back to pictures for a PSNR in the record

@@ -94,7 +94,7 @@ def models(tmp_path_factory) -> Path:
     from clipforge.tokenizer.icetk_net import random_checkpoint
 
     folder = tmp_path_factory.mktemp("icetk")
-    random_checkpoint(folder / "ice_image.pt", seed=3)
+    random_checkpoint(folder / "ice_image.pt", seed=3, spread=1e-4)   # icetk-like: many near-ties
     corpus = folder / "corpus.txt"
     corpus.write_text("\n".join(CAPTIONS * 20 + [f"{s}.0秒" for s in range(17)]), encoding="utf-8")
     model = io.BytesIO()

@@ -5,6 +5,7 @@ copying frames to the device. Prints one JSON object.
     python bench/tokenize.py                          # both presets, every device found, default sweep
     python bench/tokenize.py --presets tiny --device cpu --seconds 2
     python bench/tokenize.py --checkpoint DIR         # a trained tokenizer instead of random weights
+    python bench/tokenize.py --presets icetk --icetk ~/.icetk_models   # icetk's own weights (160 px, 20x20)
 
 Speed does not depend on the weights (every frame costs the same convolutions and one nearest-code
 search), so random weights of the preset's shape are the default. Each configuration is warmed up once,
@@ -30,8 +31,13 @@ import time
 import numpy as np
 import torch
 
+from clipforge.tokenizer.icetk import IceImageTokenizer
+from clipforge.tokenizer.icetk_net import IceImageNetwork
 from clipforge.tokenizer.image import ImageTokenizer
+from clipforge.tokenizer.sources import open_image_tokenizer
 from clipforge.tokenizer.vq import PRESETS
+
+ICETK = "icetk"   # icetk's network (random weights unless --icetk names its files): CogVideo's 160 px frames
 
 # dense bf16 tensor-core peak (TFLOP/s) by device-name fragment, from the vendors' data sheets
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,
@@ -57,7 +63,10 @@ def flops_per_frame(tok: ImageTokenizer) -> dict:
             tok.codes_from_device_frames(x)
         xf = x.permute(0, 3, 1, 2).float()
         with FlopCounterMode(display=False) as enc:
-            tok.model.encoder(xf)
+            if isinstance(tok, IceImageTokenizer):   # its encoder, then the residual downsamplers
+                tok.model.encode_features(xf, tok.level)
+            else:
+                tok.model.encoder(xf)
     return {"total": int(total.get_total_flops()), "encoder": int(enc.get_total_flops()),
             "nearest_code": int(total.get_total_flops() - enc.get_total_flops())}
 
@@ -110,15 +119,27 @@ def time_h2d(tok: ImageTokenizer, frames: np.ndarray, seconds: float) -> dict | 
             "device_resident_frames_per_s": round(1 / compute_s, 1)}
 
 
+def tokenizer_variant(base, device, bs, dtype, channels_last):
+    if isinstance(base, IceImageTokenizer):
+        return IceImageTokenizer(base.model, base.sha256, image_size=base.image_size, device=device,
+                                 batch_size=bs, dtype=dtype)
+    return ImageTokenizer(base.config, base.model, device=device, batch_size=bs, dtype=dtype,
+                          channels_last=channels_last)
+
+
 def bench_device(preset: str, device: str, batches: list[int], dtypes: list[str], layouts: list[bool],
                  frames_per_call: int, seconds: float, checkpoint: str | None) -> dict:
-    cfg = PRESETS[preset]
     torch.manual_seed(0)
-    if checkpoint:
+    if preset == ICETK:
+        base = (open_image_tokenizer(f"icetk:{checkpoint}", device=device) if checkpoint
+                else IceImageTokenizer(IceImageNetwork(), "random-weights", device=device))
+        layouts = [False]     # icetk's arithmetic is NCHW
+    cfg = base if preset == ICETK else PRESETS[preset]
+    if preset != ICETK and checkpoint:
         base = ImageTokenizer.load(checkpoint, device=device)
         if base.config.name != preset:
             raise SystemExit(f"--checkpoint is a {base.config.name!r} tokenizer, not {preset!r}")
-    else:
+    elif preset != ICETK:
         base = ImageTokenizer(cfg, device=device)
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, size=(frames_per_call, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
@@ -129,8 +150,9 @@ def bench_device(preset: str, device: str, batches: list[int], dtypes: list[str]
     for dtype in dtypes:
         for channels_last in layouts:
             for bs in batches:
-                tok = ImageTokenizer(base.config, base.model, device=device, batch_size=bs, dtype=dtype,
-                                     channels_last=channels_last)
+                if preset == ICETK and dtype == "float16" and device == "cpu":
+                    continue
+                tok = tokenizer_variant(base, device, bs, dtype, channels_last)
                 try:
                     row = {"batch": bs, "dtype": dtype, "channels_last": channels_last,
                            **time_encode(tok, frames, seconds)}
@@ -151,23 +173,25 @@ def bench_device(preset: str, device: str, batches: list[int], dtypes: list[str]
     best = max(ok, key=lambda r: r["frames_per_s"]) if ok else None
     return {"preset": preset, "device": device, "device_name": name, "image_size": cfg.image_size,
             "tokens_hw": list(cfg.tokens_hw), "codebook_size": cfg.codebook_size,
+            "weights": "random" if not checkpoint else checkpoint,
             "flops_per_frame": flops, "bf16_peak_tflops": peak / 1e12 if peak else None,
             "frames_per_call": frames_per_call, "best": best, "sweep": sweep}
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--presets", default="tiny,cogview2")
+    p.add_argument("--presets", default="tiny,cogview2,icetk")
     p.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per configuration (at least one call)")
     p.add_argument("--cpu-batches", default="16,64", help="micro-batch sizes swept on CPU")
     p.add_argument("--gpu-batches", default="64,256,1024", help="micro-batch sizes swept on CUDA")
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="float16 too for icetk on CUDA (its fp16=True)")
     p.add_argument("--layouts", default="nchw,channels_last")
     p.add_argument("--frames", type=int, default=0, help="frames per encode call (default: 2 micro-batches "
                    "on CUDA, 1 on CPU for cogview2, 4 for tiny)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--checkpoint", help="a trained tokenizer directory (its preset is benchmarked)")
+    p.add_argument("--icetk", metavar="PATH", help="icetk's ice_image.pt or its folder, for the icetk preset")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -185,10 +209,10 @@ def main(argv=None) -> dict:
     for preset in presets:
         for device in devices:
             batches = [int(b) for b in (a.gpu_batches if device == "cuda" else a.cpu_batches).split(",")]
-            per_call = a.frames or (2 * max(batches) if device == "cuda" else
-                                    max(batches) * (1 if PRESETS[preset].image_size > 64 else 4))
+            size = 160 if preset == ICETK else PRESETS[preset].image_size
+            per_call = a.frames or (2 * max(batches) if device == "cuda" else max(batches) * (1 if size > 64 else 4))
             results.append(bench_device(preset, device, batches, dtypes, layouts, per_call, a.seconds,
-                                        a.checkpoint))
+                                        a.icetk if preset == ICETK else a.checkpoint))
     out = {"bench": "tokenize", "torch": torch.__version__, "cuda": torch.cuda.is_available(),
            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "load_average": [round(x, 2) for x in os.getloadavg()],

@@ -208,12 +208,16 @@ class IceImageNetwork(nn.Module):
         self.quantize = Quantizer()
         self.down_samplers = nn.ModuleList(ResidualDownsample() for _ in range(2))
 
-    def encode(self, x: torch.Tensor, level: int) -> torch.Tensor:
-        """Normalised pixels (B, 3, H, W) -> codes (B, H/c, W/c) at compression c = 4 * 2**level."""
+    def encode_features(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        """Normalised pixels (B, 3, H, W) -> what the quantiser reads (B, 256, H/c, W/c), c = 4 * 2**level."""
         z = self.enc(x)
         for i in range(level):
             z = self.down_samplers[i](z)
-        return self.quantize.indices(z)
+        return z
+
+    def encode(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        """Normalised pixels (B, 3, H, W) -> codes (B, H/c, W/c)."""
+        return self.quantize.indices(self.encode_features(x, level))
 
     def decode(self, codes: torch.Tensor, level: int) -> torch.Tensor:
         """codes (B, h, w) -> normalised pixels (B, 3, h*c, w*c)."""

@@ -384,7 +384,7 @@ class TrainingRun:
                 "samples_decoded": len(self.train_stream.decoded_keys) if not self.config.num_workers else None,
                 "eval_captions_cut": round(self.cut_share, 4),
                 "ckpt": str(self.run / progress["ckpt"]) if progress["ckpt"] else None, "tokenizers": {
-                    kind: relative_to(spec, str(self.run)) for kind, spec in self.tokenizer_specs.items()}}
+                    kind: relative_to(spec, str(self.run)) for kind, spec in (self.tokenizer_specs or {}).items()}}
 
 
 def cpu_seconds() -> float:

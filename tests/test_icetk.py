@@ -300,3 +300,21 @@ def test_the_bundled_model_trains_and_samples_on_icetk_tokens(built, models, tmp
     video = tmp_path / "clip.gif"
     main(["sample", str(run), "--prompt", CAPTIONS[1], "--out", str(video), "--candidates", "1"])
     assert video.stat().st_size > 0
+
+
+def test_a_dataset_on_object_storage_exports_the_same_rows(s3_server, models, videos, exported, tmp_path):
+    """Built to s3:// with icetk's text model read from s3:// too (its folder, as icetk keeps it); the
+    export streams from the bucket and gives the local build's bytes."""
+    import pyarrow.fs as pafs
+
+    fs = pafs.S3FileSystem(endpoint_override=s3_server.split("//")[1], scheme="http", access_key="testing",
+                           secret_key="testing", region="us-east-1")
+    with fs.open_output_stream("datasets/icetk-models/ice_text.model") as f:
+        f.write((models / "ice_text.model").read_bytes())
+    main(["build", str(videos / "manifest.parquet"), "--out", "s3://datasets/icetk-ds", "--image-tokenizer",
+          f"icetk:{models}", "--text-tokenizer", "icetk:s3://datasets/icetk-models", "--mode", "cogvideo",
+          "--size", str(SIZE), "--runner", "local", "--text-slot", "64"])
+    out = tmp_path / "remote.bin"
+    main(["export", "cogvideo", "s3://datasets/icetk-ds", str(out)])
+    assert out.read_bytes() == exported.read_bytes()
+    assert json.loads(Path(f"{out}.json").read_text())["sha256"] == json.loads(Path(f"{exported}.json").read_text())["sha256"]

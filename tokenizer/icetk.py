@@ -135,10 +135,6 @@ class IceImageTokenizer(ImageTokenizer):
         y = (y.clamp(0, 1) * 255.0).round().to(torch.uint8)
         return y.permute(0, 2, 3, 1).cpu().numpy()
 
-    @torch.no_grad()
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        return super().decode(codes)
-
 
 class IceTextTokenizer(TextTokenizer):
     """icetk's text ids: sentencepiece ids of `ice_text.model` offset by the 20,000 image codes."""

@@ -16,14 +16,13 @@ from typing import Iterator
 
 import numpy as np
 
-from clipforge.model.data import read_dataset_info, tokenizer_specs
+from clipforge.model.data import open_pinned_tokenizers, read_dataset_info
 from clipforge.pipeline.errors import ClipforgeError
 from clipforge.pipeline.storage.atomic import atomic_write, fsync_dir
 from clipforge.pipeline.storage.cogvideo import (KeyDigest, check_exportable, cogvideo_row, read_sidecar,
                                                  row_length, sidecar, sidecar_path)
 from clipforge.pipeline.storage.shards import dataset_samples
 from clipforge.tokenizer.icetk import duration_text
-from clipforge.tokenizer.sources import open_text_tokenizer
 
 
 def exported_rows(dataset: str, text_len: int, endpoint: str | None = None, progress: bool = False
@@ -31,7 +30,7 @@ def exported_rows(dataset: str, text_len: int, endpoint: str | None = None, prog
     """(dataset info, iterator of (key, mode, row)) in the order an export writes them."""
     info = read_dataset_info(dataset)
     check_exportable(info, text_len)
-    text = open_text_tokenizer(tokenizer_specs(dataset, info)["text"])
+    text = open_pinned_tokenizers(dataset, info, kinds=("text",))[1]["text"]
     layout = info["layout"]
     shape = (int(layout["frames"]), int(layout["tokens_h"]), int(layout["tokens_w"]))
     durations: dict[float, list[int]] = {}
@@ -39,7 +38,7 @@ def exported_rows(dataset: str, text_len: int, endpoint: str | None = None, prog
     def rows():
         from tqdm import tqdm
 
-        total = sum(int(s.get("samples", 0)) for s in info.get("shards") or [] if isinstance(s, dict)) or None
+        total = (info.get("funnel") or {}).get("samples")
         for sample in tqdm(dataset_samples(dataset, "train", endpoint), total=total, unit="row",
                            desc="export", disable=not progress):
             meta = sample["meta"]

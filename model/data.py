@@ -55,32 +55,29 @@ def read_dataset_info(dataset_dir: str | Path) -> dict:
     return {**info.data, "layout": layout, "tokenizers": info.tokenizers}
 
 
-def tokenizer_specs(dataset_dir: str | Path, info: dict, image: str | None = None, text: str | None = None
-                    ) -> dict[str, str]:
-    """{"image": spec, "text": spec} (`clipforge.tokenizer.sources`): `image`/`text` when given, else what
-    dataset.json names (relative paths are taken relative to the dataset directory). Checks the files
-    against the sha256 recorded in dataset.json, so a dataset is never read with other tokenizers; a
-    remote tokenizer is copied to the cache first and the spec names the copy."""
-    from clipforge.tokenizer.sources import identity_file, is_icetk, relative_to, with_location
+def open_pinned_tokenizers(dataset_dir: str | Path, info: dict, image: str | None = None,
+                           text: str | None = None, kinds: tuple = ("image", "text")) -> tuple[dict, dict]:
+    """({kind: spec}, {kind: tokenizer}) of a dataset (`clipforge.tokenizer.sources`): `image`/`text` when
+    given, else what dataset.json names (relative paths are taken relative to the dataset directory); a
+    remote tokenizer is copied to the cache first and its spec names the copy. Each tokenizer's sha256
+    must be the one dataset.json pins, so a dataset is never read with other tokenizers."""
+    from clipforge.tokenizer.sources import localised, open_image_tokenizer, open_text_tokenizer, relative_to
 
-    out = {}
+    specs, opened = {}, {}
     for kind, given in (("image", image), ("text", text)):
+        if kind not in kinds:
+            continue
         entry = (info.get("tokenizers") or {}).get(kind) or {}
         if given is None and "path" not in entry:
             raise ClipforgeError(f"dataset.json names no {kind} tokenizer path; pass the {kind} tokenizer the "
                                  f"dataset was built with (--{kind}-tokenizer)")
-        spec = str(given) if given is not None else relative_to(entry["path"], str(dataset_dir))
-        blob_path = identity_file(spec, kind)
-        if not blob_path.exists():
-            raise FileNotFoundError(f"{kind} tokenizer not found at {spec}")
-        if entry.get("sha256"):
-            digest = hashlib.sha256(blob_path.read_bytes()).hexdigest()
-            if digest != entry["sha256"]:
-                raise ClipforgeError(f"{kind} tokenizer at {spec} does not match the dataset "
-                                     f"(sha256 {digest[:12]} != {entry['sha256'][:12]})")
-        local = blob_path if is_icetk(spec) else (blob_path.parent if kind == "image" else blob_path)
-        out[kind] = with_location(spec, str(local))
-    return out
+        spec = localised(str(given) if given is not None else relative_to(entry["path"], str(dataset_dir)), kind)
+        tok = open_image_tokenizer(spec, device="cpu") if kind == "image" else open_text_tokenizer(spec)
+        if entry.get("sha256") and tok.sha256 != entry["sha256"]:
+            raise ClipforgeError(f"{kind} tokenizer at {spec} does not match the dataset "
+                                 f"(sha256 {tok.sha256[:12]} != {entry['sha256'][:12]})")
+        specs[kind], opened[kind] = spec, tok
+    return specs, opened
 
 
 def shard_urls(dataset_dir: str | Path, split: str) -> list[str]:

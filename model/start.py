@@ -8,7 +8,7 @@ from pathlib import Path
 
 from clipforge.model.checkpoint import load_checkpoint, model_from_checkpoint
 from clipforge.model.config import CogVideoConfig, TrainConfig, default_window
-from clipforge.model.data import read_dataset_info, tokenizer_specs
+from clipforge.model.data import open_pinned_tokenizers, read_dataset_info
 from clipforge.model.gpt import CogVideo
 from clipforge.pipeline.errors import ClipforgeError
 
@@ -58,8 +58,6 @@ def accumulation_steps(config: TrainConfig, world: int) -> int:
 def dataset_tokenizers(datasets: list, config: TrainConfig):
     """(layout, tokenizer paths, text tokenizer, image tokenizer) of the datasets, checked against their
     layout: several datasets (a mixture) must share one layout and one pair of tokenizers."""
-    from clipforge.tokenizer.sources import open_image_tokenizer, open_text_tokenizer
-
     infos = [read_dataset_info(d) for d in datasets]
     layout = infos[0]["layout"]
     for other, info in zip(datasets[1:], infos[1:]):
@@ -69,8 +67,8 @@ def dataset_tokenizers(datasets: list, config: TrainConfig):
             raise ClipforgeError(f"{other} and {datasets[0]} differ in layout or tokenizers: a mixture needs "
                                  f"datasets of one token space")
     dataset_dir = datasets[0]
-    paths = tokenizer_specs(dataset_dir, infos[0], config.image_tokenizer, config.text_tokenizer)
-    text, image = open_text_tokenizer(paths["text"]), open_image_tokenizer(paths["image"], device="cpu")
+    paths, opened = open_pinned_tokenizers(dataset_dir, infos[0], config.image_tokenizer, config.text_tokenizer)
+    text, image = opened["text"], opened["image"]
     if layout.get("frame_size"):
         image.fit_size(layout["frame_size"])
     if (image.tokens_hw[0], image.tokens_hw[1]) != (layout["tokens_h"], layout["tokens_w"]):

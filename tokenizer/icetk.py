@@ -16,6 +16,7 @@ Nothing is ever downloaded: a missing file is a one-line error naming it.
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,7 @@ class IceImageTokenizer(ImageTokenizer):
         file = icetk_file(path, IMAGE_FILE)
         blob = file.read_bytes()
         try:
-            state = torch.load(file, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
             state = state["module"] if isinstance(state, dict) and "module" in state else state
             missing = required_keys(state, COMPRESSIONS.get(compression, 1))
             if missing:

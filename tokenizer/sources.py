@@ -66,6 +66,13 @@ def fetch(location: str, kind: str) -> Path:
     return local_copy(location)
 
 
+def localised(spec, kind: str) -> str:
+    """`spec` naming a local copy (a remote tokenizer is fetched to the cache first)."""
+    if is_icetk(spec):
+        return with_location(spec, str(fetch(split_spec(spec)[0], f"icetk-{kind}")))
+    return str(fetch(spec, kind))
+
+
 def with_location(spec, location: str) -> str:
     """`spec` pointing somewhere else (same flavour and compression)."""
     if not is_icetk(spec):

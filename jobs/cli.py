@@ -167,7 +167,7 @@ def _cmd_train(a):
     config = TrainConfig(**given(a, "phase", "init_from", "grid_rope", "joint_image", "keep_checkpoints",
                                  *(flag[2:].replace("-", "_") for flag, _, _ in TRAIN_FLAGS)),
                          **({"weights": list(_floats(a.weights))} if a.weights else {}),
-                         **({"freeze_base": False} if a.train_base else {}),
+                         **({"freeze_base": True} if a.freeze_base else {}),
                          **({"clip_modes": a.clip_modes.split(",")} if a.clip_modes else {}),
                          amp=not a.fp32, record_keys=a.record_keys)
     summary = train(a.dataset, a.out, config, resume=a.resume, overwrite=a.overwrite)

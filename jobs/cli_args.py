@@ -240,15 +240,14 @@ def add_verify(sub) -> None:
 TRAIN_FLAGS = (
     ("--steps", int, "optimizer steps"),
     ("--max-minutes", float, "stop after this long, at the latest"),
-    ("--batch-size", int, "samples per rank and micro-step"),
+    ("--batch-size", int, "samples per rank and micro-step (None: 32 in the image phase, 16 in the video phases)"),
     ("--seed", int, ""),
     ("--device", str, "cpu or cuda (None: cuda when available)"),
     ("--n-layer", int, "a fresh model's layers"),
     ("--n-embd", int, "a fresh model's width"),
     ("--n-head", int, "a fresh model's attention heads"),
-    ("--dropout", float, "residual and MLP dropout (None: 0.1 for a fresh model, the --init-from run's "
-                         "otherwise; given, it replaces that run's)"),
-    ("--lr", float, "peak learning rate (None: 1e-3 fresh, 2e-4 with --init-from)"),
+    ("--dropout", float, "residual and MLP dropout (None: 0.1 in the image phase, 0 in the video phases)"),
+    ("--lr", float, "peak learning rate (None: 2e-3 in the image phase, 1e-3 in the video phases)"),
     ("--warmup-steps", int, ""),
     ("--weight-decay", float, ""),
     ("--cond-drop", float, "caption dropout for classifier-free guidance"),
@@ -283,12 +282,16 @@ def add_train(sub) -> None:
                    help=with_default("a fresh model with 2D rotary embeddings of the code grid", TrainConfig,
                                      "grid_rope"))
     s.add_argument("--clip-modes", help="comma-separated clip modes to train on (default: all)")
-    s.add_argument("--train-base", action="store_true",
-                   help="with --init-from an image-phase run: train the whole model, not only attention-plus "
-                        "(the base channel then also keeps training on frame 0 alone, unless --no-joint-image)")
+    base = s.add_mutually_exclusive_group()
+    base.add_argument("--freeze-base", action="store_true",
+                   help="with --init-from an image-phase run: train only attention-plus, the mix vectors and the "
+                        "new position tables (CogVideo's choice for large pretrained weights; default: the whole "
+                        "model trains, the measured best from a clipforge image-phase run)")
+    base.add_argument("--train-base", action="store_true",
+                   help="train the whole model (the default; kept for older recipes)")
     s.add_argument("--joint-image", action=argparse.BooleanOptionalAction, default=None,
-                   help="add the image-phase loss (text + frame 0, base channel) to every step (default: on "
-                        "whenever the base trains; docs/model.md)")
+                   help="add the image-phase loss (text + frame 0, base channel) to every step (default: on when "
+                        "the base trains and no image-phase --init-from run draws frame 0; docs/model.md)")
     s.add_argument("--record-keys", action="store_true", help="write RUN/keys/rankR.txt: the samples each rank used")
     s.add_argument("--resume", action="store_true",
                    help="continue RUN from its latest checkpoint with the configuration saved there")

@@ -13,7 +13,7 @@ class Schedule:
     """Linear warmup, then cosine decay to min_lr at `horizon` (re-estimated under max_minutes)."""
 
     def __init__(self, config: TrainConfig):
-        self.base_lr = config.lr if config.lr is not None else (2e-4 if config.init_from else 1e-3)
+        self.base_lr = config.lr   # filled by TrainConfig.with_phase_defaults
         self.min_lr = config.min_lr if config.min_lr is not None else self.base_lr / 10
         self.warmup = max(1, min(config.warmup_steps, config.steps // 10))
         self.horizon = config.steps

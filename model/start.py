@@ -89,8 +89,7 @@ def starting_model(config: TrainConfig, state: dict | None, layout: dict, text, 
         model, done, init_phase = model_from_checkpoint(state), list(state["phases"]), None
     elif config.init_from:
         ckpt = load_checkpoint(config.init_from)
-        if config.dropout is not None:
-            ckpt["model_config"] = {**ckpt["model_config"], "dropout": config.dropout}
+        ckpt["model_config"] = {**ckpt["model_config"], "dropout": config.dropout}
         model = model_from_checkpoint(ckpt)
         init_phase, done = ckpt["phase"], list(ckpt.get("phases", [ckpt["phase"]]))
         if init_phase == "image" and config.phase != "image":
@@ -101,7 +100,7 @@ def starting_model(config: TrainConfig, state: dict | None, layout: dict, text, 
         shift = config.shift if config.shift is not None else window // 2
         model = CogVideo(CogVideoConfig(
             text_vocab=text.vocab_size, image_vocab=image.codebook_size, n_layer=config.n_layer,
-            n_head=config.n_head, n_embd=config.n_embd, dropout=0.1 if config.dropout is None else config.dropout,
+            n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout,
             text_slot=layout["text_slot"], frames=layout["frames"], tokens_h=layout["tokens_h"],
             tokens_w=layout["tokens_w"], window=window, shift=shift, grid_rope=config.grid_rope))
         done, init_phase = [], None
@@ -118,7 +117,7 @@ def what_trains(config: TrainConfig, state: dict | None, init_phase: str | None)
     """(freeze_base, joint_image): a resumed run keeps its own; see the module docstring for the defaults."""
     if state is not None:
         return state["freeze_base"], state["joint_image"]
-    freeze = config.freeze_base if config.freeze_base is not None else (
-        init_phase == "image" and config.phase != "image")
-    joint = config.joint_image if config.joint_image is not None else (not freeze and config.phase != "image")
+    freeze = bool(config.freeze_base)
+    joint = config.joint_image if config.joint_image is not None else (
+        not freeze and config.phase != "image" and init_phase != "image")
     return freeze, joint

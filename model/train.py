@@ -407,6 +407,7 @@ def train(dataset_dir: str | os.PathLike | list, out_dir: str | os.PathLike, con
     elif not resume and master:   # only rank 0 writes the run's files
         folder.claim(overwrite)
     config, state = resumed_config(config or TrainConfig(), folder.local, resume)
+    config = config.with_phase_defaults()
     config.validate()
     cpu0 = cpu_seconds()
     datasets = [str(d) for d in dataset_dir] if isinstance(dataset_dir, (list, tuple)) else [str(dataset_dir)]

@@ -117,14 +117,15 @@ def test_checkpoint_reload_gives_identical_logits(run, model_dataset):
 
 
 def test_interpolation_stage_from_image_stage_run(run, model_dataset, tmp_path):
-    """image phase -> interpolation phase: plus channel re-initialised from base, base frozen."""
+    """image phase -> interpolation phase with --freeze-base: plus channel re-initialised from base, base
+    frozen."""
     image_run = tmp_path / "image"
     small = dict(batch_size=4, n_layer=2, n_head=2, n_embd=48, eval_batches=1, log_interval=5, lr=3e-3)
     train(model_dataset, image_run, TrainConfig(phase="image", steps=6, **small), log=None)
     base = load_checkpoint(image_run)["model"]
     interp_run = tmp_path / "interp"
     summary = train(model_dataset, interp_run, TrainConfig(phase="interpolation", steps=6, init_from=str(image_run),
-                                                     **small), log=None)
+                                                     freeze_base=True, **small), log=None)
     assert summary["freeze_base"] and not summary["joint_image"]
     after = load_checkpoint(interp_run)
     assert after["phases"] == ["image", "interpolation"]
@@ -149,12 +150,12 @@ def test_interpolation_stage_from_image_stage_run(run, model_dataset, tmp_path):
 
 
 def test_dropout_given_with_init_from_replaces_the_image_runs(model_dataset, tmp_path):
-    """A later phase keeps the image-phase run's dropout unless one is given: it is a training choice (the
-    demo's sequential phase trains without it), not part of the architecture."""
+    """Dropout is a training choice, not part of the architecture: the video phases train without it by
+    default (the image phase's 0.1 is not inherited), and a given value replaces the image-phase run's."""
     small = dict(batch_size=4, n_layer=1, n_head=2, n_embd=32, eval_batches=1, log_interval=5)
     train(model_dataset, tmp_path / "image", TrainConfig(phase="image", steps=2, **small), log=None)   # dropout 0.1
     tokens = torch.randint(0, 100, (2, 12 + 5 * 17), generator=torch.Generator().manual_seed(0))
-    for given, want in ((None, 0.1), (0.0, 0.0)):
+    for given, want in ((None, 0.0), (0.2, 0.2)):
         out = tmp_path / f"seq-{given}"
         train(model_dataset, out, TrainConfig(phase="sequential", steps=2, init_from=str(tmp_path / "image"), dropout=given,
                                         **small), log=None)
@@ -165,21 +166,25 @@ def test_dropout_given_with_init_from_replaces_the_image_runs(model_dataset, tmp
         assert torch.equal(a, b) is (want == 0.0)   # in training mode only dropout makes two passes differ
 
 
-def test_train_base_with_and_without_the_joint_image_loss(model_dataset, tmp_path, capsys):
-    """`train --init-from IMAGE_RUN --train-base` adds the image-phase loss to every step unless
-    --no-joint-image: the summary says which, and only the joint run logs a frame-0 loss."""
+def test_what_trains_from_an_image_phase_run(model_dataset, tmp_path, capsys):
+    """`train --init-from IMAGE_RUN` trains the whole model without the image-phase loss (the image-phase
+    run draws frame 0); --joint-image adds it to every step, --freeze-base trains only the new parts. The
+    summary says which, and only the joint run logs a frame-0 loss."""
     from clipforge.jobs.cli import main
 
-    small = ["--batch-size", "4", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--log-interval", "1",
-             "--eval-interval", "100"]
+    small = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--log-interval", "1", "--eval-interval", "100"]
     main(["train", str(model_dataset), "--out", str(tmp_path / "image"), "--phase", "image", "--steps", "2", *small])
-    capsys.readouterr()
-    for flag, joint in ((None, True), ("--no-joint-image", False)):
-        out = tmp_path / f"seq-{joint}"
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["global_batch"], summary["lr"]) == (32, 2e-3)            # the image phase's defaults
+    assert model_from_checkpoint(load_checkpoint(tmp_path / "image")).config.dropout == 0.1
+    for flag, joint, freeze in ((None, False, False), ("--joint-image", True, False), ("--freeze-base", False, True)):
+        out = tmp_path / f"seq-{flag}"
         main(["train", str(model_dataset), "--out", str(out), "--steps", "3", "--init-from", str(tmp_path / "image"),
-              "--train-base", *small, *([flag] if flag else [])])
+              *small, *([flag] if flag else [])])
         summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert summary["joint_image"] is joint and summary["freeze_base"] is False
+        assert summary["joint_image"] is joint and summary["freeze_base"] is freeze
+        assert (summary["trainable_params"] < summary["params"]) is freeze
+        assert (summary["global_batch"], summary["lr"]) == (16, 1e-3)        # the video phases' defaults
         logged = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
         assert any("loss_image" in l for l in logged) is joint
 

@@ -41,7 +41,7 @@ OLD_SEQUENTIAL = ["--batch-size", "8", "--lr", "2e-4", "--warmup-steps", "50", "
 def clipforge(*args: str, log: Path | None = None) -> str:
     """Run one clipforge command; its stdout (the last line is the command's JSON where it prints one)."""
     cmd = [sys.executable, "-m", "clipforge.jobs.cli", *args]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if log is not None:
         log.write_text(res.stdout + res.stderr, encoding="utf-8")
     if res.returncode:

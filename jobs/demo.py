@@ -108,17 +108,16 @@ def demo_training(paths: dict, train_minutes: float, steps: Steps, log) -> None:
     with steps("train"):
         tokenizers = dict(image_tokenizer=str(paths["image_tokenizer"]), text_tokenizer=str(paths["text_tokenizer"]))
         first = train(str(paths["dataset"]), str(paths["image_run"]),
-                      TrainConfig(phase="image", steps=5000, max_minutes=train_minutes / 3, batch_size=32, lr=2e-3,
-                                  warmup_steps=30, n_layer=2, **tokenizers),   # 2 layers: twice the steps of 4
+                      TrainConfig(phase="image", steps=5000, max_minutes=train_minutes / 3, n_layer=2,
+                                  **tokenizers),   # 2 layers: twice the steps of 4 in the minutes given
                       overwrite=True)
         log(json.dumps(first, default=str))
-        # the whole model trains, without the joint frame-0 loss: in minutes it costs steps and prompt
-        # following. No dropout: its masks were a fifth of a step here, and in 3.7 minutes of 1,500 videos the
-        # phase is far from memorising (held-out loss 0.39 against 0.40 with it)
+        # train's defaults: the whole model, no joint frame-0 loss (the image-phase run draws frame 0), no
+        # dropout (in 3.7 minutes of 1,500 videos the phase is far from memorising: held-out loss 0.39
+        # against 0.40 with it, and its masks cost a fifth of a step)
         result = train(str(paths["dataset"]), str(paths["run"]),
-                       TrainConfig(phase="sequential", steps=6000, max_minutes=train_minutes * 2 / 3, batch_size=16,
-                                   lr=1e-3, warmup_steps=20, init_from=str(paths["image_run"]), freeze_base=False,
-                                   joint_image=False, dropout=0.0, **tokenizers), overwrite=True)
+                       TrainConfig(phase="sequential", steps=6000, max_minutes=train_minutes * 2 / 3, warmup_steps=20,
+                                   init_from=str(paths["image_run"]), **tokenizers), overwrite=True)
         log(json.dumps(result, default=str))
 
 

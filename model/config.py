@@ -7,6 +7,7 @@ order, and which of them carry the loss depend on the training phase (model/gpt.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+
 from clipforge.pipeline.errors import ClipforgeError
 
 PHASES = ("image", "sequential", "interpolation")
@@ -135,7 +136,7 @@ class TrainConfig:
     shift: int | None = None           # default: half the window
     grid_rope: bool = True             # 2D rotary embeddings of the code grid in every attention (sequence.grid_rotary)
 
-    def with_phase_defaults(self) -> "TrainConfig":
+    def with_phase_defaults(self) -> TrainConfig:
         """This configuration with the phase's defaults in place of None (batch size, learning rate,
         dropout). They are the measured best of the recipe at fixed step counts (docs/model.md): with
         700 image-phase and 1,300 sequential steps they take 96 held-out captions to 90 % all three

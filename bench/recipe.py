@@ -13,7 +13,7 @@ with nothing but the defaults:
 
 and scores 96 held-out captions of another seed (`eval-synth`: colour, shape, direction, all three; frame 0
 drawn by the image-phase run the sequential one started from, the default sampler). The baseline is the
-same commands with the defaults before 0.4 spelled out (batch 8; the image phase at 1e-3; the sequential
+same commands with 0.3.0's defaults spelled out (batch 8; the image phase at 1e-3; the sequential
 phase with the base frozen at CogVideo's fine-tuning rate 2e-4, the image run's dropout, warmup 50).
 Goal: `all` >= 0.80 with the defaults.
 """

@@ -114,7 +114,7 @@ def starting_model(config: TrainConfig, state: dict | None, layout: dict, text, 
 
 
 def what_trains(config: TrainConfig, state: dict | None, init_phase: str | None) -> tuple[bool, bool]:
-    """(freeze_base, joint_image): a resumed run keeps its own; see the module docstring for the defaults."""
+    """(freeze_base, joint_image): a resumed run keeps its own; the defaults: model/train.py's docstring."""
     if state is not None:
         return state["freeze_base"], state["joint_image"]
     freeze = bool(config.freeze_base)

@@ -19,10 +19,10 @@ so model/sample.py rebuilds everything from RUN alone.
 
 Phases (CogVideo, ICLR 2023): "image" trains the base text-to-image model (text + frame 0); "sequential" and
 "interpolation" train the video model. Starting from an image-phase run (`init_from`), attention-plus
-is re-initialised from the base channel and only attention-plus, the mix vectors and the new position
-tables train (`freeze_base`, on by default then). Without an image-phase run everything trains, and
-`joint_image` adds the image-phase loss (text + frame 0, base channel alone) to every step, so that the
-base channel can draw frame 0 at sampling time; it is on by default whenever the base trains.
+is re-initialised from the base channel and the whole model trains; with `freeze_base` only attention-plus,
+the mix vectors and the new position tables do (CogVideo's choice on CogView2's weights). `joint_image`
+adds the image-phase loss (text + frame 0, base channel alone) to every step, so that the base channel
+can draw frame 0 at sampling time; it is on by default only without an image-phase run to draw it.
 
 Data parallel (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK): every rank reads its own share of the data
 (model/data.py), gradients are averaged across ranks before each optimizer step, rank 0 writes the run.

@@ -25,7 +25,7 @@ def load_checkpoint(run: str | os.PathLike, device="cpu") -> dict:
         if not latest.exists():
             raise FileNotFoundError(f"{run}: no latest.json (not a training run, or no checkpoint yet)")
         path = path / json.loads(latest.read_text(encoding="utf-8"))["ckpt"]
-    return renamed_phase_keys(torch.load(path, map_location=device, weights_only=True))
+    return settled_train_config(renamed_phase_keys(torch.load(path, map_location=device, weights_only=True)))
 
 
 def renamed_phase_keys(ckpt: dict) -> dict:
@@ -36,6 +36,20 @@ def renamed_phase_keys(ckpt: dict) -> dict:
     train_config = ckpt.get("train_config")
     if isinstance(train_config, dict) and "stage" in train_config and "phase" not in train_config:
         train_config["phase"] = train_config.pop("stage")
+    return ckpt
+
+
+def settled_train_config(ckpt: dict) -> dict:
+    """Checkpoints of clipforge 0.3 saved `lr` and `dropout` as None (defaults that then depended on
+    init_from, since moved to TrainConfig.with_phase_defaults): read them as the values the run used, its
+    schedule's rate and its model's dropout, so a resumed run keeps them."""
+    train_config = ckpt.get("train_config")
+    if not isinstance(train_config, dict):
+        return ckpt
+    if train_config.get("lr") is None and "scheduler" in ckpt:
+        train_config["lr"] = ckpt["scheduler"]["base_lr"]
+    if train_config.get("dropout") is None and "dropout" in (ckpt.get("model_config") or {}):
+        train_config["dropout"] = ckpt["model_config"]["dropout"]
     return ckpt
 
 

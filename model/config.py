@@ -142,7 +142,7 @@ class TrainConfig:
         700 image-phase and 1,300 sequential steps they take 96 held-out captions to 82-85 % all three
         attributes right, where batch 8, a frozen base at 2e-4 and dropout got 4 %."""
         image = self.phase == "image"
-        return replace(self, batch_size=self.batch_size or (32 if image else 16),
+        return replace(self, batch_size=self.batch_size if self.batch_size is not None else (32 if image else 16),
                        lr=self.lr if self.lr is not None else (2e-3 if image else 1e-3),
                        dropout=self.dropout if self.dropout is not None else (0.1 if image else 0.0))
 

@@ -214,6 +214,21 @@ def _curve(run_dir):
     return [(l["step"], l["loss"], l.get("loss_image")) for l in lines if "loss" in l]
 
 
+def test_resuming_a_run_that_saved_its_defaults_as_none_keeps_its_rate(model_dataset, tmp_path):
+    """clipforge 0.3 saved lr and dropout as None (defaults then taken from init_from): a resume reads the
+    rate its schedule ran at and its model's dropout, not today's phase defaults."""
+    run = tmp_path / "run"
+    train(model_dataset, run, TrainConfig(phase="sequential", steps=2, batch_size=4, lr=3e-3, dropout=0.2, n_layer=1,
+                                          n_head=2, n_embd=32, eval_batches=1, ckpt_interval=2), log=None)
+    ckpt_path = run / json.loads((run / "latest.json").read_text())["ckpt"]
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt["train_config"].update(lr=None, dropout=None, steps=4)      # as 0.3 wrote it, and two steps to go
+    torch.save(ckpt, ckpt_path)
+    summary = train(model_dataset, run, TrainConfig(), log=None, resume=True)
+    assert summary["resumed_from"] == 2 and summary["lr"] == 3e-3
+    assert load_checkpoint(run)["train_config"]["dropout"] == 0.2
+
+
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(model_dataset, tmp_path):
     """A run killed after step 5 (last checkpoint at step 3) and resumed gives the same per-step losses
     and the same final weights as a run that was never interrupted: dropout, caption dropout, shuffling,
